@@ -1,0 +1,54 @@
+"""Command line: ``python -m broker serve --config broker.toml`` and ``python -m broker dev``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from broker.config import BrokerConfig, ConfigError, load_config
+from broker.logs import configure_logging
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the broker")
+    serve_cmd.add_argument("--config", type=Path, required=True, help="path to broker.toml")
+    dev = commands.add_parser("dev", help="run the local dev stack: OpenBao, broker, catalog demo")
+    dev.add_argument(
+        "--dir", type=Path, default=Path(".dev-stack"), help="state folder (default: .dev-stack)"
+    )
+    args = parser.parse_args(argv)
+
+    if args.command == "dev":
+        from broker.dev.stack import run_dev_stack
+
+        return run_dev_stack(args.dir)
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
+        return EXIT_CONFIG_ERROR
+    configure_logging(config.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+async def serve(config: BrokerConfig) -> None:
+    """Run until SIGINT or SIGTERM, then drain in-flight requests and stop."""
+    from broker.server import Broker
+
+    broker = Broker(config)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await broker.stop()

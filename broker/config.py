@@ -1,0 +1,319 @@
+"""The broker's configuration: frozen dataclasses, loaded and validated in one place.
+
+Only this module reads the config file and the environment (``VAULT_ADDR``,
+``VAULT_TOKEN``). Every validation error names the offending key, never a value.
+Relative paths are resolved from the folder of the config file. Every key is
+documented in ``deploy/broker.example.toml``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.errors import InvalidSecretName
+from broker.names import validate_secret_name
+
+
+class ConfigError(Exception):
+    """The config is invalid. ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class Sensitive:
+    """A credential held in memory. Its repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Sensitive(***)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC listener. Callers must present a certificate signed by client_ca_file."""
+
+    listen: str
+    """host:port to listen on; port 0 picks a free port."""
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+
+
+@dataclass(frozen=True)
+class AppRoleAuth:
+    """Vault AppRole login; role_id and secret_id are read from files at each login."""
+
+    role_id_file: Path
+    secret_id_file: Path
+    mount: str = "approle"
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    """A Vault token, for development: from token_file, else from VAULT_TOKEN."""
+
+    token_file: Path | None = None
+    env_token: Sensitive | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    address: str
+    """Vault's address; the VAULT_ADDR environment variable overrides it."""
+    auth: AppRoleAuth | TokenAuth
+    mount: str = "secret"
+    """Mount point of the KV v2 engine."""
+    timeout: float = 2.0
+    """Seconds allowed for any one Vault call (connect and read)."""
+    ca_file: Path | None = None
+    """CA bundle for Vault's TLS certificate; the system store when unset."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    default_ttl: float = 300.0
+    """Seconds a value is served without asking the source again."""
+    max_stale: float = 3600.0
+    """Seconds past its TTL a value may still be served, flagged stale, while the source fails."""
+    error_backoff: float = 1.0
+    """After a failed refresh, seconds during which requests get the stale value at once."""
+
+
+@dataclass(frozen=True)
+class SecretSpec:
+    """One secret the broker may serve."""
+
+    name: str
+    path: str
+    """Path inside the KV v2 mount."""
+    category: str
+    """Rollback category, e.g. "database"."""
+    ttl: float
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    server: ServerConfig
+    vault: VaultConfig
+    cache: CacheConfig
+    secrets: Mapping[str, SecretSpec]
+    access: Mapping[str, tuple[str, ...]]
+    """Identity (SPIFFE ID or certificate CN) -> secret name patterns it may read."""
+    log_level: str = "INFO"
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _Table:
+    """A TOML table under a dotted key, with typed getters that name the key on error."""
+
+    def __init__(self, data: Mapping[str, Any], key: str, base_dir: Path) -> None:
+        self._data = data
+        self._key = key
+        self._base_dir = base_dir
+        self._used: set[str] = set()
+
+    def _full(self, name: str) -> str:
+        return f"{self._key}.{name}" if self._key else name
+
+    def _raw(self, name: str) -> Any:
+        self._used.add(name)
+        return self._data.get(name)
+
+    def table(self, name: str, *, required: bool = True) -> _Table:
+        value = self._raw(name)
+        if value is None and not required:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(self._full(name), "missing table" if value is None else "must be a table")
+        return _Table(value, self._full(name), self._base_dir)
+
+    def string(self, name: str, default: str | None = None) -> str:
+        value = self._raw(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(self._full(name), "missing")
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self._full(name), "must be a non-empty string")
+        return value
+
+    def optional_path(self, name: str) -> Path | None:
+        if self._raw(name) is None:
+            return None
+        return self.path(name)
+
+    def path(self, name: str, *, must_exist: bool = True) -> Path:
+        path = self._base_dir / self.string(name)
+        if must_exist and not path.is_file():
+            raise ConfigError(self._full(name), f"file not found: {path}")
+        return path
+
+    def duration(self, name: str, default: float) -> float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        seconds: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION.match(value)):
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        if seconds is None or seconds < 0:
+            raise ConfigError(
+                self._full(name), 'must be a duration: seconds, or a string like "500ms", "30s", "5m"'
+            )
+        return seconds
+
+    def items(self) -> list[tuple[str, Any]]:
+        self._used.update(self._data)
+        return list(self._data.items())
+
+    def reject_unknown(self) -> None:
+        for name in self._data:
+            if name not in self._used:
+                raise ConfigError(self._full(name), "unknown key")
+
+
+def load_config(path: Path, environ: Mapping[str, str]) -> BrokerConfig:
+    """Read and validate the broker config at ``path``; raise ConfigError naming the key."""
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"not valid TOML: {exc}") from None
+    return parse_config(data, base_dir=path.resolve().parent, environ=environ)
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str]) -> BrokerConfig:
+    root = _Table(data, "", base_dir)
+    server = _parse_server(root.table("server"))
+    vault = _parse_vault(root.table("vault"), environ)
+    cache = _parse_cache(root.table("cache", required=False))
+    secrets = _parse_secrets(root.table("secrets"), cache.default_ttl)
+    access = _parse_access(root.table("access", required=False))
+    log_level = root.table("log", required=False)
+    level = log_level.string("level", "INFO").upper()
+    if level not in _LOG_LEVELS:
+        raise ConfigError("log.level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    log_level.reject_unknown()
+    root.reject_unknown()
+    return BrokerConfig(server, vault, cache, secrets, access, level)
+
+
+def _parse_server(table: _Table) -> ServerConfig:
+    listen = table.string("listen")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("server.listen", 'must be "host:port"')
+    config = ServerConfig(
+        listen=listen,
+        cert_file=table.path("cert_file"),
+        key_file=table.path("key_file"),
+        client_ca_file=table.path("client_ca_file"),
+    )
+    table.reject_unknown()
+    return config
+
+
+def _parse_vault(table: _Table, environ: Mapping[str, str]) -> VaultConfig:
+    address = environ.get("VAULT_ADDR") or table.string("address")
+    if not address.startswith(("http://", "https://")):
+        key = "VAULT_ADDR" if environ.get("VAULT_ADDR") else "vault.address"
+        raise ConfigError(key, "must start with http:// or https://")
+    table.string("address", address)  # marks the key as known even when VAULT_ADDR wins
+    timeout = table.duration("timeout", 2.0)
+    if timeout <= 0:
+        raise ConfigError("vault.timeout", "must be greater than zero")
+    config = VaultConfig(
+        address=address,
+        auth=_parse_auth(table.table("auth"), environ),
+        mount=table.string("mount", "secret").strip("/"),
+        timeout=timeout,
+        ca_file=table.optional_path("ca_file"),
+    )
+    table.reject_unknown()
+    return config
+
+
+def _parse_auth(table: _Table, environ: Mapping[str, str]) -> AppRoleAuth | TokenAuth:
+    method = table.string("method")
+    auth: AppRoleAuth | TokenAuth
+    if method == "approle":
+        auth = AppRoleAuth(
+            role_id_file=table.path("role_id_file"),
+            secret_id_file=table.path("secret_id_file"),
+            mount=table.string("mount", "approle").strip("/"),
+        )
+    elif method == "token":
+        token_file = table.optional_path("token_file")
+        env_token = environ.get("VAULT_TOKEN")
+        if token_file is None and not env_token:
+            raise ConfigError("vault.auth.token_file", "missing, and VAULT_TOKEN is not set")
+        auth = TokenAuth(token_file, Sensitive(env_token) if env_token else None)
+    else:
+        raise ConfigError("vault.auth.method", 'must be "approle" or "token"')
+    table.reject_unknown()
+    return auth
+
+
+def _parse_cache(table: _Table) -> CacheConfig:
+    config = CacheConfig(
+        default_ttl=table.duration("default_ttl", CacheConfig.default_ttl),
+        max_stale=table.duration("max_stale", CacheConfig.max_stale),
+        error_backoff=table.duration("error_backoff", CacheConfig.error_backoff),
+    )
+    table.reject_unknown()
+    return config
+
+
+def _parse_secrets(table: _Table, default_ttl: float) -> Mapping[str, SecretSpec]:
+    specs: dict[str, SecretSpec] = {}
+    for name, _ in table.items():
+        key = f"secrets.{name}"
+        try:
+            validate_secret_name(name)
+        except InvalidSecretName as exc:
+            raise ConfigError(key, str(exc)) from None
+        entry = table.table(name)
+        path = entry.string("path", name).strip("/")
+        specs[name] = SecretSpec(
+            name=name,
+            path=path,
+            category=entry.string("category", path.rsplit("/", 1)[-1]),
+            ttl=entry.duration("ttl", default_ttl),
+        )
+        entry.reject_unknown()
+    if not specs:
+        raise ConfigError("secrets", "declares no secret")
+    return specs
+
+
+def _parse_access(table: _Table) -> Mapping[str, tuple[str, ...]]:
+    access: dict[str, tuple[str, ...]] = {}
+    for identity, patterns in table.items():
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+            raise ConfigError(f"access.{identity}", "must be a list of secret name patterns")
+        access[identity] = tuple(patterns)
+    return access

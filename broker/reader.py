@@ -1,0 +1,38 @@
+"""The decision for one read, independent of transport: validate, authorize, look up.
+
+Order matters for deny-by-default: the policy is consulted before the declared
+secrets, so a caller learns nothing about names it may not read. Only declared
+secrets reach the cache, and so Vault.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from broker.cache import CachedSecret, SecretCache
+from broker.config import SecretSpec
+from broker.errors import AccessDenied, SecretNotDeclared
+from broker.names import validate_secret_name
+from broker.policy import AccessPolicy
+
+log = logging.getLogger(__name__)
+
+
+class SecretReader:
+    def __init__(
+        self, secrets: Mapping[str, SecretSpec], policy: AccessPolicy, cache: SecretCache
+    ) -> None:
+        self._secrets = secrets
+        self._policy = policy
+        self._cache = cache
+
+    async def read(self, identity: str | None, name: str) -> CachedSecret:
+        validate_secret_name(name)
+        if identity is None or not self._policy.allows(identity, name):
+            log.info("denied %r to %r", name, identity)
+            raise AccessDenied("caller may not read this secret")
+        spec = self._secrets.get(name)
+        if spec is None:
+            raise SecretNotDeclared("secret is not declared by this broker")
+        return await self._cache.get(spec)

@@ -1,0 +1,35 @@
+"""What every source returns."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from broker.config import SecretSpec
+
+
+class SourceKind(enum.Enum):
+    VAULT = "vault"
+    ENV = "env"
+
+
+@dataclass(frozen=True)
+class SecretValue:
+    """One read of a secret. ``data`` holds the values: never log or format this object."""
+
+    data: Mapping[str, str]
+    version: int
+    source: SourceKind
+    fetched_at: float
+    """Wall-clock time (seconds since the epoch) of the read."""
+
+    def __repr__(self) -> str:  # the values must not reach a log line by accident
+        return f"SecretValue(keys={sorted(self.data)}, version={self.version}, source={self.source.value})"
+
+
+class SecretSource(Protocol):
+    def read(self, spec: SecretSpec) -> SecretValue:
+        """Read the current value; blocking. Raises only broker errors."""
+        ...

@@ -1,0 +1,147 @@
+"""The broker's Vault login: one token, renewed before expiry, replaced when renewal cannot help.
+
+Behaves like Vault Agent's auto-auth: log in (AppRole, or a given token in dev),
+renew at two thirds of the lease, and log in again when a renewal is refused, when
+the token is revoked, or when Vault grants less than asked because the token's
+max TTL is near. All methods block on network I/O; callers run them off the event
+loop. The lock serialises logins only: reads never wait on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hvac
+
+from broker.config import AppRoleAuth, TokenAuth, VaultConfig
+from broker.errors import SourceDenied, SourceUnavailable
+from broker.sources.vault_errors import translate_vault_errors
+
+log = logging.getLogger(__name__)
+
+RENEW_AT_FRACTION = 2 / 3
+
+
+class VaultSession:
+    def __init__(self, config: VaultConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self.client = hvac.Client(
+            url=config.address,
+            timeout=config.timeout,
+            verify=str(config.ca_file) if config.ca_file else True,
+        )
+        self._login_lock = threading.Lock()
+        self._token: str | None = None
+        self._lease_seconds = 0.0
+        self._expires_at: float | None = None  # None: not logged in, or a token that never expires
+        self._renewable = False
+        self.logins = 0
+        self.renewals = 0
+
+    def token(self) -> str:
+        """The current token, logging in first when there is none."""
+        token = self._token
+        if token is None:
+            return self._login_if_current(None)
+        return token
+
+    def replace_rejected_token(self, rejected: str) -> str:
+        """Vault refused ``rejected``; log in again unless another thread already has."""
+        return self._login_if_current(rejected)
+
+    def seconds_until_renewal(self) -> float | None:
+        """When the keeper should act next; None for a token that never expires."""
+        if self._token is None:
+            return 0.0
+        if self._expires_at is None:
+            return None
+        remaining = self._expires_at - self._clock()
+        return max(0.0, remaining * RENEW_AT_FRACTION) if self._renewable else max(0.0, remaining - 1.0)
+
+    def renew_or_login(self) -> None:
+        """Extend the token's lease; log in again when that is refused or capped by max TTL."""
+        token = self._token
+        if token is None or not self._renewable:
+            self._login_if_current(token)
+            return
+        requested = max(1, round(self._lease_seconds))
+        try:
+            with translate_vault_errors("token renewal", self._config.timeout):
+                auth = self.client.auth.token.renew_self(increment=f"{requested}s")["auth"]
+                granted = float(auth["lease_duration"])
+        except SourceDenied:
+            log.info("vault refused to renew the broker token; logging in again")
+            self._login_if_current(token)
+            return
+        self.renewals += 1
+        if granted < requested and isinstance(self._config.auth, AppRoleAuth):
+            log.info("vault token nears its max TTL (%.0fs left); logging in again", granted)
+            self._login_if_current(token)
+            return
+        self._set_lease(granted, renewable=bool(auth.get("renewable")))
+        log.debug("renewed vault token for %.0fs", granted)
+
+    def _login_if_current(self, seen: str | None) -> str:
+        with self._login_lock:
+            if self._token is not None and self._token != seen:
+                return self._token  # another thread logged in meanwhile
+            self._login()
+            assert self._token is not None
+            return self._token
+
+    def _login(self) -> None:
+        auth = self._config.auth
+        timeout = self._config.timeout
+        if isinstance(auth, AppRoleAuth):
+            role_id = _read_credential(auth.role_id_file, "vault.auth.role_id_file")
+            secret_id = _read_credential(auth.secret_id_file, "vault.auth.secret_id_file")
+            with translate_vault_errors("approle login", timeout):
+                result = self.client.auth.approle.login(
+                    role_id=role_id, secret_id=secret_id, mount_point=auth.mount, use_token=False
+                )["auth"]
+                token, lease, renewable = (
+                    result["client_token"], float(result["lease_duration"]), bool(result["renewable"])
+                )
+        else:
+            token = _static_token(auth)
+            self.client.token = token
+            with translate_vault_errors("token lookup", timeout):
+                data = self.client.auth.token.lookup_self()["data"]
+                lease, renewable = float(data["ttl"]), bool(data["renewable"])
+        self.client.token = token
+        self._token = token
+        self._set_lease(lease, renewable)
+        self.logins += 1
+        log.info(
+            "logged in to vault (%s); token lease %s",
+            "approle" if isinstance(auth, AppRoleAuth) else "token",
+            f"{lease:.0f}s" if lease else "does not expire",
+        )
+
+    def _set_lease(self, seconds: float, renewable: bool) -> None:
+        self._lease_seconds = seconds
+        self._renewable = renewable and seconds > 0
+        self._expires_at = self._clock() + seconds if seconds > 0 else None
+
+
+def _read_credential(path: Path, key: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise SourceUnavailable(f"{key}: cannot read {path} ({exc.strerror})") from None
+    if not value:
+        raise SourceUnavailable(f"{key}: {path} is empty")
+    return value
+
+
+def _static_token(auth: TokenAuth) -> str:
+    if auth.token_file is not None:
+        return _read_credential(auth.token_file, "vault.auth.token_file")
+    if auth.env_token is not None:
+        return auth.env_token.reveal()
+    raise SourceUnavailable("vault.auth: no token configured")

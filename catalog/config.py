@@ -1,0 +1,49 @@
+"""The Media Catalog's configuration, read through the broker only. No defaults, no fallbacks:
+a secret the broker cannot give raises, so the catalog fails closed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from catalog.secrets import SecretsClient
+
+
+class MissingSecretKey(Exception):
+    """The secret exists but lacks the key Config needs."""
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    name: str
+    key: str
+
+
+DATABASE_URL = SecretRef("media-catalog/database", "url")
+JWT_SECRET_KEY = SecretRef("media-catalog/api", "jwt_secret")
+TMDB_API_KEY = SecretRef("media-catalog/external", "tmdb_api_key")
+
+
+class Config:
+    """``app/config.py``'s properties, each a read through the broker (which caches)."""
+
+    def __init__(self, client: SecretsClient) -> None:
+        self._client = client
+
+    @property
+    def database_url(self) -> str:
+        return self._read(DATABASE_URL)
+
+    @property
+    def jwt_secret_key(self) -> str:
+        return self._read(JWT_SECRET_KEY)
+
+    @property
+    def tmdb_api_key(self) -> str:
+        return self._read(TMDB_API_KEY)
+
+    def _read(self, ref: SecretRef) -> str:
+        secret = self._client.get_secret(ref.name)
+        try:
+            return secret.data[ref.key]
+        except KeyError:
+            raise MissingSecretKey(f"secret {ref.name!r} has no key {ref.key!r}") from None

@@ -1,0 +1,79 @@
+"""Retries as a policy: which calls (idempotent methods, retryable codes) and when (jittered backoff).
+
+Applied by an interceptor so no call site loops by hand.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import grpc
+
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    initial_backoff: float = 0.1
+    """Seconds; the cap of the first wait. Each wait is drawn uniformly up to its cap (full jitter)."""
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    overall_deadline: float = 10.0
+    """Seconds for all attempts of one call together, waits included."""
+    retryable_codes: frozenset[grpc.StatusCode] = field(default=RETRYABLE_CODES)
+
+    def backoff(self, retry: int) -> float:
+        cap = min(self.max_backoff, self.initial_backoff * self.multiplier**retry)
+        return random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class RetryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Retries the named idempotent unary methods on retryable status codes."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        idempotent_methods: frozenset[str],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._policy = policy
+        self._methods = idempotent_methods
+        self._sleep = sleep
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        if details.method not in self._methods:
+            return continuation(details, request)
+        policy = self._policy
+        give_up_at = time.monotonic() + policy.overall_deadline
+        retry = 0
+        while True:
+            remaining = give_up_at - time.monotonic()
+            timeout = remaining if details.timeout is None else min(details.timeout, remaining)
+            outcome = continuation(
+                _CallDetails(
+                    details.method, max(timeout, 0.0), details.metadata, details.credentials,
+                    details.wait_for_ready, details.compression,
+                ),
+                request,
+            )
+            if outcome.code() not in policy.retryable_codes or retry + 1 >= policy.max_attempts:
+                return outcome
+            pause = policy.backoff(retry)
+            if time.monotonic() + pause >= give_up_at:
+                return outcome
+            self._sleep(pause)
+            retry += 1

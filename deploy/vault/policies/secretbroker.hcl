@@ -1,0 +1,24 @@
+# Policy of the secrets broker's AppRole: least privilege.
+# Read the declared KV v2 secrets and nothing else; keep its own token alive.
+# The role is created with token_no_default_policy, so these are all its rights.
+# Keep this list equal to the [secrets] of deploy/broker.example.toml.
+
+path "secret/data/media-catalog/database" {
+  capabilities = ["read"]
+}
+
+path "secret/data/media-catalog/api" {
+  capabilities = ["read"]
+}
+
+path "secret/data/media-catalog/external" {
+  capabilities = ["read"]
+}
+
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
+
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
