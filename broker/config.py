@@ -145,7 +145,9 @@ class _Table:
         if value is None and not required:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(self._full(name), "missing table" if value is None else "must be a table")
+            raise ConfigError(
+                self._full(name), "missing table" if value is None else "must be a table"
+            )
         return _Table(value, self._full(name), self._base_dir)
 
     def string(self, name: str, default: str | None = None) -> str:
@@ -180,7 +182,8 @@ class _Table:
             seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         if seconds is None or seconds < 0:
             raise ConfigError(
-                self._full(name), 'must be a duration: seconds, or a string like "500ms", "30s", "5m"'
+                self._full(name),
+                'must be a duration: seconds, or a string like "500ms", "30s", "5m"',
             )
         return seconds
 
@@ -206,7 +209,9 @@ def load_config(path: Path, environ: Mapping[str, str]) -> BrokerConfig:
     return parse_config(data, base_dir=path.resolve().parent, environ=environ)
 
 
-def parse_config(data: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str]) -> BrokerConfig:
+def parse_config(
+    data: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str]
+) -> BrokerConfig:
     root = _Table(data, "", base_dir)
     server = _parse_server(root.table("server"))
     vault = _parse_vault(root.table("vault"), environ)

@@ -27,7 +27,11 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         self._identities = identities
 
     async def GetSecret(
-        self, request: broker_pb2.GetSecretRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.GetSecretRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.GetSecretRequest, broker_pb2.GetSecretResponse
+        ],
     ) -> broker_pb2.GetSecretResponse:
         identity = self._identities.identity(context.auth_context())
         try:
@@ -39,7 +43,11 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         return broker_pb2.GetSecretResponse(secret=secret_message(request.name, cached))
 
     async def WatchSecrets(
-        self, request: broker_pb2.WatchSecretsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: broker_pb2.WatchSecretsRequest,
+        context: grpc.aio.ServicerContext[
+            broker_pb2.WatchSecretsRequest, broker_pb2.WatchSecretsResponse
+        ],
     ) -> AsyncIterator[broker_pb2.WatchSecretsResponse]:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchSecrets is not implemented yet")
         yield broker_pb2.WatchSecretsResponse()  # pragma: no cover - makes this an async generator

@@ -29,7 +29,7 @@ STATUS_BY_ERROR: Mapping[type[BrokerError], grpc.StatusCode] = {
 
 def status_for(error: BrokerError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
-        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
+        code = STATUS_BY_ERROR.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL

@@ -7,7 +7,7 @@ as ``spiffe://media.local/catalog``), else its subject common name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -24,12 +24,11 @@ class IdentityResolver:
         self._by_pem: dict[bytes, str | None] = {}
         self._max_entries = max_entries
 
-    def identity(self, auth_context: Mapping[str, Sequence[bytes]]) -> str | None:
+    def identity(self, auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
         """The caller's identity, or None when it presented no usable certificate."""
-        pems = auth_context.get("x509_pem_cert")
-        if not pems:
+        pem = next(iter(auth_context.get("x509_pem_cert", ())), None)
+        if pem is None:
             return None
-        pem = pems[0]
         try:
             return self._by_pem[pem]
         except KeyError:

@@ -66,7 +66,7 @@ class Broker:
         log.info("broker stopped")
 
     async def _keep_token_fresh(self) -> None:
-        """Renew or replace the Vault token ahead of expiry; retry with backoff while Vault fails."""
+        """Renew or replace the Vault token before expiry; back off and retry while Vault fails."""
         session = self.vault.session
         backoff = 1.0
         while True:

@@ -1,4 +1,4 @@
-"""Retries as a policy: which calls (idempotent methods, retryable codes) and when (jittered backoff).
+"""Retries as a policy: which calls (idempotent methods, retryable codes) and when (backoff).
 
 Applied by an interceptor so no call site loops by hand.
 """
@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 
@@ -20,7 +20,7 @@ RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 class RetryPolicy:
     max_attempts: int = 5
     initial_backoff: float = 0.1
-    """Seconds; the cap of the first wait. Each wait is drawn uniformly up to its cap (full jitter)."""
+    """Seconds; the cap of the first wait. Each wait is drawn uniformly below its cap (jitter)."""
     max_backoff: float = 2.0
     multiplier: float = 2.0
     overall_deadline: float = 10.0
@@ -41,7 +41,13 @@ class _CallDetails(NamedTuple):
     compression: Any
 
 
-class RetryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+if TYPE_CHECKING:  # the stubs make the interceptor generic; the runtime class is not subscriptable
+    _UnaryUnaryInterceptor = grpc.UnaryUnaryClientInterceptor[Any, Any]
+else:
+    _UnaryUnaryInterceptor = grpc.UnaryUnaryClientInterceptor
+
+
+class RetryInterceptor(_UnaryUnaryInterceptor):
     """Retries the named idempotent unary methods on retryable status codes."""
 
     def __init__(
@@ -65,8 +71,12 @@ class RetryInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             timeout = remaining if details.timeout is None else min(details.timeout, remaining)
             outcome = continuation(
                 _CallDetails(
-                    details.method, max(timeout, 0.0), details.metadata, details.credentials,
-                    details.wait_for_ready, details.compression,
+                    details.method,
+                    max(timeout, 0.0),
+                    details.metadata,
+                    details.credentials,
+                    details.wait_for_ready,
+                    details.compression,
                 ),
                 request,
             )

@@ -14,7 +14,7 @@ from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from catalog.retry import RetryInterceptor, RetryPolicy
 
-GET_SECRET = "/secretbroker.v1.SecretBroker/GetSecret"
+GET_SECRET = "/secretbroker.v1.SecretBroker/GetSecret"  # noqa: S105 - a method name
 
 
 class ClientConfigError(Exception):
@@ -62,7 +62,7 @@ class BrokerClientConfig:
     """Name to check in the broker's certificate, when it differs from the target host."""
     deadline: float = 2.0
     """Seconds allowed for one attempt of a call."""
-    retry: RetryPolicy = RetryPolicy()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     ENV_PREFIX = "SECRETBROKER_"
 
@@ -143,6 +143,9 @@ class SecretsClient:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()

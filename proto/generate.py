@@ -39,7 +39,7 @@ def main() -> int:
         f"--mypy_grpc_out={PROTO_ROOT}",
         *sources,
     ]
-    return protoc.main(args)
+    return int(protoc.main(args))
 
 
 if __name__ == "__main__":

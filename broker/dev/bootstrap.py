@@ -29,8 +29,8 @@ class AppRoleFiles:
 
 @dataclass(frozen=True)
 class RoleTTLs:
-    token_ttl: str = "1h"
-    token_max_ttl: str = "24h"
+    token_ttl: str = "1h"  # noqa: S105 - a duration, not a password
+    token_max_ttl: str = "24h"  # noqa: S105 - a duration, not a password
 
 
 def ensure_kv2_mount(client: hvac.Client, mount: str) -> None:

@@ -86,26 +86,28 @@ class OpenBaoDevServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - single-threaded at this point
+                preexec_fn=die_with_parent,
             )
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
+            if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"OpenBao exited at start; see {self.log_path}")
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{self.address}/v1/sys/health", timeout=1).status_code == 200:
                     return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"OpenBao did not become healthy in {START_TIMEOUT:.0f}s; see {self.log_path}")
+        raise RuntimeError(
+            f"OpenBao did not become healthy in {START_TIMEOUT:.0f}s; see {self.log_path}"
+        )
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
+        if self.process is None:
+            raise RuntimeError("OpenBao is not started")
         return self.process.pid
 
     def pause(self) -> None:
@@ -133,6 +135,9 @@ class OpenBaoDevServer:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()

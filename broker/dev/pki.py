@@ -47,9 +47,15 @@ class DevCA:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -109,7 +115,9 @@ class DevCA:
         path.write_bytes(self.cert_pem)
         return path
 
-    def issue_files(self, directory: Path, stem: str, common_name: str, **kwargs: object) -> CertFiles:
+    def issue_files(
+        self, directory: Path, stem: str, common_name: str, **kwargs: object
+    ) -> CertFiles:
         """Issue a certificate and write ``stem.pem`` and ``stem-key.pem`` (mode 0600)."""
         cert_pem, key_pem = self.issue(common_name, **kwargs)  # type: ignore[arg-type]
         directory.mkdir(parents=True, exist_ok=True)

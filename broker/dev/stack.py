@@ -49,8 +49,13 @@ def issue_dev_certificates(directory: Path) -> DevCertificates:
     return DevCertificates(
         ca=ca.write_ca(directory / "ca.pem"),
         broker=ca.issue_files(
-            directory, "broker", "broker", uri=BROKER_SPIFFE_ID,
-            dns_names=("localhost",), ip_addresses=("127.0.0.1",), server=True,
+            directory,
+            "broker",
+            "broker",
+            uri=BROKER_SPIFFE_ID,
+            dns_names=("localhost",),
+            ip_addresses=("127.0.0.1",),
+            server=True,
         ),
         catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_SPIFFE_ID),
     )
@@ -72,8 +77,8 @@ timeout = "2s"
 
 [vault.auth]
 method = "approle"
-role_id_file = "{role_dir / 'role_id'}"
-secret_id_file = "{role_dir / 'secret_id'}"
+role_id_file = "{role_dir / "role_id"}"
+secret_id_file = "{role_dir / "secret_id"}"
 
 [cache]
 default_ttl = "5m"
@@ -111,7 +116,9 @@ def run_dev_stack(state_dir: Path) -> int:
         admin = hvac.Client(url=bao.address, token=bao.root_token, timeout=5)
         ensure_kv2_mount(admin, KV_MOUNT)
         role = create_broker_approle(admin, write_policies(admin), state_dir / "approle")
-        seed_secrets(admin, KV_MOUNT, dev_secret_values(f"sqlite:///{state_dir / 'media-catalog.db'}"))
+        seed_secrets(
+            admin, KV_MOUNT, dev_secret_values(f"sqlite:///{state_dir / 'media-catalog.db'}")
+        )
         admin.adapter.close()
         certs = issue_dev_certificates(state_dir / "certs")
         listen = f"127.0.0.1:{free_port_pair()}"
@@ -120,7 +127,7 @@ def run_dev_stack(state_dir: Path) -> int:
         broker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "broker", "serve", "--config", str(config_path)],
             stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads started yet
+            preexec_fn=die_with_parent,
         )
         _show_catalog_config(listen, certs)
         print(  # noqa: T201 - the dev stack talks to its user
@@ -155,7 +162,7 @@ Press Ctrl-C to stop everything.""",
 
 
 def _show_catalog_config(listen: str, certs: DevCertificates) -> None:
-    """Read the catalog's Config through the broker, as the catalog would, and say what came back."""
+    """Read the catalog's Config through the broker, as the catalog would; say what came back."""
     client_config = BrokerClientConfig(
         target=listen, ca_file=certs.ca, cert_file=certs.catalog.cert, key_file=certs.catalog.key
     )

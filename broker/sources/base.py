@@ -26,7 +26,8 @@ class SecretValue:
     """Wall-clock time (seconds since the epoch) of the read."""
 
     def __repr__(self) -> str:  # the values must not reach a log line by accident
-        return f"SecretValue(keys={sorted(self.data)}, version={self.version}, source={self.source.value})"
+        keys = sorted(self.data)
+        return f"SecretValue(keys={keys}, version={self.version}, source={self.source.value})"
 
 
 class SecretSource(Protocol):

@@ -40,4 +40,6 @@ class VaultSource:
                 str(key): value if isinstance(value, str) else json.dumps(value)
                 for key, value in body["data"].items()
             }
-        return SecretValue(data=data, version=version, source=SourceKind.VAULT, fetched_at=time.time())
+        return SecretValue(
+            data=data, version=version, source=SourceKind.VAULT, fetched_at=time.time()
+        )

@@ -36,6 +36,8 @@ def translate_vault_errors(operation: str, timeout: float) -> Iterator[None]:
     except requests.ConnectionError:
         raise SourceUnavailable(f"cannot connect to vault for {operation}") from None
     except requests.RequestException as exc:
-        raise SourceUnavailable(f"vault transport failed {operation} ({type(exc).__name__})") from None
+        raise SourceUnavailable(
+            f"vault transport failed {operation} ({type(exc).__name__})"
+        ) from None
     except (KeyError, TypeError, ValueError):
         raise SourceUnavailable(f"vault sent an unexpected response to {operation}") from None

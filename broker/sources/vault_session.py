@@ -61,7 +61,11 @@ class VaultSession:
         if self._expires_at is None:
             return None
         remaining = self._expires_at - self._clock()
-        return max(0.0, remaining * RENEW_AT_FRACTION) if self._renewable else max(0.0, remaining - 1.0)
+        return (
+            max(0.0, remaining * RENEW_AT_FRACTION)
+            if self._renewable
+            else max(0.0, remaining - 1.0)
+        )
 
     def renew_or_login(self) -> None:
         """Extend the token's lease; log in again when that is refused or capped by max TTL."""
@@ -90,11 +94,9 @@ class VaultSession:
         with self._login_lock:
             if self._token is not None and self._token != seen:
                 return self._token  # another thread logged in meanwhile
-            self._login()
-            assert self._token is not None
-            return self._token
+            return self._login()
 
-    def _login(self) -> None:
+    def _login(self) -> str:
         auth = self._config.auth
         timeout = self._config.timeout
         if isinstance(auth, AppRoleAuth):
@@ -104,9 +106,8 @@ class VaultSession:
                 result = self.client.auth.approle.login(
                     role_id=role_id, secret_id=secret_id, mount_point=auth.mount, use_token=False
                 )["auth"]
-                token, lease, renewable = (
-                    result["client_token"], float(result["lease_duration"]), bool(result["renewable"])
-                )
+                token = str(result["client_token"])
+                lease, renewable = float(result["lease_duration"]), bool(result["renewable"])
         else:
             token = _static_token(auth)
             self.client.token = token
@@ -122,6 +123,7 @@ class VaultSession:
             "approle" if isinstance(auth, AppRoleAuth) else "token",
             f"{lease:.0f}s" if lease else "does not expire",
         )
+        return token
 
     def _set_lease(self, seconds: float, renewable: bool) -> None:
         self._lease_seconds = seconds

@@ -1,0 +1,47 @@
+# Two commands for a new user (see README): `make dev` runs the dev stack, `make test` runs every check.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+
+.PHONY: dev test check lint typecheck proto proto-check buf-lint unit clean
+
+$(BIN)/python: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(BIN)/python
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+## Run the dev stack: OpenBao, the broker over mTLS, the catalog reading through it. Ctrl-C stops it.
+dev: $(BIN)/python
+	$(BIN)/python -m broker dev
+
+## Every check CI runs: generated code fresh, buf lint, ruff, mypy --strict, then the test suite.
+test: proto-check buf-lint lint typecheck
+	$(BIN)/python -m pytest
+
+## Regenerate the Python code from proto/.
+proto: $(BIN)/python
+	$(BIN)/python proto/generate.py
+
+## Fail when the checked-in generated code differs from a fresh generation.
+proto-check: proto
+	@git diff --exit-code --stat -- proto || (echo "generated code in proto/ is stale: run 'make proto' and commit" && exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- proto)" || (git status --short -- proto; echo "untracked generated files in proto/" && exit 1)
+
+buf-lint: $(BUF)
+	$(BUF) lint
+
+lint: $(BIN)/python
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/python
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .tools .dev-stack .mypy_cache .ruff_cache .pytest_cache

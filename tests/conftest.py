@@ -1,0 +1,274 @@
+"""Fixtures that start the real things: an OpenBao server (with its audit device, so tests can
+count the reads Vault saw), real certificates, and a real broker on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import secrets
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import hvac
+import pytest
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
+
+from broker.config import BrokerConfig, parse_config
+from broker.dev.bootstrap import (
+    AppRoleFiles,
+    RoleTTLs,
+    create_broker_approle,
+    ensure_kv2_mount,
+    write_policies,
+)
+from broker.dev.openbao import OpenBaoDevServer
+from broker.dev.pki import CertFiles, DevCA
+from broker.server import Broker
+
+T = TypeVar("T")
+
+CATALOG_ID = "spiffe://media.local/catalog"
+INTRUDER_ID = "spiffe://media.local/intruder"
+KV_MOUNT = "secret"
+DATABASE = "media-catalog/database"
+API = "media-catalog/api"
+EXTERNAL = "media-catalog/external"
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server: CertFiles
+    catalog: CertFiles
+    intruder: CertFiles
+    cn_only: CertFiles
+    foreign: CertFiles
+    expired: CertFiles
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca = DevCA("test CA")
+    other_ca = DevCA("another CA")
+    now = dt.datetime.now(dt.UTC)
+    return Pki(
+        ca=ca.write_ca(directory / "ca.pem"),
+        server=ca.issue_files(
+            directory,
+            "server",
+            "broker",
+            dns_names=("localhost",),
+            ip_addresses=("127.0.0.1",),
+            server=True,
+        ),
+        catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_ID),
+        intruder=ca.issue_files(directory, "intruder", "intruder", uri=INTRUDER_ID),
+        cn_only=ca.issue_files(directory, "cn-only", "ops-tool"),
+        foreign=other_ca.issue_files(directory, "foreign", "catalog", uri=CATALOG_ID),
+        expired=ca.issue_files(
+            directory,
+            "expired",
+            "catalog",
+            uri=CATALOG_ID,
+            not_before=now - dt.timedelta(days=2),
+            not_after=now - dt.timedelta(days=1),
+        ),
+    )
+
+
+@dataclass
+class Vault:
+    """A running OpenBao, bootstrapped with the broker's real policy and AppRole."""
+
+    server: OpenBaoDevServer
+    admin: hvac.Client
+    approle: AppRoleFiles
+    audit_log: Path
+    written: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def write(self, path: str, **data: str) -> int:
+        """Write a new version; returns its version number."""
+        response = self.admin.secrets.kv.v2.create_or_update_secret(
+            path=path, secret=data, mount_point=KV_MOUNT
+        )
+        self.written[path] = data
+        return int(response["data"]["version"])
+
+    def audit_offset(self) -> int:
+        return self.audit_log.stat().st_size if self.audit_log.exists() else 0
+
+    def reads_since(self, offset: int, path: str) -> int:
+        """How many KV reads of ``path`` OpenBao's own audit log recorded after ``offset``."""
+        with self.audit_log.open("rb") as file:
+            file.seek(offset)
+            entries = [json.loads(line) for line in file if line.strip()]
+        return sum(
+            1
+            for entry in entries
+            if entry.get("type") == "request"
+            and entry["request"].get("operation") == "read"
+            and entry["request"].get("path") == f"{KV_MOUNT}/data/{path}"
+        )
+
+
+AUDIT_DEVICE_HCL = """
+audit "file" "requests" {{
+  options {{
+    file_path = "{path}"
+  }}
+}}
+"""
+
+
+def start_vault(workdir: Path, ttls: RoleTTLs | None = None) -> Vault:
+    audit_log = workdir / "audit.log"
+    server = OpenBaoDevServer(
+        workdir,
+        root_token=secrets.token_hex(16),
+        extra_config_hcl=AUDIT_DEVICE_HCL.format(path=audit_log),
+    )
+    server.start()
+    admin = hvac.Client(url=server.address, token=server.root_token, timeout=5)
+    ensure_kv2_mount(admin, KV_MOUNT)
+    approle = create_broker_approle(
+        admin, write_policies(admin), workdir / "approle", ttls or RoleTTLs()
+    )
+    vault = Vault(server, admin, approle, audit_log)
+    for path in (DATABASE, API, EXTERNAL):
+        vault.write(path, value=secrets.token_urlsafe(24), other=secrets.token_urlsafe(8))
+    return vault
+
+
+@pytest.fixture(scope="session")
+def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vault]:
+    """One OpenBao for the session. Tests that pause or kill Vault use ``private_vault``."""
+    started = start_vault(tmp_path_factory.mktemp("openbao"))
+    yield started
+    started.server.stop()
+
+
+@pytest.fixture
+def private_vault(tmp_path: Path) -> Iterator[Vault]:
+    started = start_vault(tmp_path / "openbao")
+    yield started
+    started.server.stop()
+
+
+def broker_settings(
+    vault: Vault,
+    pki: Pki,
+    *,
+    secrets_: Mapping[str, Mapping[str, Any]] | None = None,
+    access: Mapping[str, list[str]] | None = None,
+    cache: Mapping[str, Any] | None = None,
+    timeout: str = "1s",
+    listen: str = "127.0.0.1:0",
+    log_level: str = "DEBUG",
+) -> dict[str, Any]:
+    """The broker's TOML document as a dict: what a user would write."""
+    return {
+        "server": {
+            "listen": listen,
+            "cert_file": str(pki.server.cert),
+            "key_file": str(pki.server.key),
+            "client_ca_file": str(pki.ca),
+        },
+        "vault": {
+            "address": vault.address,
+            "timeout": timeout,
+            "auth": {
+                "method": "approle",
+                "role_id_file": str(vault.approle.role_id_file),
+                "secret_id_file": str(vault.approle.secret_id_file),
+            },
+        },
+        "cache": dict(cache or {}),
+        "secrets": dict(secrets_ if secrets_ is not None else {DATABASE: {}, API: {}}),
+        "access": dict(access if access is not None else {CATALOG_ID: ["media-catalog/*"]}),
+        "log": {"level": log_level},
+    }
+
+
+class RunningBroker:
+    """A real Broker serving on its own event loop in a background thread."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="broker-loop", daemon=True
+        )
+        self._thread.start()
+        self.broker: Broker = self.run(self._create(config))
+        self.port = self.run(self.broker.start())
+        self._stopped = False
+
+    @staticmethod
+    async def _create(config: BrokerConfig) -> Broker:
+        return Broker(config)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.run(self.broker.stop(grace=0))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def stub(self, client: CertFiles | None, ca: Path) -> broker_pb2_grpc.SecretBrokerStub:
+        return broker_pb2_grpc.SecretBrokerStub(secure_channel(self.port, ca, client))
+
+
+def secure_channel(port: int, ca: Path, client: CertFiles | None) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=client.key.read_bytes() if client else None,
+        certificate_chain=client.cert.read_bytes() if client else None,
+    )
+    return grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
+BrokerFactory = Callable[..., RunningBroker]
+
+
+@pytest.fixture
+def start_broker(pki: Pki, tmp_path: Path) -> Iterator[BrokerFactory]:
+    """Start brokers against a given Vault; every one is stopped after the test."""
+    running: list[RunningBroker] = []
+
+    def start(vault: Vault, **settings: Any) -> RunningBroker:
+        config = parse_config(broker_settings(vault, pki, **settings), tmp_path, environ={})
+        handle = RunningBroker(config)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        handle.stop()
+
+
+def get(
+    stub: broker_pb2_grpc.SecretBrokerStub, name: str, timeout: float = 10
+) -> broker_pb2.Secret:
+    return stub.GetSecret(broker_pb2.GetSecretRequest(name=name), timeout=timeout).secret
+
+
+def status_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status code a failing call ends with; fails the test if the call succeeds."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    code: grpc.StatusCode = caught.value.code()
+    return code

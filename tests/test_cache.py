@@ -1,0 +1,48 @@
+"""The cache, observed from OpenBao's own audit log: how many reads Vault really served."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from secretbroker.v1 import broker_pb2
+
+from tests.conftest import API, BrokerFactory, Pki, Vault, get
+
+
+def test_cache_hits_do_not_touch_vault(vault: Vault, pki: Pki, start_broker: BrokerFactory) -> None:
+    stub = start_broker(vault, secrets_={API: {"ttl": "1h"}}).stub(pki.catalog, pki.ca)
+    offset = vault.audit_offset()
+
+    versions = {get(stub, API).version for _ in range(50)}
+
+    assert len(versions) == 1
+    assert vault.reads_since(offset, API) == 1
+
+
+def test_concurrent_misses_for_one_secret_coalesce_into_one_vault_read(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    stub = start_broker(vault, secrets_={API: {"ttl": "1h"}}).stub(pki.catalog, pki.ca)
+    request = broker_pb2.GetSecretRequest(name=API)
+    offset = vault.audit_offset()
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        futures = [pool.submit(stub.GetSecret, request, timeout=20) for _ in range(100)]
+        responses = [future.result() for future in futures]
+
+    assert {r.secret.version for r in responses} != set()
+    assert all(r.secret.data == responses[0].secret.data for r in responses)
+    assert vault.reads_since(offset, API) == 1
+
+
+def test_expired_entry_is_read_again_and_picks_up_a_new_version(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    stub = start_broker(vault, secrets_={API: {"ttl": 0}}).stub(pki.catalog, pki.ca)
+    first = get(stub, API)
+    new_version = vault.write(API, value="rotated-by-ops")
+
+    second = get(stub, API)
+
+    assert second.version == new_version > first.version
+    assert second.data["value"] == "rotated-by-ops"

@@ -1,0 +1,87 @@
+"""Cache rules with a fake source and a fake clock: what is served fresh, stale, or not at all."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from broker.cache import SecretCache
+from broker.config import CacheConfig, SecretSpec
+from broker.errors import SecretMissingInSource, SourceDenied, SourceUnavailable
+from broker.sources.base import SecretValue, SourceKind
+
+SPEC = SecretSpec(name="app/db", path="app/db", category="db", ttl=10)
+
+
+class FakeSource:
+    def __init__(self) -> None:
+        self.reads = 0
+        self.failure: Exception | None = None
+
+    def read(self, spec: SecretSpec) -> SecretValue:
+        self.reads += 1
+        if self.failure is not None:
+            raise self.failure
+        return SecretValue({"k": f"v{self.reads}"}, self.reads, SourceKind.VAULT, fetched_at=0.0)
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def parts() -> tuple[SecretCache, FakeSource, Clock]:
+    source, clock = FakeSource(), Clock()
+    executor = ThreadPoolExecutor(1)
+    config = CacheConfig(default_ttl=10, max_stale=100, error_backoff=5)
+    return SecretCache(source, config, executor, clock), source, clock
+
+
+def get(cache: SecretCache) -> tuple[int, bool]:
+    cached = asyncio.run(cache.get(SPEC))
+    return cached.value.version, cached.stale
+
+
+def test_fresh_within_ttl_then_read_again(parts: tuple[SecretCache, FakeSource, Clock]) -> None:
+    cache, source, clock = parts
+    assert get(cache) == (1, False)
+    clock.now += 9.9
+    assert get(cache) == (1, False)
+    clock.now += 0.2
+    assert get(cache) == (2, False)
+    assert source.reads == 2
+
+
+def test_unavailable_source_serves_stale_within_max_stale_with_backoff(
+    parts: tuple[SecretCache, FakeSource, Clock],
+) -> None:
+    cache, source, clock = parts
+    get(cache)
+    source.failure = SourceUnavailable("down")
+    clock.now += 11
+    assert get(cache) == (1, True)
+    assert get(cache) == (1, True)
+    assert source.reads == 2, "within error_backoff the stale value is served without a read"
+    clock.now += 6
+    assert get(cache) == (1, True)
+    assert source.reads == 3
+    clock.now += 100  # past ttl + max_stale
+    with pytest.raises(SourceUnavailable):
+        get(cache)
+
+
+@pytest.mark.parametrize("failure", [SourceDenied("denied"), SecretMissingInSource("gone")])
+def test_deliberate_refusals_are_not_papered_over_with_stale_values(
+    parts: tuple[SecretCache, FakeSource, Clock], failure: Exception
+) -> None:
+    cache, source, clock = parts
+    get(cache)
+    source.failure = failure
+    clock.now += 11
+    with pytest.raises(type(failure)):
+        get(cache)

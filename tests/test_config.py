@@ -1,0 +1,170 @@
+"""Config loading: every error names its key; relative paths resolve from the file's folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.config import AppRoleAuth, ConfigError, TokenAuth, load_config, parse_config
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    for name in ("server.pem", "server-key.pem", "ca.pem", "role_id", "secret_id"):
+        (tmp_path / name).write_text("x")
+    return tmp_path
+
+
+def settings() -> dict[str, Any]:
+    return {
+        "server": {
+            "listen": "127.0.0.1:0",
+            "cert_file": "server.pem",
+            "key_file": "server-key.pem",
+            "client_ca_file": "ca.pem",
+        },
+        "vault": {
+            "address": "http://127.0.0.1:8200",
+            "auth": {"method": "approle", "role_id_file": "role_id", "secret_id_file": "secret_id"},
+        },
+        "secrets": {
+            "media-catalog/database": {},
+            "media-catalog/api": {"ttl": "1m", "path": "mc/jwt"},
+        },
+        "access": {"spiffe://media.local/catalog": ["media-catalog/*"]},
+    }
+
+
+def test_defaults_and_relative_paths(files: Path) -> None:
+    config = parse_config(settings(), files, environ={})
+
+    assert config.server.cert_file == files / "server.pem"
+    assert isinstance(config.vault.auth, AppRoleAuth)
+    assert config.vault.auth.secret_id_file == files / "secret_id"
+    database = config.secrets["media-catalog/database"]
+    assert (database.path, database.category, database.ttl) == (
+        "media-catalog/database",
+        "database",
+        300.0,
+    )
+    api = config.secrets["media-catalog/api"]
+    assert (api.path, api.category, api.ttl) == ("mc/jwt", "jwt", 60.0)
+
+
+def test_vault_addr_overrides_the_file(files: Path) -> None:
+    config = parse_config(settings(), files, environ={"VAULT_ADDR": "https://vault.internal:8200"})
+    assert config.vault.address == "https://vault.internal:8200"
+
+
+def test_token_auth_takes_vault_token_and_never_shows_it(files: Path) -> None:
+    data = settings()
+    data["vault"]["auth"] = {"method": "token"}
+    config = parse_config(data, files, environ={"VAULT_TOKEN": "s.tok-do-not-print"})
+
+    assert isinstance(config.vault.auth, TokenAuth)
+    assert config.vault.auth.env_token is not None
+    assert config.vault.auth.env_token.reveal() == "s.tok-do-not-print"
+    assert "tok-do-not-print" not in repr(config)
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data[part]
+    if value is _DELETE:
+        del data[last]
+    else:
+        data[last] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected_key"),
+    [
+        ("server.listen", "no-port", "server.listen"),
+        ("server.cert_file", _DELETE, "server.cert_file"),
+        ("server.key_file", "missing.pem", "server.key_file"),
+        ("server.colour", "blue", "server.colour"),
+        ("vault.address", "vault:8200", "vault.address"),
+        ("vault.timeout", "soon", "vault.timeout"),
+        ("vault.timeout", 0, "vault.timeout"),
+        ("vault.auth.method", "kubernetes", "vault.auth.method"),
+        ("vault.auth.secret_id_file", "nope", "vault.auth.secret_id_file"),
+        ("secrets", {}, "secrets"),
+        ("secrets./abs", {}, "secrets./abs"),
+        ("secrets.media-catalog/database", {"ttl": -1}, "secrets.media-catalog/database.ttl"),
+        ("access.spiffe://x", "media-catalog/*", "access.spiffe://x"),
+        ("cache", {"max_stal": 5}, "cache.max_stal"),
+        ("log", {"level": "LOUD"}, "log.level"),
+    ],
+)
+def test_invalid_config_names_the_key(files: Path, key: str, value: Any, expected_key: str) -> None:
+    data = settings()
+    if key.startswith(("secrets.", "access.")) and key.count(".") == 1:
+        table, name = key.split(".", 1)
+        data[table][name] = value
+    else:
+        _set(data, key, value)
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, files, environ={})
+
+    assert caught.value.key == expected_key
+
+
+def test_token_auth_without_token_names_the_key(files: Path) -> None:
+    data = settings()
+    data["vault"]["auth"] = {"method": "token"}
+    with pytest.raises(ConfigError, match=r"^vault\.auth\.token_file: missing, and VAULT_TOKEN"):
+        parse_config(data, files, environ={})
+
+
+def test_load_config_rejects_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path, environ={})
+
+
+def test_example_config_in_deploy_is_valid(tmp_path: Path) -> None:
+    """deploy/broker.example.toml documents every key; copied beside its files, it loads."""
+    example = Path(__file__).parents[1] / "deploy" / "broker.example.toml"
+    for name in (
+        "certs/broker.pem",
+        "certs/broker-key.pem",
+        "certs/clients-ca.pem",
+        "approle/role_id",
+        "approle/secret_id",
+    ):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / "broker.toml").write_text(example.read_text())
+
+    config = load_config(tmp_path / "broker.toml", environ={})
+
+    assert config.server.cert_file == tmp_path / "certs/broker.pem"
+    assert set(config.secrets) == {
+        "media-catalog/database",
+        "media-catalog/api",
+        "media-catalog/external",
+    }
+
+
+def test_serve_with_invalid_config_exits_naming_the_key(files: Path) -> None:
+    path = files / "broker.toml"
+    path.write_text('[server]\nlisten = "127.0.0.1:0"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "config error: server.cert_file: missing" in result.stderr

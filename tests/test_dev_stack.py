@@ -1,0 +1,94 @@
+"""`python -m broker dev` as a new user runs it: up, readable through the broker, Ctrl-C leaves
+nothing behind, and it runs again."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hvac
+
+READY_LINE = "Press Ctrl-C to stop everything."
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _run_until_ready(state_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "dev", "--dir", str(state_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    output = []
+    deadline = time.monotonic() + 90
+    for line in process.stdout:
+        output.append(line)
+        if READY_LINE in line or time.monotonic() > deadline:
+            break
+    return process, "".join(output)
+
+
+def _stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=60)
+    return rest
+
+
+def test_dev_stack_starts_serves_the_catalog_and_stops_cleanly_twice(tmp_path: Path) -> None:
+    state_dir = tmp_path / "dev-stack"
+    for _ in range(2):  # re-running works
+        process, output = _run_until_ready(state_dir)
+        try:
+            assert READY_LINE in output, output
+            for prop in ("database_url", "jwt_secret_key", "tmdb_api_key"):
+                assert f"catalog read Config.{prop} through the broker" in output
+            vault_addr = re.search(r"OpenBao \(Vault API\)\s+(\S+)", output)
+            assert vault_addr is not None
+            values = _read_as_broker(vault_addr.group(1), state_dir)
+            assert len(values) == 5
+            assert _processes_mentioning(str(state_dir)), "the broker runs with its config there"
+        finally:
+            rest = _stop(process)
+        assert process.returncode == 0, output + rest
+        assert "dev stack stopped" in rest
+        leaked = [v for v in values if v in output + rest]
+        assert not leaked, "the dev stack printed a secret value"
+        port = vault_addr.group(1).rsplit(":", 1)[1]
+        assert not _processes_mentioning(str(state_dir))
+        assert not _processes_mentioning(f"127.0.0.1:{port}"), "OpenBao was left running"
+
+
+def _read_as_broker(address: str, state_dir: Path) -> list[str]:
+    """The seeded values, read with the broker's own AppRole from the state folder."""
+    client = hvac.Client(url=address, timeout=5)
+    client.auth.approle.login(
+        role_id=(state_dir / "approle" / "role_id").read_text(),
+        secret_id=(state_dir / "approle" / "secret_id").read_text(),
+    )
+    values = []
+    for path in ("media-catalog/database", "media-catalog/api", "media-catalog/external"):
+        data = client.secrets.kv.v2.read_secret_version(
+            path=path, mount_point="secret", raise_on_deleted_version=True
+        )["data"]["data"]
+        values.extend(data.values())
+    client.adapter.close()
+    return values

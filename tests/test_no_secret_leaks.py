@@ -1,0 +1,121 @@
+"""No secret value or token ever reaches a log line, an error message or the test output.
+
+Runs the real ``python -m broker serve`` at DEBUG through every path (allowed, denied, invalid,
+undeclared, Vault hung, token renewal and re-login) and searches everything it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import grpc
+import pytest
+from secretbroker.v1 import broker_pb2_grpc
+
+from broker.dev.bootstrap import RoleTTLs
+from broker.dev.openbao import free_port_pair
+from tests.conftest import (
+    API,
+    DATABASE,
+    Pki,
+    broker_settings,
+    get,
+    secure_channel,
+    start_vault,
+)
+
+
+def _toml(settings: dict[str, object]) -> str:
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict[str, object]) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for key, value in scalars.items():
+            rendered = (
+                repr(value).replace("'", '"') if not isinstance(value, bool) else str(value).lower()
+            )
+            lines.append(f'"{key}" = {rendered}')
+        for key, value in table.items():
+            if isinstance(value, dict):
+                emit(f'{prefix}."{key}"' if prefix else f'"{key}"', value)
+
+    emit("", settings)
+    text = "\n".join(lines) + "\n"
+    assert tomllib.loads(text) == settings
+    return text
+
+
+def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
+    tmp_path: Path, pki: Pki, capfd: pytest.CaptureFixture[str]
+) -> None:
+    vault = start_vault(tmp_path / "openbao", RoleTTLs(token_ttl="2s", token_max_ttl="5s"))
+    port = free_port_pair()
+    settings = broker_settings(
+        vault,
+        pki,
+        secrets_={DATABASE: {"ttl": "300ms"}, API: {"ttl": 0}, "media-catalog/external": {}},
+        cache={"max_stale": "2s", "error_backoff": "100ms"},
+        listen=f"127.0.0.1:{port}",
+    )
+    config = tmp_path / "broker.toml"
+    config.write_text(_toml(settings))
+    log_path = tmp_path / "broker.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        stub = broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, pki.catalog))
+        intruder = broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, pki.intruder))
+        grpc.channel_ready_future(secure_channel(port, pki.ca, pki.catalog)).result(timeout=30)
+        served = [get(stub, DATABASE), get(stub, API)]
+        for name in ["", "/x", "a/../b", "media-catalog/nope", "x\nFORGED LOG LINE"]:
+            with pytest.raises(grpc.RpcError):
+                get(stub, name)
+        with pytest.raises(grpc.RpcError):
+            get(intruder, DATABASE)
+        deadline = time.monotonic() + 7  # across renewals and a re-login at max TTL
+        while time.monotonic() < deadline:
+            served.append(get(stub, API))
+            time.sleep(0.1)
+        served.append(get(stub, DATABASE))  # cached again, within max_stale of the pause
+        vault.server.pause()
+        time.sleep(0.4)
+        served.append(get(stub, DATABASE))  # stale
+        with pytest.raises(grpc.RpcError):
+            get(stub, "media-catalog/external")  # uncached: UNAVAILABLE
+        vault.server.resume()
+        assert served[-1].stale
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+        vault.server.stop()
+
+    logs = log_path.read_text()
+    assert "logged in to vault" in logs
+    assert "serving 'media-catalog/database' stale" in logs
+    assert "FORGED LOG LINE" not in logs
+    forbidden = {
+        "root token": vault.server.root_token,
+        "approle secret_id": vault.approle.secret_id_file.read_text(),
+        "approle role_id": vault.approle.role_id_file.read_text(),
+    }
+    for secret in served:
+        forbidden.update({f"{secret.name}.{key}": value for key, value in secret.data.items()})
+    for path, data in vault.written.items():
+        forbidden.update({f"{path}.{key}": value for key, value in data.items()})
+    captured = capfd.readouterr()
+    for where, text in {"broker log": logs, "test output": captured.out + captured.err}.items():
+        leaked = [label for label, value in forbidden.items() if value and value in text]
+        assert not leaked, f"{where} contains {leaked}"
+    assert os.path.getsize(log_path) > 0

@@ -1,0 +1,94 @@
+"""Vault hung (SIGSTOP) or killed: cached secrets are served stale, uncached ones fail UNAVAILABLE
+within the configured Vault timeout, and the broker recovers without a restart."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from tests.conftest import API, DATABASE, BrokerFactory, Pki, Vault, get, status_of
+
+VAULT_TIMEOUT = "1s"
+# A client deadline well above the Vault timeout: an answer of UNAVAILABLE (not DEADLINE_EXCEEDED)
+# proves the broker gave up on Vault by itself, within its configured timeout.
+CLIENT_DEADLINE = 8.0
+
+
+def _expire(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_hung_vault_serves_stale_then_unavailable_and_recovers_after_sigcont(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(
+        private_vault,
+        secrets_={DATABASE: {"ttl": "300ms"}, API: {}},
+        cache={"max_stale": "3s", "error_backoff": "200ms"},
+        timeout=VAULT_TIMEOUT,
+    )
+    stub = broker.stub(pki.catalog, pki.ca)
+    fresh = get(stub, DATABASE)
+    _expire(0.4)
+
+    private_vault.server.pause()
+    try:
+        stale = get(stub, DATABASE, timeout=CLIENT_DEADLINE)
+        assert stale.stale
+        assert stale.data == fresh.data
+        assert stale.version == fresh.version
+        assert stale.fetched_at == fresh.fetched_at
+        assert (
+            status_of(lambda: get(stub, API, timeout=CLIENT_DEADLINE))
+            == grpc.StatusCode.UNAVAILABLE
+        )
+        _expire(3.5)  # past max_stale
+        assert (
+            status_of(lambda: get(stub, DATABASE, timeout=CLIENT_DEADLINE))
+            == grpc.StatusCode.UNAVAILABLE
+        )
+    finally:
+        private_vault.server.resume()
+
+    _expire(0.3)  # past error_backoff
+    recovered = get(stub, DATABASE)
+    assert not recovered.stale
+    assert recovered.fetched_at.ToNanoseconds() > fresh.fetched_at.ToNanoseconds()
+    assert get(stub, API).name == API
+
+
+def test_killed_vault_serves_cached_secrets_stale_and_uncached_ones_unavailable(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(
+        private_vault,
+        secrets_={DATABASE: {"ttl": "200ms"}, API: {}},
+        cache={"max_stale": "1h"},
+        timeout=VAULT_TIMEOUT,
+    )
+    stub = broker.stub(pki.catalog, pki.ca)
+    fresh = get(stub, DATABASE)
+
+    private_vault.server.stop()
+    _expire(0.3)
+
+    stale = get(stub, DATABASE, timeout=CLIENT_DEADLINE)
+    assert stale.stale
+    assert stale.data == fresh.data
+    assert status_of(lambda: get(stub, API, timeout=CLIENT_DEADLINE)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_fresh_cache_hits_keep_answering_while_vault_is_hung(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    stub = start_broker(private_vault, secrets_={DATABASE: {"ttl": "1h"}}).stub(pki.catalog, pki.ca)
+    get(stub, DATABASE)
+
+    private_vault.server.pause()
+    try:
+        answers = [get(stub, DATABASE, timeout=CLIENT_DEADLINE) for _ in range(20)]
+    finally:
+        private_vault.server.resume()
+
+    assert not any(answer.stale for answer in answers)

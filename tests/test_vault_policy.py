@@ -1,0 +1,63 @@
+"""The broker's Vault policy (deploy/vault/policies/) checked by OpenBao itself."""
+
+from __future__ import annotations
+
+import hvac
+import hvac.exceptions
+import pytest
+
+from tests.conftest import API, DATABASE, EXTERNAL, KV_MOUNT, Vault
+
+
+@pytest.fixture
+def as_broker(vault: Vault) -> hvac.Client:
+    client = hvac.Client(url=vault.address, timeout=5)
+    client.auth.approle.login(
+        role_id=vault.approle.role_id_file.read_text(),
+        secret_id=vault.approle.secret_id_file.read_text(),
+    )
+    return client
+
+
+@pytest.mark.parametrize("path", [DATABASE, API, EXTERNAL])
+def test_broker_role_reads_its_declared_secrets(as_broker: hvac.Client, path: str) -> None:
+    response = as_broker.secrets.kv.v2.read_secret_version(
+        path=path, mount_point=KV_MOUNT, raise_on_deleted_version=True
+    )
+    assert response["data"]["data"]
+
+
+@pytest.mark.parametrize(
+    ("description", "attempt"),
+    [
+        (
+            "read outside its paths",
+            lambda c: c.secrets.kv.v2.read_secret_version(
+                path="billing/keys", mount_point=KV_MOUNT, raise_on_deleted_version=True
+            ),
+        ),
+        (
+            "read a neighbouring path",
+            lambda c: c.secrets.kv.v2.read_secret_version(
+                path="media-catalog/admin", mount_point=KV_MOUNT, raise_on_deleted_version=True
+            ),
+        ),
+        (
+            "write its own secret",
+            lambda c: c.secrets.kv.v2.create_or_update_secret(
+                path=API, secret={"jwt_secret": "x"}, mount_point=KV_MOUNT
+            ),
+        ),
+        ("list secrets", lambda c: c.secrets.kv.v2.list_secrets(path="", mount_point=KV_MOUNT)),
+        ("read policies", lambda c: c.sys.list_acl_policies()),
+        ("create tokens", lambda c: c.auth.token.create(policies=["secretbroker"])),
+        ("read its role's secret_id", lambda c: c.auth.approle.generate_secret_id("secretbroker")),
+    ],
+)
+def test_broker_role_is_denied_everything_else(
+    vault: Vault, as_broker: hvac.Client, description: str, attempt: object
+) -> None:
+    vault.write("billing/keys", key="outside-scope")
+    vault.write("media-catalog/admin", key="outside-scope")
+    with pytest.raises(hvac.exceptions.Forbidden):
+        attempt(as_broker)  # type: ignore[operator]

@@ -1,0 +1,47 @@
+"""The broker's own Vault token: renewed before expiry, replaced across its max TTL or after
+revocation, without failing a request."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from broker.dev.bootstrap import RoleTTLs
+from tests.conftest import API, BrokerFactory, Pki, Vault, get, start_vault
+
+
+def test_short_lived_token_is_renewed_and_replaced_across_max_ttl_while_requests_run(
+    tmp_path: Path, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    vault = start_vault(tmp_path / "openbao", RoleTTLs(token_ttl="3s", token_max_ttl="7s"))
+    try:
+        broker = start_broker(vault, secrets_={API: {"ttl": 0}})  # every request reads Vault
+        stub = broker.stub(pki.catalog, pki.ca)
+        session = broker.broker.vault.session
+        answers = []
+        deadline = time.monotonic() + 16  # more than two max TTLs
+        while time.monotonic() < deadline:
+            answers.append(get(stub, API))  # raises on any failed request
+            time.sleep(0.05)
+    finally:
+        vault.server.stop()
+
+    assert not any(answer.stale for answer in answers), "a stale answer means a Vault read failed"
+    assert session.renewals >= 2
+    assert session.logins >= 3  # the first login, then once per max TTL
+
+
+def test_revoked_token_is_replaced_by_a_new_login_on_the_next_read(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(vault, secrets_={API: {"ttl": 0}})
+    stub = broker.stub(pki.catalog, pki.ca)
+    get(stub, API)
+    session = broker.broker.vault.session
+    logins_before = session.logins
+
+    vault.admin.auth.token.revoke(session.token())
+    answer = get(stub, API)
+
+    assert not answer.stale
+    assert session.logins == logins_before + 1
