@@ -65,6 +65,7 @@ def test_dev_stack_starts_serves_the_catalog_and_stops_cleanly_twice(tmp_path: P
             assert vault_addr is not None
             values = _read_as_broker(vault_addr.group(1), state_dir)
             assert len(values) == 5
+            output += _catalog_config_command(output, state_dir)
             assert _processes_mentioning(str(state_dir)), "the broker runs with its config there"
         finally:
             rest = _stop(process)
@@ -75,6 +76,33 @@ def test_dev_stack_starts_serves_the_catalog_and_stops_cleanly_twice(tmp_path: P
         port = vault_addr.group(1).rsplit(":", 1)[1]
         assert not _processes_mentioning(str(state_dir))
         assert not _processes_mentioning(f"127.0.0.1:{port}"), "OpenBao was left running"
+
+
+def _catalog_config_command(output: str, state_dir: Path) -> str:
+    """Run the `python -m catalog config` the dev stack suggests; it reads through the broker."""
+    broker_addr = re.search(r"SECRETBROKER_ADDR=(\S+)", output)
+    assert broker_addr is not None
+    certs = state_dir / "certs"
+    env = {
+        **os.environ,
+        "SECRETBROKER_ADDR": broker_addr.group(1),
+        "SECRETBROKER_CA_FILE": str(certs / "ca.pem"),
+        "SECRETBROKER_CERT_FILE": str(certs / "catalog.pem"),
+        "SECRETBROKER_KEY_FILE": str(certs / "catalog-key.pem"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "catalog", "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "jwt_secret_key: 43 characters from media-catalog/api (version 1, vault)" in result.stdout
+    )
+    return result.stdout + result.stderr
 
 
 def _read_as_broker(address: str, state_dir: Path) -> list[str]:

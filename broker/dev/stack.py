@@ -137,9 +137,11 @@ Dev stack is up. Nothing below is a secret value.
   broker (gRPC, mTLS)  {listen}   config: {config_path}
   dev certificates     {certs.ca.parent}/  (CA ca.pem; catalog client catalog.pem)
   broker AppRole       {role.role_id_file.parent}/
-Try the catalog's view again:
+See the catalog's view again, from another terminal:
   SECRETBROKER_ADDR={listen} SECRETBROKER_CA_FILE={certs.ca} \\
-  SECRETBROKER_CERT_FILE={certs.catalog.cert} SECRETBROKER_KEY_FILE={certs.catalog.key} ...
+  SECRETBROKER_CERT_FILE={certs.catalog.cert} \\
+  SECRETBROKER_KEY_FILE={certs.catalog.key} \\
+  {sys.executable} -m catalog config
 Press Ctrl-C to stop everything.""",
             flush=True,
         )
