@@ -107,17 +107,19 @@ class Vault:
     def audit_offset(self) -> int:
         return self.audit_log.stat().st_size if self.audit_log.exists() else 0
 
-    def reads_since(self, offset: int, path: str) -> int:
-        """How many KV reads of ``path`` OpenBao's own audit log recorded after ``offset``."""
+    def reads_since(self, offset: int, path: str, *, refused: bool = False) -> int:
+        """How many KV reads of ``path`` OpenBao's own audit log recorded after ``offset``;
+        with ``refused``, only those OpenBao answered with an error (e.g. an expired token)."""
         with self.audit_log.open("rb") as file:
             file.seek(offset)
             entries = [json.loads(line) for line in file if line.strip()]
         return sum(
             1
             for entry in entries
-            if entry.get("type") == "request"
+            if entry.get("type") == ("response" if refused else "request")
             and entry["request"].get("operation") == "read"
             and entry["request"].get("path") == f"{KV_MOUNT}/data/{path}"
+            and (not refused or bool(entry.get("error")))
         )
 
 
@@ -174,6 +176,7 @@ def broker_settings(
     timeout: str = "1s",
     listen: str = "127.0.0.1:0",
     log_level: str = "DEBUG",
+    auth: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The broker's TOML document as a dict: what a user would write."""
     return {
@@ -186,11 +189,14 @@ def broker_settings(
         "vault": {
             "address": vault.address,
             "timeout": timeout,
-            "auth": {
-                "method": "approle",
-                "role_id_file": str(vault.approle.role_id_file),
-                "secret_id_file": str(vault.approle.secret_id_file),
-            },
+            "auth": dict(
+                auth
+                or {
+                    "method": "approle",
+                    "role_id_file": str(vault.approle.role_id_file),
+                    "secret_id_file": str(vault.approle.secret_id_file),
+                }
+            ),
         },
         "cache": dict(cache or {}),
         "secrets": dict(secrets_ if secrets_ is not None else {DATABASE: {}, API: {}}),

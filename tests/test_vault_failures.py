@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import pytest
 
 from tests.conftest import API, DATABASE, BrokerFactory, Pki, Vault, get, status_of
 
@@ -92,3 +93,27 @@ def test_fresh_cache_hits_keep_answering_while_vault_is_hung(
         private_vault.server.resume()
 
     assert not any(answer.stale for answer in answers)
+
+
+def test_sealed_vault_serves_cached_secrets_stale_and_uncached_ones_unavailable(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(
+        private_vault,
+        secrets_={DATABASE: {"ttl": "200ms"}, API: {}},
+        cache={"error_backoff": "100ms"},
+        timeout=VAULT_TIMEOUT,
+    )
+    stub = broker.stub(pki.catalog, pki.ca)
+    fresh = get(stub, DATABASE)
+
+    private_vault.admin.sys.seal()
+    _expire(0.3)
+
+    stale = get(stub, DATABASE, timeout=CLIENT_DEADLINE)
+    assert stale.stale
+    assert stale.data == fresh.data
+    with pytest.raises(grpc.RpcError) as caught:
+        get(stub, API, timeout=CLIENT_DEADLINE)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "sealed" in (caught.value.details() or "")

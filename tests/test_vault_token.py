@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from broker.dev.bootstrap import RoleTTLs
+from broker.dev.pki import write_private
 from tests.conftest import API, BrokerFactory, Pki, Vault, get, start_vault
 
 
@@ -27,6 +28,8 @@ def test_short_lived_token_is_renewed_and_replaced_across_max_ttl_while_requests
         vault.server.stop()
 
     assert not any(answer.stale for answer in answers), "a stale answer means a Vault read failed"
+    assert vault.reads_since(0, API) >= len(answers)
+    assert vault.reads_since(0, API, refused=True) == 0, "the token was replaced only after expiry"
     assert session.renewals >= 2
     assert session.logins >= 3  # the first login, then once per max TTL
 
@@ -40,8 +43,25 @@ def test_revoked_token_is_replaced_by_a_new_login_on_the_next_read(
     session = broker.broker.vault.session
     logins_before = session.logins
 
+    offset = vault.audit_offset()
     vault.admin.auth.token.revoke(session.token())
     answer = get(stub, API)
 
     assert not answer.stale
     assert session.logins == logins_before + 1
+    assert vault.reads_since(offset, API, refused=True) == 1  # the read that found it revoked
+
+
+def test_token_auth_reads_with_a_token_from_a_file(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """The dev-mode login: a token file instead of AppRole (VAULT_TOKEN works the same way)."""
+    token = vault.admin.auth.token.create(
+        policies=["secretbroker"], no_default_policy=True, ttl="1h"
+    )
+    token_file = tmp_path / "vault-token"
+    write_private(token_file, token["auth"]["client_token"].encode())
+    broker = start_broker(vault, auth={"method": "token", "token_file": str(token_file)})
+
+    assert get(broker.stub(pki.catalog, pki.ca), API).name == API
+    assert broker.broker.vault.session.logins == 1
