@@ -27,7 +27,7 @@ from broker.dev.bootstrap import (
     write_policies,
 )
 from broker.dev.openbao import OpenBaoDevServer
-from broker.dev.pki import CertFiles, DevCA
+from broker.dev.pki import CertFiles, DevCA, issue_loopback_server
 from broker.server import Broker
 
 T = TypeVar("T")
@@ -59,14 +59,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     now = dt.datetime.now(dt.UTC)
     return Pki(
         ca=ca.write_ca(directory / "ca.pem"),
-        server=ca.issue_files(
-            directory,
-            "server",
-            "broker",
-            dns_names=("localhost",),
-            ip_addresses=("127.0.0.1",),
-            server=True,
-        ),
+        server=issue_loopback_server(ca, directory),
         catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_ID),
         intruder=ca.issue_files(directory, "intruder", "intruder", uri=INTRUDER_ID),
         cn_only=ca.issue_files(directory, "cn-only", "ops-tool"),

@@ -127,6 +127,19 @@ class DevCA:
         return files
 
 
+def issue_loopback_server(ca: DevCA, directory: Path, uri: str | None = None) -> CertFiles:
+    """The broker's server certificate for loopback: valid for localhost and 127.0.0.1."""
+    return ca.issue_files(
+        directory,
+        "broker",
+        "broker",
+        uri=uri,
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+        server=True,
+    )
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write a file readable by its owner only, created with that mode (never briefly wider)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -25,7 +25,7 @@ from broker.dev.bootstrap import (
     write_policies,
 )
 from broker.dev.openbao import OpenBaoDevServer, die_with_parent, free_port_pair
-from broker.dev.pki import CertFiles, DevCA
+from broker.dev.pki import CertFiles, DevCA, issue_loopback_server
 from broker.logs import configure_logging
 from catalog.config import Config
 from catalog.secrets import BrokerClientConfig, SecretsClient
@@ -48,15 +48,7 @@ def issue_dev_certificates(directory: Path) -> DevCertificates:
     ca = DevCA("secretbroker dev CA")
     return DevCertificates(
         ca=ca.write_ca(directory / "ca.pem"),
-        broker=ca.issue_files(
-            directory,
-            "broker",
-            "broker",
-            uri=BROKER_SPIFFE_ID,
-            dns_names=("localhost",),
-            ip_addresses=("127.0.0.1",),
-            server=True,
-        ),
+        broker=issue_loopback_server(ca, directory, uri=BROKER_SPIFFE_ID),
         catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_SPIFFE_ID),
     )
 
