@@ -1,14 +1,16 @@
 """Assembles the broker from its config and runs it: gRPC over mutual TLS on asyncio.
 
 One event loop serves every RPC; blocking Vault calls run in a small thread pool,
-so thousands of idle streams cost no threads. A background task keeps the Vault
-token fresh.
+so thousands of idle streams cost no threads. A background task (sources/token_keeper.py)
+keeps the Vault token fresh.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -16,17 +18,16 @@ from secretbroker.v1 import broker_pb2_grpc
 
 from broker.cache import SecretCache
 from broker.config import BrokerConfig, ServerConfig
-from broker.errors import BrokerError
 from broker.grpc_service import SecretBrokerService
 from broker.identity import IdentityResolver
 from broker.policy import AccessPolicy
 from broker.reader import SecretReader
+from broker.sources.token_keeper import keep_token_fresh
 from broker.sources.vault import VaultSource
 
 log = logging.getLogger(__name__)
 
 VAULT_IO_THREADS = 8
-LOGIN_RETRY_MAX = 30.0
 
 
 class Broker:
@@ -50,7 +51,9 @@ class Broker:
             self.config.server.listen, server_credentials(self.config.server)
         )
         await self._server.start()
-        self._keeper = asyncio.create_task(self._keep_token_fresh(), name="vault-token-keeper")
+        self._keeper = asyncio.create_task(
+            keep_token_fresh(self.vault.session, self._run_vault_io), name="vault-token-keeper"
+        )
         host = self.config.server.listen.rpartition(":")[0]
         log.info("broker listening on %s:%d (mutual TLS)", host, self.port)
         return self.port
@@ -61,29 +64,15 @@ class Broker:
     async def stop(self, grace: float = 2.0) -> None:
         if self._keeper is not None:
             self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
         await self._server.stop(grace)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Let a Vault call in flight finish (bounded by vault.timeout) so none outlives the broker.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         log.info("broker stopped")
 
-    async def _keep_token_fresh(self) -> None:
-        """Renew or replace the Vault token before expiry; back off and retry while Vault fails."""
-        session = self.vault.session
-        backoff = 1.0
-        while True:
-            delay = session.seconds_until_renewal()
-            if delay is None:
-                log.info("vault token does not expire; no renewal needed")
-                return
-            await asyncio.sleep(delay)
-            try:
-                await asyncio.get_running_loop().run_in_executor(
-                    self._executor, session.renew_or_login
-                )
-                backoff = 1.0
-            except BrokerError as exc:
-                log.warning("vault token refresh failed, retrying in %.0fs: %s", backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, LOGIN_RETRY_MAX)
+    async def _run_vault_io(self, call: Callable[[], None]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:

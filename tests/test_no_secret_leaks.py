@@ -98,10 +98,12 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         assert served[-1].stale
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
+        exit_code = process.wait(timeout=20)
         vault.server.stop()
 
     logs = log_path.read_text()
+    assert exit_code == 0, "SIGTERM stops the broker cleanly"
+    assert "broker stopped" in logs
     assert "logged in to vault" in logs
     assert "serving 'media-catalog/database' stale" in logs
     assert "FORGED LOG LINE" not in logs

@@ -117,3 +117,24 @@ def test_sealed_vault_serves_cached_secrets_stale_and_uncached_ones_unavailable(
         get(stub, API, timeout=CLIENT_DEADLINE)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "sealed" in (caught.value.details() or "")
+
+
+def test_broker_started_while_vault_is_down_serves_once_vault_answers(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """Like Vault Agent, the broker starts without Vault and logs in when it can; nothing is
+    served meanwhile (there is nothing cached to serve)."""
+    private_vault.server.pause()
+    try:
+        broker = start_broker(private_vault, secrets_={API: {}}, timeout=VAULT_TIMEOUT)
+        stub = broker.stub(pki.catalog, pki.ca)
+        assert (
+            status_of(lambda: get(stub, API, timeout=CLIENT_DEADLINE))
+            == grpc.StatusCode.UNAVAILABLE
+        )
+    finally:
+        private_vault.server.resume()
+
+    answer = get(stub, API, timeout=CLIENT_DEADLINE)
+    assert not answer.stale
+    assert broker.broker.vault.session.logins == 1

@@ -1,0 +1,75 @@
+"""The token keeper's schedule, with a fake session and a fake sleep: no real time passes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from broker.errors import SourceUnavailable
+from broker.sources.token_keeper import MIN_REFRESH_INTERVAL, RETRY_MAX, keep_token_fresh
+
+
+class Stop(Exception):
+    pass
+
+
+class FakeSession:
+    def __init__(self, delays: list[float | None], failures: int = 0) -> None:
+        self.delays = delays
+        self.failures = failures
+        self.refreshes = 0
+
+    def seconds_until_renewal(self) -> float | None:
+        return self.delays[min(self.refreshes, len(self.delays) - 1)]
+
+    def renew_or_login(self) -> None:
+        self.refreshes += 1
+        if self.refreshes <= self.failures:
+            raise SourceUnavailable("vault down")
+
+
+def run(session: FakeSession, max_sleeps: int = 8) -> list[float]:
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) >= max_sleeps:
+            raise Stop
+
+    async def run_blocking(call: Callable[[], None]) -> None:
+        call()
+
+    with pytest.raises(Stop):
+        asyncio.run(keep_token_fresh(session, run_blocking, sleep))
+    return sleeps
+
+
+def test_logs_in_at_once_then_renews_on_the_sessions_schedule() -> None:
+    sleeps = run(FakeSession([0.0, 20.0, 20.0]), max_sleeps=4)
+    assert sleeps == [0.0, 20.0, 20.0, 20.0]
+
+
+def test_a_token_that_cannot_be_extended_is_not_refreshed_in_a_tight_loop() -> None:
+    sleeps = run(FakeSession([0.0]))
+    assert sleeps[0] == 0.0
+    assert all(pause >= MIN_REFRESH_INTERVAL for pause in sleeps[1:])
+
+
+def test_failures_back_off_exponentially_up_to_the_cap() -> None:
+    session = FakeSession([0.0], failures=100)
+    sleeps = run(session, max_sleeps=16)
+    backoffs = sleeps[1::2]  # refresh pause, then failure backoff, alternately
+    assert backoffs[:4] == [1.0, 2.0, 4.0, 8.0]
+    assert max(backoffs) == RETRY_MAX
+
+
+def test_a_token_that_never_expires_needs_no_keeper() -> None:
+    async def no_sleep(seconds: float) -> None:
+        raise AssertionError("should not sleep")
+
+    async def run_blocking(call: Callable[[], None]) -> None:
+        call()
+
+    asyncio.run(keep_token_fresh(FakeSession([None]), run_blocking, no_sleep))
