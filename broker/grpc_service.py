@@ -18,6 +18,8 @@ from broker.sources.base import SourceKind
 
 log = logging.getLogger(__name__)
 
+# Failures ops must see; the rest are the caller's mistakes, logged at DEBUG.
+_SERVER_SIDE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
 _SOURCE = {SourceKind.VAULT: broker_pb2.SOURCE_VAULT, SourceKind.ENV: broker_pb2.SOURCE_ENV}
 
 
@@ -38,7 +40,8 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
             cached = await self._reader.read(identity, request.name)
         except BrokerError as exc:
             code = status_for(exc)
-            log.debug("GetSecret by %r failed: %s %s", identity, code.name, exc)
+            level = logging.WARNING if code in _SERVER_SIDE else logging.DEBUG
+            log.log(level, "GetSecret by %r failed: %s %s", identity, code.name, exc)
             await context.abort(code, str(exc))
         return broker_pb2.GetSecretResponse(secret=secret_message(request.name, cached))
 
