@@ -14,13 +14,13 @@ from tests.conftest import API, BrokerFactory, Pki, Vault, get, start_vault
 def test_short_lived_token_is_renewed_and_replaced_across_max_ttl_while_requests_run(
     tmp_path: Path, pki: Pki, start_broker: BrokerFactory
 ) -> None:
-    vault = start_vault(tmp_path / "openbao", RoleTTLs(token_ttl="3s", token_max_ttl="7s"))
+    vault = start_vault(tmp_path / "openbao", RoleTTLs(token_ttl="5s", token_max_ttl="11s"))
     try:
         broker = start_broker(vault, secrets_={API: {"ttl": 0}})  # every request reads Vault
         stub = broker.stub(pki.catalog, pki.ca)
         session = broker.broker.vault.session
         answers = []
-        deadline = time.monotonic() + 16  # more than two max TTLs
+        deadline = time.monotonic() + 24  # more than two max TTLs
         while time.monotonic() < deadline:
             answers.append(get(stub, API))  # raises on any failed request
             time.sleep(0.05)
