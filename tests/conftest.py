@@ -85,6 +85,9 @@ class Vault:
     audit_log: Path
     written: dict[str, dict[str, str]] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # pytest prints fixtures on failure: never the written values
+        return f"Vault({self.address}, paths={sorted(self.written)})"
+
     @property
     def address(self) -> str:
         return self.server.address
