@@ -251,8 +251,11 @@ def start_broker(pki: Pki, tmp_path: Path) -> Iterator[BrokerFactory]:
     """Start brokers against a given Vault; every one is stopped after the test."""
     running: list[RunningBroker] = []
 
-    def start(vault: Vault, **settings: Any) -> RunningBroker:
-        config = parse_config(broker_settings(vault, pki, **settings), tmp_path, environ={})
+    def start(
+        vault: Vault, environ: Mapping[str, str] | None = None, **settings: Any
+    ) -> RunningBroker:
+        document = broker_settings(vault, pki, **settings)
+        config = parse_config(document, tmp_path, environ=environ or {})
         handle = RunningBroker(config)
         running.append(handle)
         return handle

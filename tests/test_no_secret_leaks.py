@@ -65,6 +65,7 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         cache={"max_stale": "2s", "error_backoff": "100ms"},
         listen=f"127.0.0.1:{port}",
     )
+    settings["vault"]["address"] = "http://127.0.0.1:9"  # VAULT_ADDR must win over the file
     config = tmp_path / "broker.toml"
     config.write_text(_toml(settings))
     log_path = tmp_path / "broker.log"
@@ -73,6 +74,7 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
             [sys.executable, "-m", "broker", "serve", "--config", str(config)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "VAULT_ADDR": vault.address},
         )
     try:
         stub = broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, pki.catalog))

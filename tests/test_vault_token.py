@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from broker.dev.bootstrap import RoleTTLs
 from broker.dev.pki import write_private
 from tests.conftest import API, BrokerFactory, Pki, Vault, get, start_vault
@@ -52,16 +54,22 @@ def test_revoked_token_is_replaced_by_a_new_login_on_the_next_read(
     assert vault.reads_since(offset, API, refused=True) == 1  # the read that found it revoked
 
 
-def test_token_auth_reads_with_a_token_from_a_file(
-    vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path
+@pytest.mark.parametrize("where", ["token_file", "VAULT_TOKEN"])
+def test_token_auth_reads_with_a_token_from_a_file_or_the_environment(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path, where: str
 ) -> None:
-    """The dev-mode login: a token file instead of AppRole (VAULT_TOKEN works the same way)."""
-    token = vault.admin.auth.token.create(
+    """The dev-mode login: a token instead of AppRole."""
+    created = vault.admin.auth.token.create(
         policies=["secretbroker"], no_default_policy=True, ttl="1h"
     )
-    token_file = tmp_path / "vault-token"
-    write_private(token_file, token["auth"]["client_token"].encode())
-    broker = start_broker(vault, auth={"method": "token", "token_file": str(token_file)})
+    token = created["auth"]["client_token"]
+    if where == "token_file":
+        write_private(tmp_path / "vault-token", token.encode())
+        broker = start_broker(
+            vault, auth={"method": "token", "token_file": str(tmp_path / "vault-token")}
+        )
+    else:
+        broker = start_broker(vault, auth={"method": "token"}, environ={"VAULT_TOKEN": token})
 
     assert get(broker.stub(pki.catalog, pki.ca), API).name == API
     assert broker.broker.vault.session.logins == 1
