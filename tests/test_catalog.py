@@ -31,13 +31,13 @@ from tests.conftest import (
 )
 
 
-def client_for(pki: Pki, port: int, **kwargs: object) -> SecretsClient:
+def client_for(pki: Pki, port: int, retry: RetryPolicy | None = None) -> SecretsClient:
     config = BrokerClientConfig(
         target=f"127.0.0.1:{port}",
         ca_file=pki.ca,
         cert_file=pki.catalog.cert,
         key_file=pki.catalog.key,
-        **kwargs,  # type: ignore[arg-type]
+        retry=retry or RetryPolicy(),
     )
     return SecretsClient(config)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import hvac
 import hvac.exceptions
 import pytest
@@ -55,9 +57,9 @@ def test_broker_role_reads_its_declared_secrets(as_broker: hvac.Client, path: st
     ],
 )
 def test_broker_role_is_denied_everything_else(
-    vault: Vault, as_broker: hvac.Client, description: str, attempt: object
+    vault: Vault, as_broker: hvac.Client, description: str, attempt: Callable[[hvac.Client], object]
 ) -> None:
     vault.write("billing/keys", key="outside-scope")
     vault.write("media-catalog/admin", key="outside-scope")
     with pytest.raises(hvac.exceptions.Forbidden):
-        attempt(as_broker)  # type: ignore[operator]
+        attempt(as_broker)

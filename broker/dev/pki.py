@@ -7,6 +7,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -14,6 +15,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_VALIDITY = dt.timedelta(days=30)
+
+
+class LeafOptions(TypedDict, total=False):
+    uri: str
+    """A URI SAN, e.g. a SPIFFE ID: the holder's identity at the broker."""
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    server: bool
+    """Server authentication (the broker); client authentication otherwise."""
+    not_before: dt.datetime
+    not_after: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -66,18 +78,14 @@ class DevCA:
     def cert_pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(
-        self,
-        common_name: str,
-        *,
-        uri: str | None = None,
-        dns_names: tuple[str, ...] = (),
-        ip_addresses: tuple[str, ...] = (),
-        server: bool = False,
-        not_before: dt.datetime | None = None,
-        not_after: dt.datetime | None = None,
-    ) -> tuple[bytes, bytes]:
+    def issue(self, common_name: str, **options: Unpack[LeafOptions]) -> tuple[bytes, bytes]:
         """Issue a leaf certificate; returns (certificate PEM, private key PEM)."""
+        uri = options.get("uri")
+        dns_names = options.get("dns_names", ())
+        ip_addresses = options.get("ip_addresses", ())
+        server = options.get("server", False)
+        not_before = options.get("not_before")
+        not_after = options.get("not_after")
         key = _key()
         now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
@@ -116,10 +124,10 @@ class DevCA:
         return path
 
     def issue_files(
-        self, directory: Path, stem: str, common_name: str, **kwargs: object
+        self, directory: Path, stem: str, common_name: str, **options: Unpack[LeafOptions]
     ) -> CertFiles:
         """Issue a certificate and write ``stem.pem`` and ``stem-key.pem`` (mode 0600)."""
-        cert_pem, key_pem = self.issue(common_name, **kwargs)  # type: ignore[arg-type]
+        cert_pem, key_pem = self.issue(common_name, **options)
         directory.mkdir(parents=True, exist_ok=True)
         files = CertFiles(directory / f"{stem}.pem", directory / f"{stem}-key.pem")
         files.cert.write_bytes(cert_pem)
@@ -129,15 +137,14 @@ class DevCA:
 
 def issue_loopback_server(ca: DevCA, directory: Path, uri: str | None = None) -> CertFiles:
     """The broker's server certificate for loopback: valid for localhost and 127.0.0.1."""
-    return ca.issue_files(
-        directory,
-        "broker",
-        "broker",
-        uri=uri,
-        dns_names=("localhost",),
-        ip_addresses=("127.0.0.1",),
-        server=True,
-    )
+    options: LeafOptions = {
+        "dns_names": ("localhost",),
+        "ip_addresses": ("127.0.0.1",),
+        "server": True,
+    }
+    if uri is not None:
+        options["uri"] = uri
+    return ca.issue_files(directory, "broker", "broker", **options)
 
 
 def write_private(path: Path, data: bytes) -> None:
