@@ -6,6 +6,11 @@ pool; every request for the same secret meanwhile awaits that same read. When th
 source is unavailable, the last good value is served flagged stale until
 ``max_stale`` past its TTL; after a failed refresh, further requests get the stale
 value at once for ``error_backoff`` seconds instead of each waiting on a dead Vault.
+
+Entries are keyed by name and version: ``None`` is the current version; a number
+is that version of a rotating secret (immutable, so refreshed only on TTL like
+the rest). ``put`` stores a value the broker itself wrote (rotation) and
+``invalidate`` forgets the current value when Vault is known to hold a newer one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from broker.errors import SourceUnavailable
 from broker.sources.base import SecretSource, SecretValue
 
 log = logging.getLogger(__name__)
+
+
+_Key = tuple[str, int | None]
 
 
 @dataclass(frozen=True)
@@ -50,14 +58,28 @@ class SecretCache:
         self._config = config
         self._executor = executor
         self._clock = clock
-        self._entries: dict[str, _Entry] = {}
-        self._inflight: dict[str, asyncio.Future[SecretValue]] = {}
+        self._entries: dict[_Key, _Entry] = {}
+        self._inflight: dict[_Key, asyncio.Future[SecretValue]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, spec: SecretSpec) -> CachedSecret:
-        entry = self._entries.get(spec.name)
+    def current(self, name: str) -> SecretValue | None:
+        """The cached current value, fresh or not; no source read."""
+        entry = self._entries.get((name, None))
+        return entry.value if entry is not None else None
+
+    def put(self, spec: SecretSpec, value: SecretValue) -> None:
+        self._store((spec.name, None), spec, value)
+
+    def invalidate(self, name: str) -> None:
+        """The next read of the current value goes to the source. Keeps nothing stale: Vault
+        is known to hold a newer version, so the old one must not be served as current."""
+        self._entries.pop((name, None), None)
+
+    async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
+        key = (spec.name, version)
+        entry = self._entries.get(key)
         now = self._clock()
         if entry is not None:
             if now < entry.fresh_until:
@@ -65,9 +87,9 @@ class SecretCache:
             if now < entry.retry_after and now < entry.stale_until:
                 return CachedSecret(entry.value, stale=True)
         try:
-            return CachedSecret(await self._refresh(spec), stale=False)
+            return CachedSecret(await self._refresh(key, spec), stale=False)
         except SourceUnavailable as exc:
-            entry = self._entries.get(spec.name)
+            entry = self._entries.get(key)
             now = self._clock()
             if entry is None or now >= entry.stale_until:
                 raise
@@ -75,29 +97,32 @@ class SecretCache:
             log.warning("serving %r stale: %s", spec.name, exc)
             return CachedSecret(entry.value, stale=True)
 
-    def _refresh(self, spec: SecretSpec) -> asyncio.Future[SecretValue]:
-        """The one in-flight read of ``spec``, started if there is none.
+    def _refresh(self, key: _Key, spec: SecretSpec) -> asyncio.Future[SecretValue]:
+        """The one in-flight read of ``key``, started if there is none.
 
         Shielded: a caller that gives up (deadline, cancellation) does not cancel
         the read the others are waiting for.
         """
-        future = self._inflight.get(spec.name)
+        future = self._inflight.get(key)
         if future is None:
-            future = asyncio.ensure_future(self._load(spec))
-            self._inflight[spec.name] = future
-            future.add_done_callback(lambda done: self._settle(spec.name, done))
+            future = asyncio.ensure_future(self._load(key, spec))
+            self._inflight[key] = future
+            future.add_done_callback(lambda done: self._settle(key, done))
         return asyncio.shield(future)
 
-    def _settle(self, name: str, done: asyncio.Future[SecretValue]) -> None:
-        self._inflight.pop(name, None)
+    def _settle(self, key: _Key, done: asyncio.Future[SecretValue]) -> None:
+        self._inflight.pop(key, None)
         if not done.cancelled():
             done.exception()  # retrieved here so a read nobody awaits any more is not reported
 
-    async def _load(self, spec: SecretSpec) -> SecretValue:
+    async def _load(self, key: _Key, spec: SecretSpec) -> SecretValue:
         loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(self._executor, self._source.read, spec)
+        value = await loop.run_in_executor(self._executor, self._source.read, spec, key[1])
+        self._store(key, spec, value)
+        return value
+
+    def _store(self, key: _Key, spec: SecretSpec, value: SecretValue) -> None:
         now = self._clock()
-        self._entries[spec.name] = _Entry(
+        self._entries[key] = _Entry(
             value, fresh_until=now + spec.ttl, stale_until=now + spec.ttl + self._config.max_stale
         )
-        return value

@@ -1,4 +1,5 @@
-"""Command line: ``python -m broker serve --config broker.toml`` and ``python -m broker dev``."""
+"""Command line: ``python -m broker serve --config broker.toml``, ``python -m broker dev``, and
+the operator commands ``status``, ``rollback`` and ``rotate`` (broker/ops.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from broker.config import BrokerConfig, ConfigError, load_config
 from broker.logs import configure_logging
+from broker.ops import add_ops_commands, run_ops_command
 
 EXIT_CONFIG_ERROR = 2
 
@@ -24,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument(
         "--dir", type=Path, default=Path(".dev-stack"), help="state folder (default: .dev-stack)"
     )
+    add_ops_commands(commands)
     args = parser.parse_args(argv)
 
+    if args.command in ("status", "rollback", "rotate"):
+        return run_ops_command(args)
     if args.command == "dev":
         from broker.dev.stack import run_dev_stack
 
@@ -44,7 +49,7 @@ async def serve(config: BrokerConfig) -> None:
     """Run until SIGINT or SIGTERM, then drain in-flight requests and stop."""
     from broker.server import Broker
 
-    broker = Broker(config)
+    broker = Broker(config, environ=os.environ)
     await broker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

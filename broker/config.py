@@ -1,13 +1,16 @@
 """The broker's configuration: frozen dataclasses, loaded and validated in one place.
 
-Only this module reads the config file and the environment (``VAULT_ADDR``,
-``VAULT_TOKEN``). Every validation error names the offending key, never a value.
+Only this module reads the config file and the broker's settings variables
+(``VAULT_ADDR``, ``VAULT_TOKEN``, ``VAULT_ENABLED_SECRETS``); the secret values a
+rollback serves from the environment are read by ``sources/env.py``. Every
+validation error names the offending key, never a value.
 Relative paths are resolved from the folder of the config file. Every key is
 documented in ``deploy/broker.example.toml``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -97,6 +100,18 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class RotationSpec:
+    """How the broker rotates one key of a secret."""
+
+    key: str
+    """The key whose value is replaced; the secret's other keys are kept."""
+    bytes: int = 32
+    """Random bytes in a new value (URL-safe base64 encoded)."""
+    period: float = 7 * 86400.0
+    """A version older than this is rotated by the scheduler."""
+
+
+@dataclass(frozen=True)
 class SecretSpec:
     """One secret the broker may serve."""
 
@@ -106,6 +121,48 @@ class SecretSpec:
     category: str
     """Rollback category, e.g. "database"."""
     ttl: float
+    keys: tuple[str, ...] = ()
+    """The keys the secret holds; what a rollback reads from environment variables."""
+    rotation: RotationSpec | None = None
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """Who may call SecretBrokerAdmin, and where live rollback overrides persist."""
+
+    identities: frozenset[str] = frozenset()
+    state_file: Path | None = None
+    """JSON file holding the live rollback override; None keeps it in memory only."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Rotation, watch and versions: how changes reach callers."""
+
+    rotation_check_interval: float = 60.0
+    """How often each broker checks whether a rotating secret is due."""
+    watch_poll_interval: float = 10.0
+    """How often the broker asks Vault for new versions of watched secrets."""
+    previous_versions: int = 2
+    """How many versions before the current one GetSecret may read."""
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    file: Path | None = None
+    """JSON Lines file the audit trail is appended to; None: standard output."""
+    fail_closed: bool = False
+    """Refuse to serve when a record cannot be written."""
+
+
+@dataclass(frozen=True)
+class StartupRollback:
+    """VAULT_ENABLED_SECRETS as read at start-up."""
+
+    raw: str | None = None
+    """The variable's text; None when unset."""
+    vault_categories: frozenset[str] | None = None
+    """Categories served from Vault; None (unset) means every category."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +174,14 @@ class BrokerConfig:
     access: Mapping[str, tuple[str, ...]]
     """Identity (SPIFFE ID or certificate CN) -> secret name patterns it may read."""
     log_level: str = "INFO"
+    admin: AdminConfig = AdminConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    audit: AuditConfig = AuditConfig()
+    startup_rollback: StartupRollback = StartupRollback()
+
+    @property
+    def categories(self) -> frozenset[str]:
+        return frozenset(spec.category for spec in self.secrets.values())
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
@@ -129,16 +194,19 @@ class _Table:
 
     def __init__(self, data: Mapping[str, Any], key: str, base_dir: Path) -> None:
         self._data = data
-        self._key = key
+        self.key = key
         self._base_dir = base_dir
         self._used: set[str] = set()
 
     def _full(self, name: str) -> str:
-        return f"{self._key}.{name}" if self._key else name
+        return f"{self.key}.{name}" if self.key else name
 
     def _raw(self, name: str) -> Any:
         self._used.add(name)
         return self._data.get(name)
+
+    def has(self, name: str) -> bool:
+        return self._raw(name) is not None
 
     def table(self, name: str, *, required: bool = True) -> _Table:
         value = self._raw(name)
@@ -160,6 +228,32 @@ class _Table:
             raise ConfigError(self._full(name), "must be a non-empty string")
         return value
 
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(self._full(name), "must be true or false")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ConfigError(self._full(name), f"must be an integer of at least {minimum}")
+        return value
+
+    def strings(self, name: str, *, required: bool = False) -> tuple[str, ...]:
+        value = self._raw(name)
+        if value is None and not required:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(self._full(name), "must be a list of non-empty strings")
+        if len(set(value)) != len(value):
+            raise ConfigError(self._full(name), "lists an entry twice")
+        return tuple(value)
+
     def optional_path(self, name: str) -> Path | None:
         if self._raw(name) is None:
             return None
@@ -170,6 +264,12 @@ class _Table:
         if must_exist and not path.is_file():
             raise ConfigError(self._full(name), f"file not found: {path}")
         return path
+
+    def positive_duration(self, name: str, default: float) -> float:
+        seconds = self.duration(name, default)
+        if seconds <= 0:
+            raise ConfigError(self._full(name), "must be greater than zero")
+        return seconds
 
     def duration(self, name: str, default: float) -> float:
         value = self._raw(name)
@@ -223,8 +323,46 @@ def parse_config(
     if level not in _LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(_LOG_LEVELS)}")
     log_level.reject_unknown()
+    admin = _parse_admin(root.table("admin", required=False))
+    rollout = _parse_rollout(root.table("rollout", required=False))
+    audit = _parse_audit(root.table("audit", required=False))
     root.reject_unknown()
-    return BrokerConfig(server, vault, cache, secrets, access, level)
+    categories = frozenset(spec.category for spec in secrets.values())
+    startup = parse_vault_enabled(environ.get(VAULT_ENABLED_SECRETS), categories)
+    return BrokerConfig(
+        server, vault, cache, secrets, access, level, admin, rollout, audit, startup
+    )
+
+
+VAULT_ENABLED_SECRETS = "VAULT_ENABLED_SECRETS"
+
+
+def parse_vault_enabled(raw: str | None, categories: frozenset[str]) -> StartupRollback:
+    """VAULT_ENABLED_SECRETS, as the ADR writes it: a JSON list of categories served from
+    Vault. Unset: every category; ``[]``: none (all from environment variables)."""
+    if raw is None:
+        return StartupRollback()
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            VAULT_ENABLED_SECRETS, 'must be a JSON list of categories, e.g. ["database", "api"]'
+        )
+    check_categories(VAULT_ENABLED_SECRETS, value, categories)
+    return StartupRollback(raw, frozenset(value))
+
+
+def check_categories(key: str, given: list[str], categories: frozenset[str]) -> None:
+    """A typo in a rollback list would silently move a category to env: reject it instead."""
+    unknown = sorted(set(given) - categories)
+    if unknown:
+        raise ConfigError(
+            key,
+            f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}"
+            f"; declared: {', '.join(sorted(categories))}",
+        )
 
 
 def _parse_server(table: _Table) -> ServerConfig:
@@ -248,9 +386,7 @@ def _parse_vault(table: _Table, environ: Mapping[str, str]) -> VaultConfig:
         key = "VAULT_ADDR" if environ.get("VAULT_ADDR") else "vault.address"
         raise ConfigError(key, "must start with http:// or https://")
     table.string("address", address)  # marks the key as known even when VAULT_ADDR wins
-    timeout = table.duration("timeout", 2.0)
-    if timeout <= 0:
-        raise ConfigError("vault.timeout", "must be greater than zero")
+    timeout = table.positive_duration("timeout", 2.0)
     config = VaultConfig(
         address=address,
         auth=_parse_auth(table.table("auth"), environ),
@@ -303,16 +439,70 @@ def _parse_secrets(table: _Table, default_ttl: float) -> Mapping[str, SecretSpec
             raise ConfigError(key, str(exc)) from None
         entry = table.table(name)
         path = entry.string("path", name).strip("/")
+        keys = entry.strings("keys", required=True)
+        if not keys:
+            raise ConfigError(f"{key}.keys", "must list at least one key")
         specs[name] = SecretSpec(
             name=name,
             path=path,
             category=entry.string("category", path.rsplit("/", 1)[-1]),
             ttl=entry.duration("ttl", default_ttl),
+            keys=keys,
+            rotation=_parse_rotation(entry, keys),
         )
         entry.reject_unknown()
     if not specs:
         raise ConfigError("secrets", "declares no secret")
     return specs
+
+
+def _parse_rotation(entry: _Table, keys: tuple[str, ...]) -> RotationSpec | None:
+    if not entry.has("rotation"):
+        return None
+    table = entry.table("rotation")
+    rotation = RotationSpec(
+        key=table.string("key"),
+        bytes=table.integer("bytes", RotationSpec.bytes, minimum=16),
+        period=table.positive_duration("period", RotationSpec.period),
+    )
+    if rotation.key not in keys:
+        raise ConfigError(f"{table.key}.key", "must be one of the secret's keys")
+    table.reject_unknown()
+    return rotation
+
+
+def _parse_audit(table: _Table) -> AuditConfig:
+    to_stdout = table.string("file", "-") == "-"
+    fail_closed = table.boolean("fail_closed", AuditConfig.fail_closed)
+    config = AuditConfig(
+        file=None if to_stdout else table.path("file", must_exist=False),
+        fail_closed=fail_closed,
+    )
+    table.reject_unknown()
+    return config
+
+
+def _parse_admin(table: _Table) -> AdminConfig:
+    config = AdminConfig(
+        identities=frozenset(table.strings("identities")),
+        state_file=table.path("state_file", must_exist=False) if table.has("state_file") else None,
+    )
+    table.reject_unknown()
+    return config
+
+
+def _parse_rollout(table: _Table) -> RolloutConfig:
+    config = RolloutConfig(
+        rotation_check_interval=table.positive_duration(
+            "rotation_check_interval", RolloutConfig.rotation_check_interval
+        ),
+        watch_poll_interval=table.positive_duration(
+            "watch_poll_interval", RolloutConfig.watch_poll_interval
+        ),
+        previous_versions=table.integer("previous_versions", RolloutConfig.previous_versions),
+    )
+    table.reject_unknown()
+    return config
 
 
 def _parse_access(table: _Table) -> Mapping[str, tuple[str, ...]]:

@@ -9,12 +9,16 @@ Messages name what is wrong and never carry a secret value, a token or the
 caller's raw input::
 
     BrokerError
-    ├── InvalidSecretName       the requested name is malformed
+    ├── InvalidRequest          a request argument is malformed (a category, a version)
+    │   └── InvalidSecretName   the requested name is malformed
     ├── AccessDenied            the caller may not read the name
     ├── SecretNotDeclared       the broker's config does not declare the name
     ├── SecretMissingInSource   declared, but the source has no value at its path
     ├── SourceUnavailable       the source cannot be reached, is sealed or too slow
-    └── SourceDenied            the source refused the broker itself (its Vault policy)
+    ├── SourceDenied            the source refused the broker itself (its Vault policy)
+    ├── VersionOutOfRange       the requested version is not among those kept readable
+    ├── NotApplicable           the operation does not apply to the secret as it is served
+    └── WriteConflict           another writer changed the secret first (check-and-set)
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ class BrokerError(Exception):
     """Base of every error the broker reports."""
 
 
-class InvalidSecretName(BrokerError):
+class InvalidRequest(BrokerError):
+    """A request argument is malformed."""
+
+
+class InvalidSecretName(InvalidRequest):
     """The requested name is malformed."""
 
 
@@ -46,3 +54,15 @@ class SourceUnavailable(BrokerError):
 
 class SourceDenied(BrokerError):
     """The source refused the broker's own credentials for this read."""
+
+
+class VersionOutOfRange(BrokerError):
+    """The requested version is not among the versions kept readable."""
+
+
+class NotApplicable(BrokerError):
+    """The operation does not apply: e.g. rotating or versioning a secret served from env."""
+
+
+class WriteConflict(BrokerError):
+    """Check-and-set failed: another writer wrote a new version first."""

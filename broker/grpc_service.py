@@ -1,20 +1,24 @@
-"""The gRPC surface: requests in, broker errors out as status codes (via grpc_status)."""
+"""The gRPC surface of SecretBroker: requests in, broker errors out as status codes (via
+grpc_status), one audit record per decision."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
+from broker.audit import AuditTrail
 from broker.cache import CachedSecret
 from broker.errors import BrokerError
 from broker.grpc_status import status_for
 from broker.identity import IdentityResolver
 from broker.reader import SecretReader
 from broker.sources.base import SourceKind
+from broker.watch import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -22,49 +26,95 @@ log = logging.getLogger(__name__)
 _SERVER_SIDE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
 _SOURCE = {SourceKind.VAULT: broker_pb2.SOURCE_VAULT, SourceKind.ENV: broker_pb2.SOURCE_ENV}
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def abort(context: Context, rpc: str, identity: str | None, error: BrokerError) -> NoReturn:
+    """End the call with the status code the one table gives ``error``."""
+    code = status_for(error)
+    level = logging.WARNING if code in _SERVER_SIDE else logging.DEBUG
+    log.log(level, "%s by %r failed: %s %s", rpc, identity, code.name, error)
+    await context.abort(code, str(error))
+
 
 class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
-    def __init__(self, reader: SecretReader, identities: IdentityResolver) -> None:
+    def __init__(
+        self,
+        reader: SecretReader,
+        watcher: Watcher,
+        identities: IdentityResolver,
+        audit: AuditTrail,
+    ) -> None:
         self._reader = reader
+        self._watcher = watcher
         self._identities = identities
+        self._audit = audit
 
     async def GetSecret(
-        self,
-        request: broker_pb2.GetSecretRequest,
-        context: grpc.aio.ServicerContext[
-            broker_pb2.GetSecretRequest, broker_pb2.GetSecretResponse
-        ],
+        self, request: broker_pb2.GetSecretRequest, context: Context
     ) -> broker_pb2.GetSecretResponse:
         identity = self._identities.identity(context.auth_context())
+        version = request.version if request.HasField("version") else None
         try:
-            cached = await self._reader.read(identity, request.name)
+            cached = await self._reader.read(identity, request.name, version)
         except BrokerError as exc:
-            code = status_for(exc)
-            level = logging.WARNING if code in _SERVER_SIDE else logging.DEBUG
-            log.log(level, "GetSecret by %r failed: %s %s", identity, code.name, exc)
-            await context.abort(code, str(exc))
+            self._audit_denial("GetSecret", identity, request.name, version, exc)
+            await abort(context, "GetSecret", identity, exc)
+        self._audit_allow("GetSecret", identity, request.name, cached)
         return broker_pb2.GetSecretResponse(secret=secret_message(request.name, cached))
 
     async def WatchSecrets(
-        self,
-        request: broker_pb2.WatchSecretsRequest,
-        context: grpc.aio.ServicerContext[
-            broker_pb2.WatchSecretsRequest, broker_pb2.WatchSecretsResponse
-        ],
+        self, request: broker_pb2.WatchSecretsRequest, context: Context
     ) -> AsyncIterator[broker_pb2.WatchSecretsResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchSecrets is not implemented yet")
-        yield broker_pb2.WatchSecretsResponse()  # pragma: no cover - makes this an async generator
+        identity = self._identities.identity(context.auth_context())
+        try:
+            async for name, cached in self._watcher.watch(identity, request.names):
+                self._audit_allow("WatchSecrets", identity, name, cached)
+                yield broker_pb2.WatchSecretsResponse(secret=secret_message(name, cached))
+        except BrokerError as exc:
+            self._audit_denial("WatchSecrets", identity, ",".join(request.names), None, exc)
+            await abort(context, "WatchSecrets", identity, exc)
+
+    def _audit_allow(self, rpc: str, identity: str | None, name: str, cached: CachedSecret) -> None:
+        self._audit.record(
+            "access",
+            rpc=rpc,
+            identity=identity,
+            secret=name,
+            decision="allow",
+            version=cached.value.version,
+            source=cached.value.source.value,
+            stale=cached.stale,
+        )
+
+    def _audit_denial(
+        self, rpc: str, identity: str | None, name: str, version: int | None, exc: BrokerError
+    ) -> None:
+        self._audit.record(
+            "access",
+            rpc=rpc,
+            identity=identity,
+            secret=name,
+            decision="deny",
+            version=version,
+            reason=f"{status_for(exc).name}: {exc}",
+        )
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
 
 
 def secret_message(name: str, cached: CachedSecret) -> broker_pb2.Secret:
     value = cached.value
-    fetched_at = Timestamp()
-    fetched_at.FromNanoseconds(int(value.fetched_at * 1e9))
     return broker_pb2.Secret(
         name=name,
         data=value.data,
         version=value.version,
         source=_SOURCE[value.source],
         stale=cached.stale,
-        fetched_at=fetched_at,
+        fetched_at=timestamp(value.fetched_at),
+        created_at=timestamp(value.created_at) if value.created_at is not None else None,
     )

@@ -9,21 +9,27 @@ import grpc
 from broker.errors import (
     AccessDenied,
     BrokerError,
-    InvalidSecretName,
+    InvalidRequest,
+    NotApplicable,
     SecretMissingInSource,
     SecretNotDeclared,
     SourceDenied,
     SourceUnavailable,
+    VersionOutOfRange,
+    WriteConflict,
 )
 
 STATUS_BY_ERROR: Mapping[type[BrokerError], grpc.StatusCode] = {
-    InvalidSecretName: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
     SecretNotDeclared: grpc.StatusCode.NOT_FOUND,
     SecretMissingInSource: grpc.StatusCode.NOT_FOUND,
     SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
     # The broker's own Vault policy or credentials are wrong: no caller can fix that.
     SourceDenied: grpc.StatusCode.INTERNAL,
+    VersionOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    NotApplicable: grpc.StatusCode.FAILED_PRECONDITION,
+    WriteConflict: grpc.StatusCode.ABORTED,
 }
 
 

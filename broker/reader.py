@@ -10,24 +10,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from broker.cache import CachedSecret, SecretCache
+from broker.cache import CachedSecret
 from broker.config import SecretSpec
 from broker.errors import AccessDenied, SecretNotDeclared
 from broker.names import validate_secret_name
 from broker.policy import AccessPolicy
+from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
 
 
 class SecretReader:
     def __init__(
-        self, secrets: Mapping[str, SecretSpec], policy: AccessPolicy, cache: SecretCache
+        self, secrets: Mapping[str, SecretSpec], policy: AccessPolicy, values: SecretValues
     ) -> None:
         self._secrets = secrets
         self._policy = policy
-        self._cache = cache
+        self._values = values
 
-    async def read(self, identity: str | None, name: str) -> CachedSecret:
+    def authorize(self, identity: str | None, name: str) -> SecretSpec:
+        """The declared secret ``name``, if ``identity`` may read it; raises otherwise."""
         validate_secret_name(name)
         if identity is None or not self._policy.allows(identity, name):
             log.info("denied %r to %r", name, identity)
@@ -35,4 +37,9 @@ class SecretReader:
         spec = self._secrets.get(name)
         if spec is None:
             raise SecretNotDeclared("secret is not declared by this broker")
-        return await self._cache.get(spec)
+        return spec
+
+    async def read(
+        self, identity: str | None, name: str, version: int | None = None
+    ) -> CachedSecret:
+        return await self._values.get(self.authorize(identity, name), version)

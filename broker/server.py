@@ -1,8 +1,9 @@
 """Assembles the broker from its config and runs it: gRPC over mutual TLS on asyncio.
 
-One event loop serves every RPC; blocking Vault calls run in a small thread pool,
-so thousands of idle streams cost no threads. A background task (sources/token_keeper.py)
-keeps the Vault token fresh.
+One event loop serves every RPC and every watch stream; blocking Vault calls run
+in a small thread pool, so thousands of idle streams cost no threads. Background
+tasks keep the Vault token fresh (sources/token_keeper.py), rotate secrets when
+due (rotation.py) and notice new versions of watched secrets (watch.py).
 """
 
 from __future__ import annotations
@@ -10,40 +11,93 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 from secretbroker.v1 import broker_pb2_grpc
 
+from broker.audit import AuditTrail
 from broker.cache import SecretCache
+from broker.changes import ChangeFeed
 from broker.config import BrokerConfig, ServerConfig
+from broker.grpc_admin import SecretBrokerAdminService
 from broker.grpc_service import SecretBrokerService
 from broker.identity import IdentityResolver
 from broker.policy import AccessPolicy
 from broker.reader import SecretReader
+from broker.rollback import RollbackState
+from broker.rotation import Rotator
+from broker.sources.env import EnvSource
 from broker.sources.token_keeper import keep_token_fresh
 from broker.sources.vault import VaultSource
+from broker.values import SecretValues
+from broker.watch import Watcher, poll_watched_versions
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 VAULT_IO_THREADS = 8
 
 
 class Broker:
-    """A running broker. ``await start()``, then ``await stop()``."""
+    """A running broker. ``await start()``, then ``await stop()``.
 
-    def __init__(self, config: BrokerConfig, vault: VaultSource | None = None) -> None:
+    ``environ`` is where rolled-back secrets are read from: the process environment
+    unless a test passes its own.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        vault: VaultSource | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.vault = vault or VaultSource(config.vault)
         self._executor = ThreadPoolExecutor(VAULT_IO_THREADS, thread_name_prefix="vault-io")
+        self.feed = ChangeFeed()
+        self.audit = AuditTrail(config.audit.file, fail_closed=config.audit.fail_closed)
         self.cache = SecretCache(self.vault, config.cache, self._executor)
-        reader = SecretReader(config.secrets, AccessPolicy(config.access), self.cache)
+        self.rollback = RollbackState(
+            config.categories,
+            config.startup_rollback,
+            config.admin.state_file,
+            on_flip=self._flipped,
+        )
+        self.values = SecretValues(
+            self.cache,
+            EnvSource(os.environ if environ is None else environ),
+            self.rollback,
+            config.rollout.previous_versions,
+        )
+        reader = SecretReader(config.secrets, AccessPolicy(config.access), self.values)
+        self.rotator = Rotator(
+            config.secrets, self.vault, self.values, self.feed, self.run_vault_io
+        )
+        identities = IdentityResolver()
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         broker_pb2_grpc.add_SecretBrokerServicer_to_server(
-            SecretBrokerService(reader, IdentityResolver()), self._server
+            SecretBrokerService(
+                reader, Watcher(reader, self.values, self.feed), identities, self.audit
+            ),
+            self._server,
         )
-        self._keeper: asyncio.Task[None] | None = None
+        broker_pb2_grpc.add_SecretBrokerAdminServicer_to_server(
+            SecretBrokerAdminService(
+                config.admin.identities,
+                config.secrets,
+                self.rollback,
+                self.rotator,
+                identities,
+                self.audit,
+            ),
+            self._server,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
 
     async def start(self) -> int:
@@ -51,8 +105,23 @@ class Broker:
             self.config.server.listen, server_credentials(self.config.server)
         )
         await self._server.start()
-        self._keeper = asyncio.create_task(
-            keep_token_fresh(self.vault.session, self._run_vault_io), name="vault-token-keeper"
+        rollout = self.config.rollout
+        self._background(
+            "vault-token-keeper", keep_token_fresh(self.vault.session, self.run_vault_io)
+        )
+        self._background(
+            "rotation-schedule", self.rotator.run_schedule(rollout.rotation_check_interval)
+        )
+        self._background(
+            "watch-version-poller",
+            poll_watched_versions(
+                self.config.secrets,
+                self.values,
+                self.vault,
+                self.feed,
+                self.run_vault_io,
+                rollout.watch_poll_interval,
+            ),
         )
         host = self.config.server.listen.rpartition(":")[0]
         log.info("broker listening on %s:%d (mutual TLS)", host, self.port)
@@ -62,17 +131,27 @@ class Broker:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 2.0) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+                await task
         await self._server.stop(grace)
         # Let a Vault call in flight finish (bounded by vault.timeout) so none outlives the broker.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        self.audit.close()
         log.info("broker stopped")
 
-    async def _run_vault_io(self, call: Callable[[], None]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, call)
+    async def run_vault_io(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _background(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    def _flipped(self, categories: frozenset[str]) -> None:
+        names = [s.name for s in self.config.secrets.values() if s.category in categories]
+        self.audit.record("rollback", categories=sorted(categories), secrets=names)
+        self.feed.publish(names)
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:

@@ -34,10 +34,13 @@ T = TypeVar("T")
 
 CATALOG_ID = "spiffe://media.local/catalog"
 INTRUDER_ID = "spiffe://media.local/intruder"
+OPS_ID = "spiffe://media.local/ops"
 KV_MOUNT = "secret"
 DATABASE = "media-catalog/database"
 API = "media-catalog/api"
 EXTERNAL = "media-catalog/external"
+SECRET_KEYS = ("value", "other")
+"""The keys every test secret holds; a test's secret settings may declare others."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Pki:
     ca: Path
     server: CertFiles
     catalog: CertFiles
+    ops: CertFiles
     intruder: CertFiles
     cn_only: CertFiles
     foreign: CertFiles
@@ -61,6 +65,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         ca=ca.write_ca(directory / "ca.pem"),
         server=issue_loopback_server(ca, directory),
         catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_ID),
+        ops=ca.issue_files(directory, "ops", "ops", uri=OPS_ID),
         intruder=ca.issue_files(directory, "intruder", "intruder", uri=INTRUDER_ID),
         cn_only=ca.issue_files(directory, "cn-only", "ops-tool"),
         foreign=other_ca.issue_files(directory, "foreign", "catalog", uri=CATALOG_ID),
@@ -173,9 +178,15 @@ def broker_settings(
     listen: str = "127.0.0.1:0",
     log_level: str = "DEBUG",
     auth: Mapping[str, str] | None = None,
+    admin: Mapping[str, Any] | None = None,
+    rollout: Mapping[str, Any] | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The broker's TOML document as a dict: what a user would write."""
+    """The broker's TOML document as a dict: what a user would write. Admin is OPS_ID."""
     return {
+        "admin": dict(admin if admin is not None else {"identities": [OPS_ID]}),
+        "rollout": dict(rollout or {}),
+        "audit": dict(audit or {}),
         "server": {
             "listen": listen,
             "cert_file": str(pki.server.cert),
@@ -195,7 +206,12 @@ def broker_settings(
             ),
         },
         "cache": dict(cache or {}),
-        "secrets": dict(secrets_ if secrets_ is not None else {DATABASE: {}, API: {}}),
+        "secrets": {
+            name: {"keys": list(SECRET_KEYS), **spec}
+            for name, spec in (
+                secrets_ if secrets_ is not None else {DATABASE: {}, API: {}}
+            ).items()
+        },
         "access": dict(access if access is not None else {CATALOG_ID: ["media-catalog/*"]}),
         "log": {"level": log_level},
     }
@@ -204,19 +220,20 @@ def broker_settings(
 class RunningBroker:
     """A real Broker serving on its own event loop in a background thread."""
 
-    def __init__(self, config: BrokerConfig) -> None:
+    def __init__(self, config: BrokerConfig, environ: Mapping[str, str]) -> None:
+        self.config = config
+        self._environ = environ
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="broker-loop", daemon=True
         )
         self._thread.start()
-        self.broker: Broker = self.run(self._create(config))
+        self.broker: Broker = self.run(self._create())
         self.port = self.run(self.broker.start())
         self._stopped = False
 
-    @staticmethod
-    async def _create(config: BrokerConfig) -> Broker:
-        return Broker(config)
+    async def _create(self) -> Broker:
+        return Broker(self.config, environ=self._environ)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -232,6 +249,9 @@ class RunningBroker:
 
     def stub(self, client: CertFiles | None, ca: Path) -> broker_pb2_grpc.SecretBrokerStub:
         return broker_pb2_grpc.SecretBrokerStub(secure_channel(self.port, ca, client))
+
+    def admin(self, client: CertFiles, ca: Path) -> broker_pb2_grpc.SecretBrokerAdminStub:
+        return broker_pb2_grpc.SecretBrokerAdminStub(secure_channel(self.port, ca, client))
 
 
 def secure_channel(port: int, ca: Path, client: CertFiles | None) -> grpc.Channel:
@@ -254,9 +274,10 @@ def start_broker(pki: Pki, tmp_path: Path) -> Iterator[BrokerFactory]:
     def start(
         vault: Vault, environ: Mapping[str, str] | None = None, **settings: Any
     ) -> RunningBroker:
+        environ = environ or {}
         document = broker_settings(vault, pki, **settings)
-        config = parse_config(document, tmp_path, environ=environ or {})
-        handle = RunningBroker(config)
+        config = parse_config(document, tmp_path, environ=environ)
+        handle = RunningBroker(config, environ)
         running.append(handle)
         return handle
 
@@ -266,9 +287,13 @@ def start_broker(pki: Pki, tmp_path: Path) -> Iterator[BrokerFactory]:
 
 
 def get(
-    stub: broker_pb2_grpc.SecretBrokerStub, name: str, timeout: float = 10
+    stub: broker_pb2_grpc.SecretBrokerStub,
+    name: str,
+    timeout: float = 10,
+    version: int | None = None,
 ) -> broker_pb2.Secret:
-    return stub.GetSecret(broker_pb2.GetSecretRequest(name=name), timeout=timeout).secret
+    request = broker_pb2.GetSecretRequest(name=name, version=version)
+    return stub.GetSecret(request, timeout=timeout).secret
 
 
 def status_of(call: Callable[[], object]) -> grpc.StatusCode:

@@ -20,7 +20,7 @@ class FakeSource:
         self.reads = 0
         self.failure: Exception | None = None
 
-    def read(self, spec: SecretSpec) -> SecretValue:
+    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
         self.reads += 1
         if self.failure is not None:
             raise self.failure

@@ -91,7 +91,7 @@ def test_client_retries_unavailable_until_the_broker_comes_up(
         broker_settings(vault, pki, listen=f"127.0.0.1:{port}"), tmp_path, environ={}
     )
     started: list[RunningBroker] = []
-    late = threading.Timer(1.0, lambda: started.append(RunningBroker(config)))
+    late = threading.Timer(1.0, lambda: started.append(RunningBroker(config, {})))
     late.start()
     try:
         with client_for(

@@ -32,8 +32,8 @@ def settings() -> dict[str, Any]:
             "auth": {"method": "approle", "role_id_file": "role_id", "secret_id_file": "secret_id"},
         },
         "secrets": {
-            "media-catalog/database": {},
-            "media-catalog/api": {"ttl": "1m", "path": "mc/jwt"},
+            "media-catalog/database": {"keys": ["url"]},
+            "media-catalog/api": {"ttl": "1m", "path": "mc/jwt", "keys": ["jwt_secret"]},
         },
         "access": {"spiffe://media.local/catalog": ["media-catalog/*"]},
     }
@@ -98,7 +98,36 @@ _DELETE = object()
         ("vault.auth.secret_id_file", "nope", "vault.auth.secret_id_file"),
         ("secrets", {}, "secrets"),
         ("secrets./abs", {}, "secrets./abs"),
-        ("secrets.media-catalog/database", {"ttl": -1}, "secrets.media-catalog/database.ttl"),
+        (
+            "secrets.media-catalog/database",
+            {"keys": ["url"], "ttl": -1},
+            "secrets.media-catalog/database.ttl",
+        ),
+        ("secrets.media-catalog/database", {}, "secrets.media-catalog/database.keys"),
+        (
+            "secrets.media-catalog/database",
+            {"keys": []},
+            "secrets.media-catalog/database.keys",
+        ),
+        (
+            "secrets.media-catalog/database",
+            {"keys": ["url"], "rotation": {"key": "password"}},
+            "secrets.media-catalog/database.rotation.key",
+        ),
+        (
+            "secrets.media-catalog/database",
+            {"keys": ["url"], "rotation": {"key": "url", "bytes": 4}},
+            "secrets.media-catalog/database.rotation.bytes",
+        ),
+        (
+            "secrets.media-catalog/database",
+            {"keys": ["url"], "rotation": {"key": "url", "period": 0}},
+            "secrets.media-catalog/database.rotation.period",
+        ),
+        ("admin", {"identities": "ops"}, "admin.identities"),
+        ("rollout", {"watch_poll_interval": 0}, "rollout.watch_poll_interval"),
+        ("rollout", {"previous_versions": -1}, "rollout.previous_versions"),
+        ("audit", {"fail_closed": "yes"}, "audit.fail_closed"),
         ("access.spiffe://x", "media-catalog/*", "access.spiffe://x"),
         ("cache", {"max_stal": 5}, "cache.max_stal"),
         ("log", {"level": "LOUD"}, "log.level"),
@@ -116,6 +145,42 @@ def test_invalid_config_names_the_key(files: Path, key: str, value: Any, expecte
         parse_config(data, files, environ={})
 
     assert caught.value.key == expected_key
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, None),
+        ("[]", frozenset()),
+        ('["database"]', frozenset({"database"})),
+        ('["database", "jwt"]', frozenset({"database", "jwt"})),
+    ],
+)
+def test_vault_enabled_secrets_forms(
+    files: Path, raw: str | None, expected: frozenset[str] | None
+) -> None:
+    environ = {} if raw is None else {"VAULT_ENABLED_SECRETS": raw}
+    config = parse_config(settings(), files, environ=environ)
+    assert config.startup_rollback.vault_categories == expected
+    assert config.startup_rollback.raw == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("database", "must be a JSON list"),
+        ('{"database": true}', "must be a JSON list"),
+        ("[1]", "must be a JSON list"),
+        ('["databse"]', "unknown category 'databse'; declared: database, jwt"),
+    ],
+)
+def test_malformed_vault_enabled_secrets_stops_start_up(
+    files: Path, raw: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(settings(), files, environ={"VAULT_ENABLED_SECRETS": raw})
+    assert caught.value.key == "VAULT_ENABLED_SECRETS"
+    assert problem in caught.value.problem
 
 
 def test_token_auth_without_token_names_the_key(files: Path) -> None:

@@ -29,6 +29,24 @@ def test_broker_role_reads_its_declared_secrets(as_broker: hvac.Client, path: st
     assert response["data"]["data"]
 
 
+@pytest.mark.parametrize("path", [DATABASE, API, EXTERNAL])
+def test_broker_role_reads_version_metadata(as_broker: hvac.Client, path: str) -> None:
+    response = as_broker.secrets.kv.v2.read_secret_metadata(path=path, mount_point=KV_MOUNT)
+    assert response["data"]["current_version"] >= 1
+
+
+def test_broker_role_writes_new_versions_of_the_rotating_secret_only_with_cas(
+    vault: Vault, as_broker: hvac.Client
+) -> None:
+    current = as_broker.secrets.kv.v2.read_secret_metadata(path=API, mount_point=KV_MOUNT)
+    version = current["data"]["current_version"]
+    kept = vault.written[API]
+    written = as_broker.secrets.kv.v2.create_or_update_secret(
+        path=API, secret=dict(kept), cas=version, mount_point=KV_MOUNT
+    )
+    assert written["data"]["version"] == version + 1
+
+
 @pytest.mark.parametrize(
     ("description", "attempt"),
     [
@@ -45,9 +63,21 @@ def test_broker_role_reads_its_declared_secrets(as_broker: hvac.Client, path: st
             ),
         ),
         (
-            "write its own secret",
+            "write a secret that is not rotating",
             lambda c: c.secrets.kv.v2.create_or_update_secret(
-                path=API, secret={"jwt_secret": "x"}, mount_point=KV_MOUNT
+                path=DATABASE, secret={"url": "x"}, mount_point=KV_MOUNT
+            ),
+        ),
+        (
+            "delete the rotating secret's versions",
+            lambda c: c.secrets.kv.v2.delete_latest_version_of_secret(
+                path=API, mount_point=KV_MOUNT
+            ),
+        ),
+        (
+            "read metadata outside its paths",
+            lambda c: c.secrets.kv.v2.read_secret_metadata(
+                path="media-catalog/admin", mount_point=KV_MOUNT
             ),
         ),
         ("list secrets", lambda c: c.secrets.kv.v2.list_secrets(path="", mount_point=KV_MOUNT)),

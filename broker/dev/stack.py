@@ -35,6 +35,7 @@ log = logging.getLogger("broker.dev")
 KV_MOUNT = "secret"
 BROKER_SPIFFE_ID = "spiffe://media.local/broker"
 CATALOG_SPIFFE_ID = "spiffe://media.local/catalog"
+OPS_SPIFFE_ID = "spiffe://media.local/ops"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class DevCertificates:
     ca: Path
     broker: CertFiles
     catalog: CertFiles
+    ops: CertFiles
 
 
 def issue_dev_certificates(directory: Path) -> DevCertificates:
@@ -50,10 +52,13 @@ def issue_dev_certificates(directory: Path) -> DevCertificates:
         ca=ca.write_ca(directory / "ca.pem"),
         broker=issue_loopback_server(ca, directory, uri=BROKER_SPIFFE_ID),
         catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_SPIFFE_ID),
+        ops=ca.issue_files(directory, "ops", "ops", uri=OPS_SPIFFE_ID),
     )
 
 
-def broker_toml(listen: str, vault_addr: str, certs: DevCertificates, role_dir: Path) -> str:
+def broker_toml(
+    listen: str, vault_addr: str, certs: DevCertificates, role_dir: Path, state_dir: Path
+) -> str:
     return f"""\
 # Written by `python -m broker dev`; see deploy/broker.example.toml for every key.
 [server]
@@ -76,10 +81,24 @@ secret_id_file = "{role_dir / "secret_id"}"
 default_ttl = "5m"
 max_stale = "1h"
 
+[audit]
+file = "{state_dir / "audit.jsonl"}"
+
+[admin]
+identities = ["{OPS_SPIFFE_ID}"]
+state_file = "{state_dir / "rollback-override.json"}"
+
+[rollout]
+watch_poll_interval = "2s"
+
 [secrets."media-catalog/database"]
+keys = ["url", "password"]
 [secrets."media-catalog/api"]
+keys = ["jwt_secret", "session_secret"]
 ttl = "1m"
+rotation = {{ key = "jwt_secret", period = "7d" }}
 [secrets."media-catalog/external"]
+keys = ["tmdb_api_key"]
 
 [access]
 "{CATALOG_SPIFFE_ID}" = ["media-catalog/*"]
@@ -115,7 +134,9 @@ def run_dev_stack(state_dir: Path) -> int:
         certs = issue_dev_certificates(state_dir / "certs")
         listen = f"127.0.0.1:{free_port_pair()}"
         config_path = state_dir / "broker.toml"
-        config_path.write_text(broker_toml(listen, bao.address, certs, role.role_id_file.parent))
+        config_path.write_text(
+            broker_toml(listen, bao.address, certs, role.role_id_file.parent, state_dir)
+        )
         broker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "broker", "serve", "--config", str(config_path)],
             stdin=subprocess.DEVNULL,

@@ -24,6 +24,8 @@ class SecretValue:
     source: SourceKind
     fetched_at: float
     """Wall-clock time (seconds since the epoch) of the read."""
+    created_at: float | None = None
+    """Wall-clock time this version was written to Vault; None for env."""
 
     def __repr__(self) -> str:  # the values must not reach a log line by accident
         keys = sorted(self.data)
@@ -31,6 +33,6 @@ class SecretValue:
 
 
 class SecretSource(Protocol):
-    def read(self, spec: SecretSpec) -> SecretValue:
-        """Read the current value; blocking. Raises only broker errors."""
+    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+        """Read the current value, or the given version; blocking. Raises only broker errors."""
         ...

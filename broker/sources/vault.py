@@ -1,15 +1,29 @@
-"""Secrets from Vault's KV v2 engine, read with the broker's own token."""
+"""Secrets in Vault's KV v2 engine, read and rotated with the broker's own token."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from broker.config import SecretSpec, VaultConfig
 from broker.errors import SourceDenied
 from broker.sources.base import SecretValue, SourceKind
 from broker.sources.vault_errors import translate_vault_errors
 from broker.sources.vault_session import VaultSession
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """KV v2 metadata of a secret's current version."""
+
+    version: int
+    created_at: float
 
 
 class VaultSource:
@@ -19,27 +33,89 @@ class VaultSource:
         self._config = config
         self.session = session or VaultSession(config)
 
-    def read(self, spec: SecretSpec) -> SecretValue:
+    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+        return self._with_token(lambda: self._read(spec, version))
+
+    def current_version(self, spec: SecretSpec) -> VersionInfo:
+        """The current version and when it was written, from metadata: no secret value."""
+        return self._with_token(lambda: self._current_version(spec))
+
+    def write_version(
+        self, spec: SecretSpec, data: Mapping[str, str], expected_version: int
+    ) -> SecretValue:
+        """Write ``data`` as the next version, only if ``expected_version`` is still current
+        (check-and-set); raises WriteConflict otherwise."""
+        return self._with_token(lambda: self._write(spec, data, expected_version))
+
+    def _with_token(self, call: Callable[[], T]) -> T:
         token = self.session.token()
         try:
-            return self._read(spec)
+            return call()
         except SourceDenied:
             # A revoked or expired token looks like any other denial; retry once with a fresh login.
             self.session.replace_rejected_token(token)
-            return self._read(spec)
+            return call()
 
-    def _read(self, spec: SecretSpec) -> SecretValue:
-        operation = f"read of {self._config.mount}/{spec.path}"
-        with translate_vault_errors(operation, self._config.timeout):
-            response = self.session.client.secrets.kv.v2.read_secret_version(
-                path=spec.path, mount_point=self._config.mount, raise_on_deleted_version=True
+    def _kv(self) -> Any:
+        return self.session.client.secrets.kv.v2
+
+    def _read(self, spec: SecretSpec, version: int | None) -> SecretValue:
+        at = "" if version is None else f" version {version}"
+        with translate_vault_errors(f"read of {self._where(spec)}{at}", self._config.timeout):
+            response = self._kv().read_secret_version(
+                path=spec.path,
+                version=version,
+                mount_point=self._config.mount,
+                raise_on_deleted_version=True,
             )
             body = response["data"]
-            version = int(body["metadata"]["version"])
+            metadata = body["metadata"]
             data = {
                 str(key): value if isinstance(value, str) else json.dumps(value)
                 for key, value in body["data"].items()
             }
-        return SecretValue(
-            data=data, version=version, source=SourceKind.VAULT, fetched_at=time.time()
-        )
+            return SecretValue(
+                data=data,
+                version=int(metadata["version"]),
+                source=SourceKind.VAULT,
+                fetched_at=time.time(),
+                created_at=_timestamp(metadata["created_time"]),
+            )
+
+    def _current_version(self, spec: SecretSpec) -> VersionInfo:
+        with translate_vault_errors(f"metadata read of {self._where(spec)}", self._config.timeout):
+            body = self._kv().read_secret_metadata(path=spec.path, mount_point=self._config.mount)
+            metadata = body["data"]
+            current = int(metadata["current_version"])
+            created = metadata["versions"][str(current)]["created_time"]
+            return VersionInfo(current, _timestamp(created))
+
+    def _write(
+        self, spec: SecretSpec, data: Mapping[str, str], expected_version: int
+    ) -> SecretValue:
+        with translate_vault_errors(f"write of {self._where(spec)}", self._config.timeout):
+            response = self._kv().create_or_update_secret(
+                path=spec.path,
+                secret=dict(data),
+                cas=expected_version,
+                mount_point=self._config.mount,
+            )
+            metadata = response["data"]
+            return SecretValue(
+                data=dict(data),
+                version=int(metadata["version"]),
+                source=SourceKind.VAULT,
+                fetched_at=time.time(),
+                created_at=_timestamp(metadata["created_time"]),
+            )
+
+    def _where(self, spec: SecretSpec) -> str:
+        return f"{self._config.mount}/{spec.path}"
+
+
+def _timestamp(rfc3339: str) -> float:
+    """Vault's created_time, e.g. "2026-11-28T12:00:00.123456789Z", as epoch seconds."""
+    text = rfc3339.rstrip("Z")
+    whole, _, fraction = text.partition(".")
+    seconds = dt.datetime.fromisoformat(whole).replace(tzinfo=dt.UTC).timestamp()
+    return seconds + (float(f"0.{fraction}") if fraction else 0.0)

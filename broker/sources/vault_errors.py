@@ -13,7 +13,10 @@ from contextlib import contextmanager
 import hvac.exceptions
 import requests
 
-from broker.errors import SecretMissingInSource, SourceDenied, SourceUnavailable
+from broker.errors import SecretMissingInSource, SourceDenied, SourceUnavailable, WriteConflict
+
+# KV v2 answers a failed check-and-set with 400 and this text.
+_CAS_MISMATCH = "check-and-set parameter did not match"
 
 
 @contextmanager
@@ -27,7 +30,9 @@ def translate_vault_errors(operation: str, timeout: float) -> Iterator[None]:
         raise SourceDenied(f"vault denied {operation}") from None
     except hvac.exceptions.VaultDown:
         raise SourceUnavailable(f"vault is sealed or down during {operation}") from None
-    except hvac.exceptions.InvalidRequest:
+    except hvac.exceptions.InvalidRequest as exc:
+        if _CAS_MISMATCH in str(exc):
+            raise WriteConflict(f"another writer changed the secret first ({operation})") from None
         raise SourceDenied(f"vault rejected {operation} as invalid") from None
     except hvac.exceptions.VaultError as exc:
         raise SourceUnavailable(f"vault failed {operation} ({type(exc).__name__})") from None

@@ -41,6 +41,34 @@ SOURCE_VAULT: Source.ValueType  # 1
 SOURCE_ENV: Source.ValueType  # 2
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
+class _RollbackRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RollbackRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RollbackRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLBACK_RULE_UNSPECIFIED: _RollbackRule.ValueType  # 0
+    ROLLBACK_RULE_DEFAULT: _RollbackRule.ValueType  # 1
+    """Neither an override nor VAULT_ENABLED_SECRETS: every category from Vault."""
+    ROLLBACK_RULE_STARTUP_VARIABLE: _RollbackRule.ValueType  # 2
+    """VAULT_ENABLED_SECRETS, read at start-up."""
+    ROLLBACK_RULE_OVERRIDE: _RollbackRule.ValueType  # 3
+    """A live override set through SecretBrokerAdmin, persisted in the state file."""
+
+class RollbackRule(_RollbackRule, metaclass=_RollbackRuleEnumTypeWrapper):
+    """RollbackRule names the rule that decided the rollback state. Precedence: a
+    live override, when set, wins; else VAULT_ENABLED_SECRETS; else all from Vault.
+    """
+
+ROLLBACK_RULE_UNSPECIFIED: RollbackRule.ValueType  # 0
+ROLLBACK_RULE_DEFAULT: RollbackRule.ValueType  # 1
+"""Neither an override nor VAULT_ENABLED_SECRETS: every category from Vault."""
+ROLLBACK_RULE_STARTUP_VARIABLE: RollbackRule.ValueType  # 2
+"""VAULT_ENABLED_SECRETS, read at start-up."""
+ROLLBACK_RULE_OVERRIDE: RollbackRule.ValueType  # 3
+"""A live override set through SecretBrokerAdmin, persisted in the state file."""
+Global___RollbackRule: _TypeAlias = RollbackRule  # noqa: Y015
+
 @_typing.final
 class GetSecretRequest(_message.Message):
     """GetSecretRequest names one secret."""
@@ -48,18 +76,26 @@ class GetSecretRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Secret name as declared in the broker config, e.g. "media-catalog/database"."""
+    version: _builtins.int
+    """A version other than the current one, for rotating secrets: only the last
+    few versions are readable (rotation.previous_versions). Unset: the current.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
+    _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
 
 Global___GetSecretRequest: _TypeAlias = GetSecretRequest  # noqa: Y015
 
@@ -161,6 +197,7 @@ class Secret(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
     FETCHED_AT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     """KV v2 version; 0 for secrets served from environment variables."""
@@ -173,6 +210,10 @@ class Secret(_message.Message):
     def fetched_at(self) -> _timestamp_pb2.Timestamp:
         """When the broker last read the value from its source."""
 
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When this version was written to Vault; unset for environment variables."""
+
     def __init__(
         self,
         *,
@@ -182,11 +223,261 @@ class Secret(_message.Message):
         source: Global___Source.ValueType = ...,
         stale: _builtins.bool = ...,
         fetched_at: _timestamp_pb2.Timestamp | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fetched_at", b"fetched_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "fetched_at", b"fetched_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "fetched_at", b"fetched_at", "name", b"name", "source", b"source", "stale", b"stale", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "data", b"data", "fetched_at", b"fetched_at", "name", b"name", "source", b"source", "stale", b"stale", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Secret: _TypeAlias = Secret  # noqa: Y015
+
+@_typing.final
+class GetRollbackStateRequest(_message.Message):
+    """GetRollbackStateRequest takes no arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRollbackStateRequest: _TypeAlias = GetRollbackStateRequest  # noqa: Y015
+
+@_typing.final
+class GetRollbackStateResponse(_message.Message):
+    """GetRollbackStateResponse carries the state in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___RollbackState: ...
+    def __init__(
+        self,
+        *,
+        state: Global___RollbackState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRollbackStateResponse: _TypeAlias = GetRollbackStateResponse  # noqa: Y015
+
+@_typing.final
+class SetRollbackOverrideRequest(_message.Message):
+    """SetRollbackOverrideRequest lists the categories to serve from Vault; an empty
+    list serves every category from environment variables.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VAULT_ENABLED_CATEGORIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def vault_enabled_categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        vault_enabled_categories: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["vault_enabled_categories", b"vault_enabled_categories"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRollbackOverrideRequest: _TypeAlias = SetRollbackOverrideRequest  # noqa: Y015
+
+@_typing.final
+class SetRollbackOverrideResponse(_message.Message):
+    """SetRollbackOverrideResponse carries the state now in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___RollbackState: ...
+    def __init__(
+        self,
+        *,
+        state: Global___RollbackState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRollbackOverrideResponse: _TypeAlias = SetRollbackOverrideResponse  # noqa: Y015
+
+@_typing.final
+class ClearRollbackOverrideRequest(_message.Message):
+    """ClearRollbackOverrideRequest takes no arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearRollbackOverrideRequest: _TypeAlias = ClearRollbackOverrideRequest  # noqa: Y015
+
+@_typing.final
+class ClearRollbackOverrideResponse(_message.Message):
+    """ClearRollbackOverrideResponse carries the state now in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___RollbackState: ...
+    def __init__(
+        self,
+        *,
+        state: Global___RollbackState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearRollbackOverrideResponse: _TypeAlias = ClearRollbackOverrideResponse  # noqa: Y015
+
+@_typing.final
+class RollbackState(_message.Message):
+    """RollbackState says where each category is served from, and which rule decided."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VAULT_ENABLED_CATEGORIES_FIELD_NUMBER: _builtins.int
+    ENV_CATEGORIES_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    STARTUP_VARIABLE_FIELD_NUMBER: _builtins.int
+    OVERRIDE_FIELD_NUMBER: _builtins.int
+    rule: Global___RollbackRule.ValueType
+    """The rule in force."""
+    startup_variable: _builtins.str
+    """VAULT_ENABLED_SECRETS as the broker read it at start-up; unset when it was unset."""
+    @_builtins.property
+    def vault_enabled_categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Categories served from Vault."""
+
+    @_builtins.property
+    def env_categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Categories served from the broker's environment variables."""
+
+    @_builtins.property
+    def override(self) -> Global___RollbackOverride:
+        """The live override, when one is set (it is in force whenever it is set)."""
+
+    def __init__(
+        self,
+        *,
+        vault_enabled_categories: _abc.Iterable[_builtins.str] | None = ...,
+        env_categories: _abc.Iterable[_builtins.str] | None = ...,
+        rule: Global___RollbackRule.ValueType = ...,
+        startup_variable: _builtins.str | None = ...,
+        override: Global___RollbackOverride | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_startup_variable", b"_startup_variable", "override", b"override", "startup_variable", b"startup_variable"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_startup_variable", b"_startup_variable", "env_categories", b"env_categories", "override", b"override", "rule", b"rule", "startup_variable", b"startup_variable", "vault_enabled_categories", b"vault_enabled_categories"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__startup_variable: _TypeAlias = _typing.Literal["startup_variable"]  # noqa: Y015
+    _WhichOneofArgType__startup_variable: _TypeAlias = _typing.Literal["_startup_variable", b"_startup_variable"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__startup_variable) -> _WhichOneofReturnType__startup_variable | None: ...
+
+Global___RollbackState: _TypeAlias = RollbackState  # noqa: Y015
+
+@_typing.final
+class RollbackOverride(_message.Message):
+    """RollbackOverride is one live flip: what was set, by whom, when."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VAULT_ENABLED_CATEGORIES_FIELD_NUMBER: _builtins.int
+    SET_BY_FIELD_NUMBER: _builtins.int
+    SET_AT_FIELD_NUMBER: _builtins.int
+    set_by: _builtins.str
+    """Identity of the admin who set it."""
+    @_builtins.property
+    def vault_enabled_categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def set_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        vault_enabled_categories: _abc.Iterable[_builtins.str] | None = ...,
+        set_by: _builtins.str = ...,
+        set_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["set_at", b"set_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["set_at", b"set_at", "set_by", b"set_by", "vault_enabled_categories", b"vault_enabled_categories"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackOverride: _TypeAlias = RollbackOverride  # noqa: Y015
+
+@_typing.final
+class RotateSecretRequest(_message.Message):
+    """RotateSecretRequest names a secret declared rotating in the broker config."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSecretRequest: _TypeAlias = RotateSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateSecretResponse(_message.Message):
+    """RotateSecretResponse describes the new version; it never carries the value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateSecretResponse: _TypeAlias = RotateSecretResponse  # noqa: Y015

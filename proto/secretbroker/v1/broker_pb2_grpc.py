@@ -57,7 +57,9 @@ class SecretBrokerServicer:
         Errors: INVALID_ARGUMENT for a malformed name; PERMISSION_DENIED when the
         caller may not read the name (whether or not it exists); NOT_FOUND for a
         name the broker does not declare; UNAVAILABLE when the source cannot be
-        reached and no cached value within max_stale exists.
+        reached and no cached value within max_stale exists; OUT_OF_RANGE for a
+        version that is not among the versions kept readable; FAILED_PRECONDITION
+        for a version of a secret served from environment variables.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,7 +67,10 @@ class SecretBrokerServicer:
 
     def WatchSecrets(self, request, context):
         """WatchSecrets streams the current value of each requested secret, then one
-        message per change. May return UNIMPLEMENTED on brokers that predate it.
+        message per change: a rotation, a source flip (rollback), or a new version
+        written into Vault by anyone. Access rules and errors are GetSecret's, checked
+        for every name before the first message. A broken stream is the client's to
+        resume: the first messages after resuming are the current values again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +145,224 @@ class SecretBroker:
             '/secretbroker.v1.SecretBroker/WatchSecrets',
             secretbroker_dot_v1_dot_broker__pb2.WatchSecretsRequest.SerializeToString,
             secretbroker_dot_v1_dot_broker__pb2.WatchSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SecretBrokerAdminStub:
+    """SecretBrokerAdmin is for operators: identities listed as admins in the broker
+    config. Every other identity gets PERMISSION_DENIED. Every call is audited.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetRollbackState = channel.unary_unary(
+                '/secretbroker.v1.SecretBrokerAdmin/GetRollbackState',
+                request_serializer=secretbroker_dot_v1_dot_broker__pb2.GetRollbackStateRequest.SerializeToString,
+                response_deserializer=secretbroker_dot_v1_dot_broker__pb2.GetRollbackStateResponse.FromString,
+                _registered_method=True)
+        self.SetRollbackOverride = channel.unary_unary(
+                '/secretbroker.v1.SecretBrokerAdmin/SetRollbackOverride',
+                request_serializer=secretbroker_dot_v1_dot_broker__pb2.SetRollbackOverrideRequest.SerializeToString,
+                response_deserializer=secretbroker_dot_v1_dot_broker__pb2.SetRollbackOverrideResponse.FromString,
+                _registered_method=True)
+        self.ClearRollbackOverride = channel.unary_unary(
+                '/secretbroker.v1.SecretBrokerAdmin/ClearRollbackOverride',
+                request_serializer=secretbroker_dot_v1_dot_broker__pb2.ClearRollbackOverrideRequest.SerializeToString,
+                response_deserializer=secretbroker_dot_v1_dot_broker__pb2.ClearRollbackOverrideResponse.FromString,
+                _registered_method=True)
+        self.RotateSecret = channel.unary_unary(
+                '/secretbroker.v1.SecretBrokerAdmin/RotateSecret',
+                request_serializer=secretbroker_dot_v1_dot_broker__pb2.RotateSecretRequest.SerializeToString,
+                response_deserializer=secretbroker_dot_v1_dot_broker__pb2.RotateSecretResponse.FromString,
+                _registered_method=True)
+
+
+class SecretBrokerAdminServicer:
+    """SecretBrokerAdmin is for operators: identities listed as admins in the broker
+    config. Every other identity gets PERMISSION_DENIED. Every call is audited.
+    """
+
+    def GetRollbackState(self, request, context):
+        """GetRollbackState says which categories are served from Vault and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRollbackOverride(self, request, context):
+        """SetRollbackOverride sets the categories served from Vault, live; all others
+        are served from environment variables. Persisted: it survives a restart and
+        wins over VAULT_ENABLED_SECRETS until cleared. INVALID_ARGUMENT for a
+        category no declared secret has.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearRollbackOverride(self, request, context):
+        """ClearRollbackOverride returns to the start-up rule (VAULT_ENABLED_SECRETS,
+        else every category from Vault).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSecret(self, request, context):
+        """RotateSecret writes a new version of a rotating secret with a fresh random
+        value, keeping its other keys, with check-and-set on the version it read.
+        ABORTED when another writer got there first; FAILED_PRECONDITION for a
+        secret not declared rotating or served from environment variables.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SecretBrokerAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetRollbackState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollbackState,
+                    request_deserializer=secretbroker_dot_v1_dot_broker__pb2.GetRollbackStateRequest.FromString,
+                    response_serializer=secretbroker_dot_v1_dot_broker__pb2.GetRollbackStateResponse.SerializeToString,
+            ),
+            'SetRollbackOverride': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRollbackOverride,
+                    request_deserializer=secretbroker_dot_v1_dot_broker__pb2.SetRollbackOverrideRequest.FromString,
+                    response_serializer=secretbroker_dot_v1_dot_broker__pb2.SetRollbackOverrideResponse.SerializeToString,
+            ),
+            'ClearRollbackOverride': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearRollbackOverride,
+                    request_deserializer=secretbroker_dot_v1_dot_broker__pb2.ClearRollbackOverrideRequest.FromString,
+                    response_serializer=secretbroker_dot_v1_dot_broker__pb2.ClearRollbackOverrideResponse.SerializeToString,
+            ),
+            'RotateSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSecret,
+                    request_deserializer=secretbroker_dot_v1_dot_broker__pb2.RotateSecretRequest.FromString,
+                    response_serializer=secretbroker_dot_v1_dot_broker__pb2.RotateSecretResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'secretbroker.v1.SecretBrokerAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('secretbroker.v1.SecretBrokerAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SecretBrokerAdmin:
+    """SecretBrokerAdmin is for operators: identities listed as admins in the broker
+    config. Every other identity gets PERMISSION_DENIED. Every call is audited.
+    """
+
+    @staticmethod
+    def GetRollbackState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secretbroker.v1.SecretBrokerAdmin/GetRollbackState',
+            secretbroker_dot_v1_dot_broker__pb2.GetRollbackStateRequest.SerializeToString,
+            secretbroker_dot_v1_dot_broker__pb2.GetRollbackStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRollbackOverride(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secretbroker.v1.SecretBrokerAdmin/SetRollbackOverride',
+            secretbroker_dot_v1_dot_broker__pb2.SetRollbackOverrideRequest.SerializeToString,
+            secretbroker_dot_v1_dot_broker__pb2.SetRollbackOverrideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearRollbackOverride(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secretbroker.v1.SecretBrokerAdmin/ClearRollbackOverride',
+            secretbroker_dot_v1_dot_broker__pb2.ClearRollbackOverrideRequest.SerializeToString,
+            secretbroker_dot_v1_dot_broker__pb2.ClearRollbackOverrideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secretbroker.v1.SecretBrokerAdmin/RotateSecret',
+            secretbroker_dot_v1_dot_broker__pb2.RotateSecretRequest.SerializeToString,
+            secretbroker_dot_v1_dot_broker__pb2.RotateSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

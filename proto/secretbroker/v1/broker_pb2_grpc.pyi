@@ -42,11 +42,16 @@ class SecretBrokerStub:
     Errors: INVALID_ARGUMENT for a malformed name; PERMISSION_DENIED when the
     caller may not read the name (whether or not it exists); NOT_FOUND for a
     name the broker does not declare; UNAVAILABLE when the source cannot be
-    reached and no cached value within max_stale exists.
+    reached and no cached value within max_stale exists; OUT_OF_RANGE for a
+    version that is not among the versions kept readable; FAILED_PRECONDITION
+    for a version of a secret served from environment variables.
     """
     WatchSecrets: _grpc.UnaryStreamMultiCallable[_broker_pb2.WatchSecretsRequest, _broker_pb2.WatchSecretsResponse]
     """WatchSecrets streams the current value of each requested secret, then one
-    message per change. May return UNIMPLEMENTED on brokers that predate it.
+    message per change: a rotation, a source flip (rollback), or a new version
+    written into Vault by anyone. Access rules and errors are GetSecret's, checked
+    for every name before the first message. A broken stream is the client's to
+    resume: the first messages after resuming are the current values again.
     """
 
 @_typing.type_check_only
@@ -60,11 +65,16 @@ class SecretBrokerAsyncStub(SecretBrokerStub):
     Errors: INVALID_ARGUMENT for a malformed name; PERMISSION_DENIED when the
     caller may not read the name (whether or not it exists); NOT_FOUND for a
     name the broker does not declare; UNAVAILABLE when the source cannot be
-    reached and no cached value within max_stale exists.
+    reached and no cached value within max_stale exists; OUT_OF_RANGE for a
+    version that is not among the versions kept readable; FAILED_PRECONDITION
+    for a version of a secret served from environment variables.
     """
     WatchSecrets: _aio.UnaryStreamMultiCallable[_broker_pb2.WatchSecretsRequest, _broker_pb2.WatchSecretsResponse]  # type: ignore[assignment]
     """WatchSecrets streams the current value of each requested secret, then one
-    message per change. May return UNIMPLEMENTED on brokers that predate it.
+    message per change: a rotation, a source flip (rollback), or a new version
+    written into Vault by anyone. Access rules and errors are GetSecret's, checked
+    for every name before the first message. A broken stream is the client's to
+    resume: the first messages after resuming are the current values again.
     """
 
 class SecretBrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -81,7 +91,9 @@ class SecretBrokerServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT for a malformed name; PERMISSION_DENIED when the
         caller may not read the name (whether or not it exists); NOT_FOUND for a
         name the broker does not declare; UNAVAILABLE when the source cannot be
-        reached and no cached value within max_stale exists.
+        reached and no cached value within max_stale exists; OUT_OF_RANGE for a
+        version that is not among the versions kept readable; FAILED_PRECONDITION
+        for a version of a secret served from environment variables.
         """
 
     @_abc_1.abstractmethod
@@ -91,7 +103,113 @@ class SecretBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_broker_pb2.WatchSecretsResponse], _abc.AsyncIterator[_broker_pb2.WatchSecretsResponse]]:
         """WatchSecrets streams the current value of each requested secret, then one
-        message per change. May return UNIMPLEMENTED on brokers that predate it.
+        message per change: a rotation, a source flip (rollback), or a new version
+        written into Vault by anyone. Access rules and errors are GetSecret's, checked
+        for every name before the first message. A broken stream is the client's to
+        resume: the first messages after resuming are the current values again.
         """
 
 def add_SecretBrokerServicer_to_server(servicer: SecretBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SecretBrokerAdminStub:
+    """SecretBrokerAdmin is for operators: identities listed as admins in the broker
+    config. Every other identity gets PERMISSION_DENIED. Every call is audited.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SecretBrokerAdminAsyncStub: ...
+    GetRollbackState: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetRollbackStateRequest, _broker_pb2.GetRollbackStateResponse]
+    """GetRollbackState says which categories are served from Vault and why."""
+    SetRollbackOverride: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SetRollbackOverrideRequest, _broker_pb2.SetRollbackOverrideResponse]
+    """SetRollbackOverride sets the categories served from Vault, live; all others
+    are served from environment variables. Persisted: it survives a restart and
+    wins over VAULT_ENABLED_SECRETS until cleared. INVALID_ARGUMENT for a
+    category no declared secret has.
+    """
+    ClearRollbackOverride: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ClearRollbackOverrideRequest, _broker_pb2.ClearRollbackOverrideResponse]
+    """ClearRollbackOverride returns to the start-up rule (VAULT_ENABLED_SECRETS,
+    else every category from Vault).
+    """
+    RotateSecret: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RotateSecretRequest, _broker_pb2.RotateSecretResponse]
+    """RotateSecret writes a new version of a rotating secret with a fresh random
+    value, keeping its other keys, with check-and-set on the version it read.
+    ABORTED when another writer got there first; FAILED_PRECONDITION for a
+    secret not declared rotating or served from environment variables.
+    """
+
+@_typing.type_check_only
+class SecretBrokerAdminAsyncStub(SecretBrokerAdminStub):
+    """SecretBrokerAdmin is for operators: identities listed as admins in the broker
+    config. Every other identity gets PERMISSION_DENIED. Every call is audited.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetRollbackState: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetRollbackStateRequest, _broker_pb2.GetRollbackStateResponse]  # type: ignore[assignment]
+    """GetRollbackState says which categories are served from Vault and why."""
+    SetRollbackOverride: _aio.UnaryUnaryMultiCallable[_broker_pb2.SetRollbackOverrideRequest, _broker_pb2.SetRollbackOverrideResponse]  # type: ignore[assignment]
+    """SetRollbackOverride sets the categories served from Vault, live; all others
+    are served from environment variables. Persisted: it survives a restart and
+    wins over VAULT_ENABLED_SECRETS until cleared. INVALID_ARGUMENT for a
+    category no declared secret has.
+    """
+    ClearRollbackOverride: _aio.UnaryUnaryMultiCallable[_broker_pb2.ClearRollbackOverrideRequest, _broker_pb2.ClearRollbackOverrideResponse]  # type: ignore[assignment]
+    """ClearRollbackOverride returns to the start-up rule (VAULT_ENABLED_SECRETS,
+    else every category from Vault).
+    """
+    RotateSecret: _aio.UnaryUnaryMultiCallable[_broker_pb2.RotateSecretRequest, _broker_pb2.RotateSecretResponse]  # type: ignore[assignment]
+    """RotateSecret writes a new version of a rotating secret with a fresh random
+    value, keeping its other keys, with check-and-set on the version it read.
+    ABORTED when another writer got there first; FAILED_PRECONDITION for a
+    secret not declared rotating or served from environment variables.
+    """
+
+class SecretBrokerAdminServicer(metaclass=_abc_1.ABCMeta):
+    """SecretBrokerAdmin is for operators: identities listed as admins in the broker
+    config. Every other identity gets PERMISSION_DENIED. Every call is audited.
+    """
+
+    @_abc_1.abstractmethod
+    def GetRollbackState(
+        self,
+        request: _broker_pb2.GetRollbackStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetRollbackStateResponse, _abc.Awaitable[_broker_pb2.GetRollbackStateResponse]]:
+        """GetRollbackState says which categories are served from Vault and why."""
+
+    @_abc_1.abstractmethod
+    def SetRollbackOverride(
+        self,
+        request: _broker_pb2.SetRollbackOverrideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.SetRollbackOverrideResponse, _abc.Awaitable[_broker_pb2.SetRollbackOverrideResponse]]:
+        """SetRollbackOverride sets the categories served from Vault, live; all others
+        are served from environment variables. Persisted: it survives a restart and
+        wins over VAULT_ENABLED_SECRETS until cleared. INVALID_ARGUMENT for a
+        category no declared secret has.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearRollbackOverride(
+        self,
+        request: _broker_pb2.ClearRollbackOverrideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ClearRollbackOverrideResponse, _abc.Awaitable[_broker_pb2.ClearRollbackOverrideResponse]]:
+        """ClearRollbackOverride returns to the start-up rule (VAULT_ENABLED_SECRETS,
+        else every category from Vault).
+        """
+
+    @_abc_1.abstractmethod
+    def RotateSecret(
+        self,
+        request: _broker_pb2.RotateSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.RotateSecretResponse, _abc.Awaitable[_broker_pb2.RotateSecretResponse]]:
+        """RotateSecret writes a new version of a rotating secret with a fresh random
+        value, keeping its other keys, with check-and-set on the version it read.
+        ABORTED when another writer got there first; FAILED_PRECONDITION for a
+        secret not declared rotating or served from environment variables.
+        """
+
+def add_SecretBrokerAdminServicer_to_server(servicer: SecretBrokerAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,66 @@
+"""Fan-out of "this secret may have changed" to WatchSecrets streams.
+
+A publish marks the name dirty in every subscription that follows it and wakes
+it: no queue grows, bursts coalesce, and 1,000 subscribers cost 1,000 set
+insertions. Each stream then reads the value (a cache hit) and sends it only if it
+differs from what it sent last. Runs on the event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+
+class Subscription:
+    def __init__(self, feed: ChangeFeed, names: frozenset[str]) -> None:
+        self.names = names
+        self._feed = feed
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+
+    def _mark(self, name: str) -> None:
+        self._dirty.add(name)
+        self._wake.set()
+
+    async def changed(self) -> set[str]:
+        """Wait for, then take, the names marked since the last call."""
+        await self._wake.wait()
+        self._wake.clear()
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def close(self) -> None:
+        self._feed._unsubscribe(self)
+
+
+class ChangeFeed:
+    def __init__(self) -> None:
+        self._by_name: dict[str, set[Subscription]] = {}
+
+    def subscribe(self, names: Iterable[str]) -> Subscription:
+        subscription = Subscription(self, frozenset(names))
+        for name in subscription.names:
+            self._by_name.setdefault(name, set()).add(subscription)
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        for name in subscription.names:
+            followers = self._by_name.get(name)
+            if followers is not None:
+                followers.discard(subscription)
+                if not followers:
+                    del self._by_name[name]
+
+    def publish(self, names: Iterable[str]) -> None:
+        for name in names:
+            for subscription in self._by_name.get(name, ()):
+                subscription._mark(name)
+
+    def watched(self) -> frozenset[str]:
+        """Names with at least one subscriber."""
+        return frozenset(self._by_name)
+
+    def __len__(self) -> int:
+        """Open subscriptions."""
+        return len({s for followers in self._by_name.values() for s in followers})

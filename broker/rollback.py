@@ -1,0 +1,160 @@
+"""Which categories are served from Vault: the ADR's rollback flag, flippable live.
+
+One rule decides, and ``RollbackState.rule`` names it:
+
+1. a live override (set through SecretBrokerAdmin) wins while it is set; it is
+   persisted in ``admin.state_file``, so it survives a restart, until cleared;
+2. else ``VAULT_ENABLED_SECRETS`` as read at start-up;
+3. else every category is served from Vault.
+
+Reads (``from_vault``) are one set lookup on the event loop. Flips run on the
+event loop too, so a flip takes effect for the very next request.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.config import ConfigError, StartupRollback, check_categories
+from broker.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+
+class Rule(enum.Enum):
+    DEFAULT = "default"
+    STARTUP_VARIABLE = "startup-variable"
+    OVERRIDE = "override"
+
+
+@dataclass(frozen=True)
+class Override:
+    vault_categories: frozenset[str]
+    set_by: str
+    set_at: float
+
+
+@dataclass(frozen=True)
+class RollbackStatus:
+    vault_categories: frozenset[str]
+    env_categories: frozenset[str]
+    rule: Rule
+    startup: StartupRollback
+    override: Override | None
+
+
+class RollbackState:
+    def __init__(
+        self,
+        categories: frozenset[str],
+        startup: StartupRollback,
+        state_file: Path | None,
+        on_flip: Callable[[frozenset[str]], None] = lambda changed: None,
+    ) -> None:
+        """``on_flip`` is called with the categories whose source changed."""
+        self._categories = categories
+        self._startup = startup
+        self._state_file = state_file
+        self._on_flip = on_flip
+        self._override = _load_override(state_file, categories)
+        self._vault = self._in_force()
+        status = self.status()
+        log.info(
+            "serving from vault: [%s]; from env: [%s] (rule: %s)",
+            ", ".join(sorted(status.vault_categories)),
+            ", ".join(sorted(status.env_categories)),
+            status.rule.value,
+        )
+
+    def from_vault(self, category: str) -> bool:
+        return category in self._vault
+
+    def status(self) -> RollbackStatus:
+        if self._override is not None:
+            rule = Rule.OVERRIDE
+        elif self._startup.vault_categories is not None:
+            rule = Rule.STARTUP_VARIABLE
+        else:
+            rule = Rule.DEFAULT
+        return RollbackStatus(
+            self._vault, self._categories - self._vault, rule, self._startup, self._override
+        )
+
+    def set_override(self, vault_categories: list[str], by: str) -> RollbackStatus:
+        try:
+            check_categories("vault_enabled_categories", vault_categories, self._categories)
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc)) from None
+        override = Override(frozenset(vault_categories), by, time.time())
+        _save_override(self._state_file, override)
+        self._override = override
+        return self._apply()
+
+    def clear_override(self) -> RollbackStatus:
+        _save_override(self._state_file, None)
+        self._override = None
+        return self._apply()
+
+    def _in_force(self) -> frozenset[str]:
+        if self._override is not None:
+            return self._override.vault_categories
+        if self._startup.vault_categories is not None:
+            return self._startup.vault_categories
+        return self._categories
+
+    def _apply(self) -> RollbackStatus:
+        before, self._vault = self._vault, self._in_force()
+        changed = before ^ self._vault
+        if changed:
+            self._on_flip(changed)
+        return self.status()
+
+
+def _load_override(path: Path | None, categories: frozenset[str]) -> Override | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        document = json.loads(path.read_text())
+        override = Override(
+            frozenset(document["vault_enabled_categories"]),
+            str(document["set_by"]),
+            float(document["set_at"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        problem = f"cannot read the rollback override in {path}"
+        raise ConfigError("admin.state_file", problem) from None
+    unknown = override.vault_categories - categories
+    if unknown:
+        log.warning(
+            "the persisted rollback override names categories no secret has any more: %s",
+            ", ".join(sorted(unknown)),
+        )
+    return override
+
+
+def _save_override(path: Path | None, override: Override | None) -> None:
+    """Write atomically (temporary file, fsync, rename): a crash leaves the old or the new."""
+    if path is None:
+        return
+    if override is None:
+        path.unlink(missing_ok=True)
+        return
+    document = {
+        "vault_enabled_categories": sorted(override.vault_categories),
+        "set_by": override.set_by,
+        "set_at": override.set_at,
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w") as file:
+        json.dump(document, file, indent=2)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)

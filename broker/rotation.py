@@ -1,0 +1,115 @@
+"""Rotation: a fresh random value for one key of a secret, written as a new KV v2 version.
+
+Check-and-set on the version read makes rotation safe with several brokers on one
+Vault: of two rotations of the same version, exactly one writes; the other gets
+WriteConflict. The scheduler rotates a secret whose current version is older than
+its period, so every replica may check, and one rotates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar
+
+from broker.changes import ChangeFeed
+from broker.config import RotationSpec, SecretSpec
+from broker.errors import BrokerError, NotApplicable, WriteConflict
+from broker.sources.base import SecretValue, SourceKind
+from broker.sources.vault import VaultSource
+from broker.values import SecretValues
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RunBlocking(Protocol):
+    """Runs a blocking call off the event loop (the broker's Vault I/O pool)."""
+
+    def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
+
+
+class Rotator:
+    def __init__(
+        self,
+        secrets_: Mapping[str, SecretSpec],
+        vault: VaultSource,
+        values: SecretValues,
+        feed: ChangeFeed,
+        run_blocking: RunBlocking,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._rotating = [(s, s.rotation) for s in secrets_.values() if s.rotation is not None]
+        self._vault = vault
+        self._values = values
+        self._feed = feed
+        self._run_blocking = run_blocking
+        self._clock = clock
+
+    async def rotate(self, spec: SecretSpec) -> SecretValue:
+        """Rotate now. Raises NotApplicable, WriteConflict or a source error."""
+        rotation = spec.rotation
+        if rotation is None:
+            raise NotApplicable("secret is not declared rotating in the broker config")
+        if self._values.source_of(spec) is not SourceKind.VAULT:
+            raise NotApplicable(
+                "secret is served from environment variables; rotate it where they are set"
+            )
+        written = await self._run_blocking(
+            functools.partial(self._rotate_blocking, spec, rotation, None)
+        )
+        self._written(spec, written)
+        return written
+
+    async def rotate_due(self) -> list[SecretValue]:
+        """Rotate every rotating secret served from Vault whose version is past its period."""
+        rotated = []
+        for spec, rotation in self._rotating:
+            if self._values.source_of(spec) is not SourceKind.VAULT:
+                continue
+            try:
+                written = await self._run_blocking(
+                    functools.partial(self._rotate_if_due, spec, rotation)
+                )
+            except WriteConflict:
+                log.info("%r was rotated by another writer first", spec.name)
+                continue
+            except BrokerError as exc:
+                log.warning("scheduled rotation of %r failed: %s", spec.name, exc)
+                continue
+            if written is not None:
+                self._written(spec, written)
+                rotated.append(written)
+        return rotated
+
+    async def run_schedule(self, interval: float) -> None:
+        """Check for due rotations every ``interval`` seconds, until cancelled."""
+        if not self._rotating:
+            return
+        while True:
+            await self.rotate_due()
+            await asyncio.sleep(interval)
+
+    def _written(self, spec: SecretSpec, written: SecretValue) -> None:
+        self._values.cache.put(spec, written)
+        self._feed.publish([spec.name])
+        log.info("rotated %r: version %d", spec.name, written.version)
+
+    def _rotate_if_due(self, spec: SecretSpec, rotation: RotationSpec) -> SecretValue | None:
+        current = self._vault.current_version(spec)
+        if self._clock() - current.created_at < rotation.period:
+            return None
+        return self._rotate_blocking(spec, rotation, current.version)
+
+    def _rotate_blocking(
+        self, spec: SecretSpec, rotation: RotationSpec, version: int | None
+    ) -> SecretValue:
+        current = self._vault.read(spec, version)
+        data = dict(current.data)
+        data[rotation.key] = secrets.token_urlsafe(rotation.bytes)
+        return self._vault.write_version(spec, data, expected_version=current.version)

@@ -1,0 +1,46 @@
+"""Where a declared secret's value comes from right now: Vault through the cache, or the
+broker's environment when its category is rolled back. Also the version window."""
+
+from __future__ import annotations
+
+from broker.cache import CachedSecret, SecretCache
+from broker.config import SecretSpec
+from broker.errors import InvalidRequest, NotApplicable, VersionOutOfRange
+from broker.rollback import RollbackState
+from broker.sources.base import SourceKind
+from broker.sources.env import EnvSource
+
+
+class SecretValues:
+    def __init__(
+        self,
+        cache: SecretCache,
+        env: EnvSource,
+        rollback: RollbackState,
+        previous_versions: int,
+    ) -> None:
+        self.cache = cache
+        self._env = env
+        self.rollback = rollback
+        self._previous_versions = previous_versions
+
+    def source_of(self, spec: SecretSpec) -> SourceKind:
+        return SourceKind.VAULT if self.rollback.from_vault(spec.category) else SourceKind.ENV
+
+    async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
+        if version is not None and version <= 0:
+            raise InvalidRequest("version must be a positive number")
+        if not self.rollback.from_vault(spec.category):
+            if version is not None:
+                raise NotApplicable(
+                    "secret is served from environment variables, which keep no versions"
+                )
+            return CachedSecret(self._env.read(spec), stale=False)
+        current = await self.cache.get(spec)
+        if version is None or version == current.value.version:
+            return current
+        newest = current.value.version
+        oldest = max(1, newest - self._previous_versions)
+        if not oldest <= version < newest:
+            raise VersionOutOfRange(f"readable versions are {oldest} to {newest}")
+        return await self.cache.get(spec, version)

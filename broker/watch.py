@@ -1,0 +1,93 @@
+"""WatchSecrets, independent of transport: current values first, then one per change.
+
+Changes reach a watch through the ChangeFeed from three places: a rotation by this
+broker, a rollback flip, and the version poller below, which notices versions
+written into Vault by anyone else (ops, another replica). A stream sends a value
+only when its source, version or data differ from what it last sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from broker.cache import CachedSecret
+from broker.changes import ChangeFeed
+from broker.config import SecretSpec
+from broker.errors import BrokerError, InvalidRequest
+from broker.reader import SecretReader
+from broker.rotation import RunBlocking
+from broker.sources.base import SecretValue, SourceKind
+from broker.sources.vault import VaultSource
+from broker.values import SecretValues
+
+log = logging.getLogger(__name__)
+
+
+def _same(a: SecretValue, b: SecretValue) -> bool:
+    return a.source is b.source and a.version == b.version and a.data == b.data
+
+
+class Watcher:
+    def __init__(self, reader: SecretReader, values: SecretValues, feed: ChangeFeed) -> None:
+        self._reader = reader
+        self._values = values
+        self._feed = feed
+
+    async def watch(
+        self, identity: str | None, names: Sequence[str]
+    ) -> AsyncIterator[tuple[str, CachedSecret]]:
+        """Every name is authorized before anything is sent; errors then end the stream."""
+        if not names:
+            raise InvalidRequest("names is empty: name at least one secret to watch")
+        specs = {name: self._reader.authorize(identity, name) for name in dict.fromkeys(names)}
+        # Subscribe before the first read, so a change during it is not missed.
+        subscription = self._feed.subscribe(specs)
+        try:
+            sent: dict[str, SecretValue] = {}
+            for name, spec in specs.items():
+                cached = await self._values.get(spec)
+                sent[name] = cached.value
+                yield name, cached
+            while True:
+                for name in sorted(await subscription.changed()):
+                    try:
+                        cached = await self._values.get(specs[name])
+                    except BrokerError as exc:
+                        log.warning("watch of %r keeps its last value: %s", name, exc)
+                        continue
+                    if not _same(cached.value, sent[name]):
+                        sent[name] = cached.value
+                        yield name, cached
+        finally:
+            subscription.close()
+
+
+async def poll_watched_versions(
+    secrets_: Mapping[str, SecretSpec],
+    values: SecretValues,
+    vault: VaultSource,
+    feed: ChangeFeed,
+    run_blocking: RunBlocking,
+    interval: float,
+) -> None:
+    """Every ``interval``, ask Vault for the current version of each watched secret; when it
+    is not the cached one, forget the cached value and tell the watchers. Until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        for name in feed.watched():
+            spec = secrets_[name]
+            if values.source_of(spec) is not SourceKind.VAULT:
+                continue
+            try:
+                info = await run_blocking(functools.partial(vault.current_version, spec))
+            except BrokerError as exc:
+                log.debug("version poll of %r failed: %s", name, exc)
+                continue
+            cached = values.cache.current(name)
+            if cached is None or cached.version != info.version:
+                log.info("%r has a new version in vault: %d", name, info.version)
+                values.cache.invalidate(name)
+                feed.publish([name])
