@@ -296,6 +296,22 @@ def get(
     return stub.GetSecret(request, timeout=timeout).secret
 
 
+class Watch:
+    """An open WatchSecrets stream: ``next()`` is the next secret sent."""
+
+    def __init__(
+        self, stub: broker_pb2_grpc.SecretBrokerStub, names: list[str], timeout: float = 60
+    ) -> None:
+        self._call = stub.WatchSecrets(broker_pb2.WatchSecretsRequest(names=names), timeout=timeout)
+        self._responses = iter(self._call)
+
+    def next(self) -> broker_pb2.Secret:
+        return next(self._responses).secret
+
+    def cancel(self) -> None:
+        self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
+
 def status_of(call: Callable[[], object]) -> grpc.StatusCode:
     """The status code a failing call ends with; fails the test if the call succeeds."""
     with pytest.raises(grpc.RpcError) as caught:

@@ -3,6 +3,7 @@ persisted across restarts, pushed to watchers, audited. Real OpenBao, real broke
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from tests.conftest import (
     Pki,
     RunningBroker,
     Vault,
+    Watch,
     get,
     status_of,
 )
@@ -151,21 +153,19 @@ def test_live_flip_takes_effect_for_the_next_request_both_ways(
 
 def test_flip_is_pushed_to_watchers(vault: Vault, pki: Pki, start_broker: BrokerFactory) -> None:
     broker = start_broker(vault, environ=ENV_VALUES)
-    stream = broker.stub(pki.catalog, pki.ca).WatchSecrets(
-        broker_pb2.WatchSecretsRequest(names=[API, DATABASE]), timeout=30
-    )
-    first = {next(stream).secret.name: VAULT for _ in range(2)}
-    assert first == {API: VAULT, DATABASE: VAULT}
+    watch = Watch(broker.stub(pki.catalog, pki.ca), [API, DATABASE])
+    first = [watch.next() for _ in range(2)]
+    assert {(s.name, s.source) for s in first} == {(API, VAULT), (DATABASE, VAULT)}
 
     set_override(broker, pki, ["database"])
-    pushed = next(stream).secret
+    pushed = watch.next()
     assert (pushed.name, pushed.source, pushed.data["value"]) == (API, ENV, f"env-{API}-value")
 
     set_override(broker, pki, ["database", "api"])
-    pushed = next(stream).secret
+    pushed = watch.next()
     assert (pushed.name, pushed.source) == (API, VAULT)
     assert dict(pushed.data) == vault.written[API]
-    stream.cancel()
+    watch.cancel()
 
 
 def test_only_admins_may_flip_or_read_the_state(
@@ -175,13 +175,13 @@ def test_only_admins_may_flip_or_read_the_state(
     for client in (pki.catalog, pki.intruder, pki.cn_only):
         admin = broker.admin(client, pki.ca)
         request = broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=[])
-        calls = [
-            lambda admin=admin, request=request: admin.SetRollbackOverride(request, timeout=10),
-            lambda admin=admin: admin.GetRollbackState(
-                broker_pb2.GetRollbackStateRequest(), timeout=10
+        calls: list[Callable[[], object]] = [
+            functools.partial(admin.SetRollbackOverride, request, timeout=10),
+            functools.partial(
+                admin.GetRollbackState, broker_pb2.GetRollbackStateRequest(), timeout=10
             ),
-            lambda admin=admin: admin.ClearRollbackOverride(
-                broker_pb2.ClearRollbackOverrideRequest(), timeout=10
+            functools.partial(
+                admin.ClearRollbackOverride, broker_pb2.ClearRollbackOverrideRequest(), timeout=10
             ),
         ]
         for call in calls:
