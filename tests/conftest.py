@@ -186,7 +186,7 @@ def broker_settings(
     return {
         "admin": dict(admin if admin is not None else {"identities": [OPS_ID]}),
         "rollout": dict(rollout or {}),
-        "audit": dict(audit or {}),
+        "audit": dict(audit or {"file": "audit.jsonl"}),
         "server": {
             "listen": listen,
             "cert_file": str(pki.server.cert),

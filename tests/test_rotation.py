@@ -1,0 +1,182 @@
+"""Rotation against a real OpenBao: new versions with check-and-set, on demand and on schedule,
+once across replicas; previous versions stay readable for a while."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+import pytest
+from secretbroker.v1 import broker_pb2
+
+from broker.config import SecretSpec
+from broker.sources.base import SecretValue
+from tests.conftest import (
+    API,
+    DATABASE,
+    KV_MOUNT,
+    BrokerFactory,
+    Pki,
+    RunningBroker,
+    Vault,
+    get,
+    status_of,
+)
+
+ROTATING = {DATABASE: {}, API: {"rotation": {"key": "value", "bytes": 24}}}
+
+
+def rotate(broker: RunningBroker, pki: Pki, name: str = API) -> broker_pb2.RotateSecretResponse:
+    return broker.admin(pki.ops, pki.ca).RotateSecret(
+        broker_pb2.RotateSecretRequest(name=name), timeout=30
+    )
+
+
+def current_version(vault: Vault, path: str = API) -> int:
+    metadata = vault.admin.secrets.kv.v2.read_secret_metadata(path=path, mount_point=KV_MOUNT)
+    return int(metadata["data"]["current_version"])
+
+
+def test_rotation_replaces_the_key_keeps_the_others_and_serves_the_new_version(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(private_vault, secrets_=ROTATING)
+    stub = broker.stub(pki.catalog, pki.ca)
+    before = get(stub, API)
+
+    rotated = rotate(broker, pki)
+
+    assert rotated.version == before.version + 1 == current_version(private_vault)
+    after = get(stub, API)
+    assert after.version == rotated.version
+    assert after.data["value"] != before.data["value"]
+    assert len(after.data["value"]) == 32  # 24 random bytes, URL-safe base64
+    assert after.data["other"] == before.data["other"]
+    assert after.created_at.ToSeconds() == rotated.created_at.ToSeconds()
+    previous = get(stub, API, version=before.version)
+    assert dict(previous.data) == dict(before.data)
+
+
+def test_two_brokers_rotating_the_same_version_write_exactly_one(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    brokers = [start_broker(private_vault, secrets_=ROTATING) for _ in range(2)]
+    version = current_version(private_vault)
+    # Hold both writes until both brokers have read the same version: a real race, forced.
+    both_read = threading.Barrier(2, timeout=20)
+
+    def after_both_read(write: Callable[..., SecretValue]) -> Callable[..., SecretValue]:
+        def write_after_both_read(
+            spec: SecretSpec, data: Mapping[str, str], expected_version: int
+        ) -> SecretValue:
+            both_read.wait()
+            return write(spec, data, expected_version=expected_version)
+
+        return write_after_both_read
+
+    for broker in brokers:
+        vault_source = broker.broker.vault
+        monkeypatch.setattr(
+            vault_source, "write_version", after_both_read(vault_source.write_version)
+        )
+
+    outcomes: list[Any] = []
+
+    def attempt(broker: RunningBroker) -> None:
+        try:
+            outcomes.append(rotate(broker, pki).version)
+        except grpc.RpcError as exc:
+            outcomes.append(exc.code())
+
+    threads = [threading.Thread(target=attempt, args=(b,)) for b in brokers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(outcomes, key=str) == sorted([version + 1, grpc.StatusCode.ABORTED], key=str)
+    assert current_version(private_vault) == version + 1
+
+
+def test_scheduled_rotation_fires_once_across_two_replicas(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    version = private_vault.write(API, value="initial", other="kept")
+    written_at = time.monotonic()
+    schedule = {DATABASE: {}, API: {"rotation": {"key": "value", "period": "3s"}}}
+    rollout = {"rotation_check_interval": "100ms"}
+    for _ in range(2):
+        start_broker(private_vault, secrets_=schedule, rollout=rollout)
+
+    deadline = time.monotonic() + 20
+    while current_version(private_vault) == version and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert current_version(private_vault) == version + 1, "the due rotation did not happen"
+    # Both replicas check every 100ms; give them 1s more to write a second version if they would.
+    time.sleep(max(0.0, written_at + 4.5 - time.monotonic()))
+    assert current_version(private_vault) == version + 1
+    rotated = private_vault.admin.secrets.kv.v2.read_secret_version(
+        path=API, mount_point=KV_MOUNT, raise_on_deleted_version=True
+    )["data"]["data"]
+    assert rotated["other"] == "kept"
+    assert rotated["value"] != "initial"
+
+
+def test_rotation_refusals(private_vault: Vault, pki: Pki, start_broker: BrokerFactory) -> None:
+    broker = start_broker(
+        private_vault,
+        secrets_=ROTATING,
+        environ={"VAULT_ENABLED_SECRETS": '["database"]'},
+    )
+    version = current_version(private_vault)
+
+    def code_and_details(name: str, client: Any = pki.ops) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as caught:
+            broker.admin(client, pki.ca).RotateSecret(
+                broker_pb2.RotateSecretRequest(name=name), timeout=10
+            )
+        return caught.value.code(), caught.value.details() or ""
+
+    code, details = code_and_details(API)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "environment variables" in details
+    code, details = code_and_details(DATABASE)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "not declared rotating" in details
+    assert code_and_details("media-catalog/nope")[0] == grpc.StatusCode.NOT_FOUND
+    assert code_and_details("../x")[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_and_details(API, pki.catalog)[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert current_version(private_vault) == version
+
+
+def test_version_window(private_vault: Vault, pki: Pki, start_broker: BrokerFactory) -> None:
+    broker = start_broker(private_vault, secrets_=ROTATING, rollout={"previous_versions": 1})
+    stub = broker.stub(pki.catalog, pki.ca)
+    first = get(stub, API).version
+    rotate(broker, pki)
+    newest = rotate(broker, pki).version
+
+    assert get(stub, API, version=newest - 1).version == newest - 1
+    assert get(stub, API, version=newest).version == newest
+    for version, code in (
+        (first, grpc.StatusCode.OUT_OF_RANGE),
+        (newest + 1, grpc.StatusCode.OUT_OF_RANGE),
+        (0, grpc.StatusCode.INVALID_ARGUMENT),
+        (-3, grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        assert status_of(functools.partial(get, stub, API, version=version)) == code
+
+
+def test_no_version_of_an_env_sourced_secret(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    environ = {"VAULT_ENABLED_SECRETS": "[]", "MEDIA_CATALOG_API_VALUE": "v"}
+    environ["MEDIA_CATALOG_API_OTHER"] = "o"
+    stub = start_broker(vault, environ=environ).stub(pki.catalog, pki.ca)
+    assert status_of(functools.partial(get, stub, API, version=1)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )

@@ -1,0 +1,157 @@
+"""WatchSecrets against a real broker and OpenBao: current values first, then every change
+(rotation, a version written straight into Vault), GetSecret's access rules, and 1,000
+concurrent streams on one broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
+
+from tests.conftest import (
+    API,
+    DATABASE,
+    BrokerFactory,
+    Pki,
+    Vault,
+    Watch,
+    get,
+)
+
+ROTATING = {DATABASE: {}, API: {"rotation": {"key": "value"}}}
+
+
+def test_first_the_current_values_then_a_rotation(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(private_vault, secrets_=ROTATING)
+    watch = Watch(broker.stub(pki.catalog, pki.ca), [DATABASE, API, API])
+
+    first = {secret.name: secret for secret in (watch.next(), watch.next())}
+    assert set(first) == {DATABASE, API}, "one first message per distinct name"
+    assert dict(first[API].data) == private_vault.written[API]
+
+    rotated = broker.admin(pki.ops, pki.ca).RotateSecret(
+        broker_pb2.RotateSecretRequest(name=API), timeout=30
+    )
+    pushed = watch.next()
+    assert (pushed.name, pushed.version) == (API, rotated.version)
+    assert pushed.data["value"] != first[API].data["value"]
+    assert pushed.data["other"] == first[API].data["other"]
+    watch.cancel()
+
+
+def test_a_version_written_straight_into_vault_reaches_watchers(
+    private_vault: Vault,
+    pki: Pki,
+    start_broker: BrokerFactory,
+    record_property: Callable[[str, object], None],
+) -> None:
+    broker = start_broker(private_vault, rollout={"watch_poll_interval": "300ms"})
+    watch = Watch(broker.stub(pki.catalog, pki.ca), [API])
+    assert watch.next().version == 1
+
+    written_at = time.monotonic()
+    version = private_vault.write(API, value="written-by-ops", other="o")
+    pushed = watch.next()
+    record_property("ops_write_to_watcher_ms", round((time.monotonic() - written_at) * 1000))
+
+    assert (pushed.version, pushed.data["value"]) == (version, "written-by-ops")
+    assert get(broker.stub(pki.catalog, pki.ca), API).version == version, "the cache moved on too"
+    watch.cancel()
+
+
+@pytest.mark.parametrize(
+    ("client", "names", "code"),
+    [
+        ("catalog", [], grpc.StatusCode.INVALID_ARGUMENT),
+        ("catalog", [DATABASE, "../etc"], grpc.StatusCode.INVALID_ARGUMENT),
+        ("catalog", [DATABASE, "media-catalog/undeclared"], grpc.StatusCode.NOT_FOUND),
+        ("intruder", [DATABASE], grpc.StatusCode.PERMISSION_DENIED),
+        ("catalog", [DATABASE, "billing/keys"], grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
+def test_every_name_is_checked_before_anything_is_sent(
+    vault: Vault,
+    pki: Pki,
+    start_broker: BrokerFactory,
+    client: str,
+    names: list[str],
+    code: grpc.StatusCode,
+) -> None:
+    broker = start_broker(vault)
+    watch = Watch(broker.stub(getattr(pki, client), pki.ca), names, timeout=10)
+    with pytest.raises(grpc.RpcError) as caught:
+        watch.next()
+    assert caught.value.code() == code
+
+
+STREAMS = 1000
+CHANNELS = 4
+
+
+def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_answering(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(private_vault, secrets_=ROTATING, log_level="INFO")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki.ca.read_bytes(),
+        private_key=pki.catalog.key.read_bytes(),
+        certificate_chain=pki.catalog.cert.read_bytes(),
+    )
+    admin = broker.admin(pki.ops, pki.ca)
+
+    async def scenario() -> tuple[set[int], int]:
+        channels = [
+            grpc.aio.secure_channel(f"127.0.0.1:{broker.port}", credentials)
+            for _ in range(CHANNELS)
+        ]
+        stubs = [broker_pb2_grpc.SecretBrokerStub(channel) for channel in channels]
+        calls = [
+            stubs[i % CHANNELS].WatchSecrets(
+                broker_pb2.WatchSecretsRequest(names=[API]), timeout=120
+            )
+            for i in range(STREAMS)
+        ]
+        firsts = await asyncio.gather(*(call.read() for call in calls))
+        assert all(isinstance(m, broker_pb2.WatchSecretsResponse) for m in firsts)
+        before = {
+            m.secret.version for m in firsts if isinstance(m, broker_pb2.WatchSecretsResponse)
+        }
+        assert len(before) == 1
+
+        rotation = asyncio.get_running_loop().run_in_executor(
+            None, lambda: admin.RotateSecret(broker_pb2.RotateSecretRequest(name=API), timeout=30)
+        )
+        pushed = asyncio.gather(*(call.read() for call in calls))
+        answered = 0
+        while not pushed.done():  # GetSecret keeps answering while 1,000 streams are served
+            response = await stubs[0].GetSecret(
+                broker_pb2.GetSecretRequest(name=DATABASE), timeout=30
+            )
+            answered += response.secret.name == DATABASE
+            await asyncio.sleep(0.01)
+        await rotation
+        versions = {
+            m.secret.version
+            for m in pushed.result()
+            if isinstance(m, broker_pb2.WatchSecretsResponse)
+        }
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close(None)
+        return versions - before, answered
+
+    new_versions, answered = asyncio.run(scenario())
+
+    assert len(new_versions) == 1, "all 1,000 streams got the same, new version"
+    assert answered >= 1
+    deadline = time.monotonic() + 30
+    while len(broker.broker.feed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(broker.broker.feed) == 0, "cancelled streams unsubscribed"
