@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from catalog.secrets import SecretsClient
+from catalog.secrets import SecretLookup
 
 
 class MissingSecretKey(Exception):
@@ -21,13 +21,18 @@ class SecretRef:
 DATABASE_URL = SecretRef("media-catalog/database", "url")
 JWT_SECRET_KEY = SecretRef("media-catalog/api", "jwt_secret")
 TMDB_API_KEY = SecretRef("media-catalog/external", "tmdb_api_key")
+CONFIG_SECRETS = tuple(
+    dict.fromkeys(ref.name for ref in (DATABASE_URL, JWT_SECRET_KEY, TMDB_API_KEY))
+)
+"""The secrets Config reads: what a LiveSecrets for it should watch."""
 
 
 class Config:
-    """``app/config.py``'s properties, each a read through the broker (which caches)."""
+    """``app/config.py``'s properties, each a read through ``secrets``: a SecretsClient (one
+    broker call per read) or, in a service, a LiveSecrets (memory, kept current by a watch)."""
 
-    def __init__(self, client: SecretsClient) -> None:
-        self._client = client
+    def __init__(self, secrets: SecretLookup) -> None:
+        self._client = secrets
 
     @property
     def database_url(self) -> str:

@@ -29,6 +29,8 @@ from broker.dev.bootstrap import (
 from broker.dev.openbao import OpenBaoDevServer
 from broker.dev.pki import CertFiles, DevCA, issue_loopback_server
 from broker.server import Broker
+from catalog.retry import RetryPolicy
+from catalog.secrets import BrokerClientConfig, SecretsClient
 
 T = TypeVar("T")
 
@@ -284,6 +286,17 @@ def start_broker(pki: Pki, tmp_path: Path) -> Iterator[BrokerFactory]:
     yield start
     for handle in running:
         handle.stop()
+
+
+def client_for(pki: Pki, port: int, retry: RetryPolicy | None = None) -> SecretsClient:
+    config = BrokerClientConfig(
+        target=f"127.0.0.1:{port}",
+        ca_file=pki.ca,
+        cert_file=pki.catalog.cert,
+        key_file=pki.catalog.key,
+        retry=retry or RetryPolicy(),
+    )
+    return SecretsClient(config)
 
 
 def get(

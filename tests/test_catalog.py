@@ -15,7 +15,6 @@ from catalog.retry import RetryPolicy
 from catalog.secrets import (
     BrokerClientConfig,
     ClientConfigError,
-    SecretsClient,
     SecretSource,
     SecretUnavailable,
 )
@@ -28,18 +27,8 @@ from tests.conftest import (
     RunningBroker,
     Vault,
     broker_settings,
+    client_for,
 )
-
-
-def client_for(pki: Pki, port: int, retry: RetryPolicy | None = None) -> SecretsClient:
-    config = BrokerClientConfig(
-        target=f"127.0.0.1:{port}",
-        ca_file=pki.ca,
-        cert_file=pki.catalog.cert,
-        key_file=pki.catalog.key,
-        retry=retry or RetryPolicy(),
-    )
-    return SecretsClient(config)
 
 
 def test_config_properties_come_from_vault_through_the_broker(
