@@ -3,12 +3,14 @@ nothing behind, and it runs again."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import hvac
@@ -66,6 +68,7 @@ def test_dev_stack_starts_serves_the_catalog_and_stops_cleanly_twice(tmp_path: P
             values = _read_as_broker(vault_addr.group(1), state_dir)
             assert len(values) == 5
             output += _catalog_config_command(output, state_dir)
+            output += _catalog_service_and_ops(output, state_dir)
             assert _processes_mentioning(str(state_dir)), "the broker runs with its config there"
         finally:
             rest = _stop(process)
@@ -103,6 +106,58 @@ def _catalog_config_command(output: str, state_dir: Path) -> str:
         "jwt_secret_key: 43 characters from media-catalog/api (version 1, vault)" in result.stdout
     )
     return result.stdout + result.stderr
+
+
+def _catalog_service_and_ops(output: str, state_dir: Path) -> str:
+    """The catalog service the dev stack started answers; a token minted as the banner shows is
+    accepted; the ops status command works with the dev ops certificate."""
+    service = re.search(r"catalog service\s+(http://\S+)", output)
+    broker_addr = re.search(r"SECRETBROKER_ADDR=(\S+)", output)
+    assert service is not None
+    assert broker_addr is not None
+    with urllib.request.urlopen(f"{service.group(1)}/healthz", timeout=10) as response:  # noqa: S310
+        health = json.loads(response.read())
+    assert health["secrets"]["media-catalog/api"] == {
+        "version": 1,
+        "source": "vault",
+        "stale": False,
+    }
+    certs = state_dir / "certs"
+    printed = ""
+    for client, args in (
+        ("catalog", ["catalog", "token", "--sub", "me"]),
+        ("ops", ["broker", "status"]),
+    ):
+        env = {
+            **os.environ,
+            "SECRETBROKER_ADDR": broker_addr.group(1),
+            "SECRETBROKER_CA_FILE": str(certs / "ca.pem"),
+            "SECRETBROKER_CERT_FILE": str(certs / f"{client}.pem"),
+            "SECRETBROKER_KEY_FILE": str(certs / f"{client}-key.pem"),
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        printed += result.stdout + result.stderr
+        if client == "catalog":
+            request = urllib.request.Request(  # noqa: S310 - the dev stack's loopback URL
+                f"{service.group(1)}/media",
+                method="POST",
+                data=b'{"title": "Heat", "year": 1995}',
+                headers={"Authorization": f"Bearer {result.stdout.strip()}"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+                assert response.status == 201
+            printed = printed.replace(result.stdout, "")  # a token is not a stored secret
+        else:
+            assert "rule in force: default" in result.stdout
+    return printed
 
 
 def _read_as_broker(address: str, state_dir: Path) -> list[str]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -120,7 +122,7 @@ def run_dev_stack(state_dir: Path) -> int:
     state_dir.mkdir(mode=0o700, parents=True)
     signal.signal(signal.SIGTERM, _raise_stop)
     bao = OpenBaoDevServer(state_dir / "openbao", root_token=secrets.token_hex(16))
-    broker: subprocess.Popen[bytes] | None = None
+    children: dict[str, subprocess.Popen[bytes]] = {}
     try:
         bao.start()
         log.info("OpenBao dev server at %s (its log: %s)", bao.address, bao.log_path)
@@ -137,43 +139,110 @@ def run_dev_stack(state_dir: Path) -> int:
         config_path.write_text(
             broker_toml(listen, bao.address, certs, role.role_id_file.parent, state_dir)
         )
-        broker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "broker", "serve", "--config", str(config_path)],
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-        )
+        children["broker"] = _start("broker", "serve", "--config", str(config_path))
         _show_catalog_config(listen, certs)
-        print(  # noqa: T201 - the dev stack talks to its user
-            f"""
-Dev stack is up. Nothing below is a secret value.
-  OpenBao (Vault API)  {bao.address}   log: {bao.log_path}
-  broker (gRPC, mTLS)  {listen}   config: {config_path}
-  dev certificates     {certs.ca.parent}/  (CA ca.pem; catalog client catalog.pem)
-  broker AppRole       {role.role_id_file.parent}/
-See the catalog's view again, from another terminal:
-  SECRETBROKER_ADDR={listen} SECRETBROKER_CA_FILE={certs.ca} \\
-  SECRETBROKER_CERT_FILE={certs.catalog.cert} \\
-  SECRETBROKER_KEY_FILE={certs.catalog.key} \\
-  {sys.executable} -m catalog config
-Press Ctrl-C to stop everything.""",
-            flush=True,
+        catalog_url = f"127.0.0.1:{free_port_pair()}"
+        children["catalog service"] = _start(
+            "catalog",
+            "serve",
+            "--listen",
+            catalog_url,
+            env=client_env(listen, certs.catalog, certs),
         )
-        while broker.poll() is None:
+        _wait_for_http(f"http://{catalog_url}/healthz", children["catalog service"])
+        banner = _banner(bao, listen, config_path, certs, role.role_id_file.parent, catalog_url)
+        print(banner, flush=True)  # noqa: T201 - the dev stack talks to its user
+        while True:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    log.error("the %s exited with code %s", name, child.returncode)
+                    return 1
             time.sleep(0.5)
-        log.error("the broker exited with code %s", broker.returncode)
-        return 1
     except (KeyboardInterrupt, _Stop):
         return 0
     finally:
-        if broker is not None and broker.poll() is None:
-            broker.send_signal(signal.SIGTERM)
-            try:
-                broker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait()
+        for child in reversed(children.values()):
+            _terminate(child)
         bao.stop()
         log.info("dev stack stopped")
+
+
+def client_env(listen: str, client: CertFiles, certs: DevCertificates) -> dict[str, str]:
+    """The SECRETBROKER_* settings a client with certificate ``client`` uses."""
+    return {
+        "SECRETBROKER_ADDR": listen,
+        "SECRETBROKER_CA_FILE": str(certs.ca),
+        "SECRETBROKER_CERT_FILE": str(client.cert),
+        "SECRETBROKER_KEY_FILE": str(client.key),
+    }
+
+
+def _start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+        [sys.executable, "-m", *args],
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        preexec_fn=die_with_parent,
+    )
+
+
+def _terminate(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _wait_for_http(url: str, child: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - our own loopback URL
+                return
+        except OSError:
+            if child.poll() is not None:
+                raise RuntimeError(f"{url} exited with code {child.returncode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout:g}s") from None
+            time.sleep(0.2)
+
+
+def _shell_env(env: dict[str, str]) -> str:
+    return " \\\n  ".join(f"{key}={value}" for key, value in env.items())
+
+
+def _banner(
+    bao: OpenBaoDevServer,
+    listen: str,
+    config_path: Path,
+    certs: DevCertificates,
+    role_dir: Path,
+    catalog_url: str,
+) -> str:
+    python = sys.executable
+    catalog = _shell_env(client_env(listen, certs.catalog, certs))
+    ops = _shell_env(client_env(listen, certs.ops, certs))
+    return f"""
+Dev stack is up. Nothing below is a secret value.
+  OpenBao (Vault API)  {bao.address}   log: {bao.log_path}
+  broker (gRPC, mTLS)  {listen}   config: {config_path}
+  catalog service      http://{catalog_url}   (GET /healthz, GET /media, POST /media)
+  dev certificates     {certs.ca.parent}/  (CA ca.pem; clients catalog.pem, ops.pem)
+  broker AppRole       {role_dir}/
+As the catalog, from another terminal (config, or a token for POST /media):
+  export {catalog}
+  {python} -m catalog config
+  curl -H "Authorization: Bearer $({python} -m catalog token --sub me)" \\
+    -d '{{"title": "Heat", "year": 1995}}' http://{catalog_url}/media
+As ops (rollback to env vars, rotate the JWT key):
+  export {ops}
+  {python} -m broker status
+  {python} -m broker rotate media-catalog/api
+Press Ctrl-C to stop everything."""
 
 
 def _show_catalog_config(listen: str, certs: DevCertificates) -> None:
