@@ -1,12 +1,14 @@
 """No secret value or token ever reaches a log line, an error message or the test output.
 
 Runs the real ``python -m broker serve`` at DEBUG through every path (allowed, denied, invalid,
-undeclared, Vault hung, token renewal and re-login) and searches everything it wrote.
+undeclared, watch, rotation, rollback to env and back, Vault hung, token renewal and re-login)
+and searches everything it wrote: its log, its audit trail, and the test's own output.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,14 +18,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from secretbroker.v1 import broker_pb2_grpc
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from broker.dev.bootstrap import RoleTTLs
 from broker.dev.openbao import free_port_pair
+from broker.sources.env import variable_name
 from tests.conftest import (
     API,
     DATABASE,
+    SECRET_KEYS,
     Pki,
+    Watch,
     broker_settings,
     get,
     secure_channel,
@@ -61,11 +66,16 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
     settings = broker_settings(
         vault,
         pki,
-        secrets_={DATABASE: {"ttl": "300ms"}, API: {"ttl": 0}, "media-catalog/external": {}},
+        secrets_={
+            DATABASE: {"ttl": "300ms"},
+            API: {"ttl": 0, "rotation": {"key": "value"}},
+            "media-catalog/external": {},
+        },
         cache={"max_stale": "2s", "error_backoff": "100ms"},
         listen=f"127.0.0.1:{port}",
     )
     settings["vault"]["address"] = "http://127.0.0.1:9"  # VAULT_ADDR must win over the file
+    env_values = {variable_name(DATABASE, key): secrets.token_urlsafe(16) for key in SECRET_KEYS}
     config = tmp_path / "broker.toml"
     config.write_text(_toml(settings))
     log_path = tmp_path / "broker.log"
@@ -74,7 +84,7 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
             [sys.executable, "-m", "broker", "serve", "--config", str(config)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "VAULT_ADDR": vault.address},
+            env={**os.environ, "VAULT_ADDR": vault.address, **env_values},
         )
     try:
         stub = broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, pki.catalog))
@@ -86,6 +96,19 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
                 get(stub, name)
         with pytest.raises(grpc.RpcError):
             get(intruder, DATABASE)
+        admin = broker_pb2_grpc.SecretBrokerAdminStub(secure_channel(port, pki.ca, pki.ops))
+        watch = Watch(stub, [DATABASE, API])
+        served += [watch.next(), watch.next()]
+        admin.RotateSecret(broker_pb2.RotateSecretRequest(name=API), timeout=30)
+        served.append(watch.next())
+        admin.SetRollbackOverride(
+            broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=["api"]), timeout=10
+        )
+        served += [watch.next(), get(stub, DATABASE)]
+        assert served[-1].source == broker_pb2.SOURCE_ENV
+        admin.ClearRollbackOverride(broker_pb2.ClearRollbackOverrideRequest(), timeout=10)
+        served.append(watch.next())
+        watch.cancel()
         deadline = time.monotonic() + 7  # across renewals and a re-login at max TTL
         while time.monotonic() < deadline:
             served.append(get(stub, API))
@@ -104,6 +127,8 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         vault.server.stop()
 
     logs = log_path.read_text()
+    audit = (tmp_path / "audit.jsonl").read_text()
+    assert '"rpc":"RotateSecret"' in audit
     assert exit_code == 0, "SIGTERM stops the broker cleanly"
     assert "broker stopped" in logs
     assert "logged in to vault" in logs
@@ -120,8 +145,10 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         forbidden.update({f"{secret.name}.{key}": value for key, value in secret.data.items()})
     for path, data in vault.written.items():
         forbidden.update({f"{path}.{key}": value for key, value in data.items()})
+    forbidden.update(env_values)
     captured = capfd.readouterr()
-    for where, text in {"broker log": logs, "test output": captured.out + captured.err}.items():
+    outputs = {"broker log": logs, "audit trail": audit, "test output": captured.out + captured.err}
+    for where, text in outputs.items():
         leaked = [label for label, value in forbidden.items() if value and value in text]
         assert not leaked, f"{where} contains {leaked}"
     assert os.path.getsize(log_path) > 0
