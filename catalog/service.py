@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from catalog.auth import InvalidToken, TokenAuthority, WeakSigningKey
 from catalog.config import CONFIG_SECRETS, Config, MissingSecretKey
-from catalog.database import DatabaseUrlError, transaction
-from catalog.secrets import LiveSecrets, SecretUnavailable
+from catalog.database import Cursor, DatabaseUrlError, transaction
+from catalog.secrets import SecretLookup, SecretUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class HttpError(Exception):
 class CatalogApp:
     """Request handling, independent of the HTTP server."""
 
-    def __init__(self, secrets: LiveSecrets, auth: TokenAuthority) -> None:
+    def __init__(self, secrets: SecretLookup, auth: TokenAuthority) -> None:
         self._secrets = secrets
         self._config = Config(secrets)
         self._auth = auth
@@ -95,11 +96,15 @@ class CatalogApp:
         except (WeakSigningKey, SecretUnavailable) as exc:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"JWT key: {exc}") from None
 
-    def _database(self) -> Any:
+    @contextmanager
+    def _database(self) -> Iterator[tuple[Cursor, str]]:
         try:
-            return transaction(self._config.database_url)
+            url = self._config.database_url
         except (SecretUnavailable, MissingSecretKey) as exc:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"database URL: {exc}") from None
+        try:
+            with transaction(url) as opened:
+                yield opened
         except DatabaseUrlError as exc:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
 

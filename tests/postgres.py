@@ -1,0 +1,77 @@
+"""A throwaway PostgreSQL server for tests: initdb in a temporary folder, trust auth, loopback
+only, stopped with the test session. Runs as the ``postgres`` user when the tests run as root
+(the server refuses to run as root)."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+
+from broker.dev.openbao import die_with_parent, free_port_pair
+
+
+def postgres_bindir() -> Path:
+    found = shutil.which("initdb") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None
+    )
+    if found is None:
+        raise RuntimeError("PostgreSQL server binaries not found: apt-get install postgresql")
+    return Path(found).parent
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[str]:
+    """Yields a postgresql:// URL of a fresh server."""
+    bindir = postgres_bindir()
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="catalog-pg-"))
+    if as_user:
+        shutil.chown(data, "postgres", "postgres")
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "catalog"],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port_pair()
+    server = subprocess.Popen(
+        [
+            *as_user,
+            str(bindir / "postgres"),
+            "-D",
+            str(data / "db"),
+            "-k",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )
+    url = f"postgresql://catalog@127.0.0.1:{port}/postgres"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(url, connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(data, ignore_errors=True)
