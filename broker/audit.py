@@ -21,6 +21,8 @@ from typing import IO, Any
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+MAX_FIELD_CHARS = 300
+"""Longer strings (only a caller's invalid input can be) are cut, so no record can bloat."""
 
 
 def line_hash(line: bytes) -> str:
@@ -41,7 +43,11 @@ class AuditTrail:
     def record(self, event: str, **fields: Any) -> None:
         """Append one record. Raises only when audit is fail-closed."""
         with self._lock:
-            document = {"time": time.time(), "event": event, **fields, "prev": self._prev}
+            clipped = {
+                key: value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
+                for key, value in fields.items()
+            }
+            document = {"time": time.time(), "event": event, **clipped, "prev": self._prev}
             line = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
             try:
                 self._file.write(line + b"\n")

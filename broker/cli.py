@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_dev_stack(args.dir)
     try:
         config = load_config(args.config, os.environ)
-    except ConfigError as exc:
+        configure_logging(config.log_level)
+        asyncio.run(serve(config))
+    except ConfigError as exc:  # from the file, the environment, or the persisted rollback state
         print(f"config error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
         return EXIT_CONFIG_ERROR
-    configure_logging(config.log_level)
-    asyncio.run(serve(config))
     return 0
 
 

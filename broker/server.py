@@ -57,17 +57,18 @@ class Broker:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
-        self.vault = vault or VaultSource(config.vault)
-        self._executor = ThreadPoolExecutor(VAULT_IO_THREADS, thread_name_prefix="vault-io")
-        self.feed = ChangeFeed()
-        self.audit = AuditTrail(config.audit.file, fail_closed=config.audit.fail_closed)
-        self.cache = SecretCache(self.vault, config.cache, self._executor)
+        # First: it may refuse to start (unreadable override file) before anything is opened.
         self.rollback = RollbackState(
             config.categories,
             config.startup_rollback,
             config.admin.state_file,
             on_flip=self._flipped,
         )
+        self.vault = vault or VaultSource(config.vault)
+        self._executor = ThreadPoolExecutor(VAULT_IO_THREADS, thread_name_prefix="vault-io")
+        self.feed = ChangeFeed()
+        self.audit = AuditTrail(config.audit.file, fail_closed=config.audit.fail_closed)
+        self.cache = SecretCache(self.vault, config.cache, self._executor)
         self.values = SecretValues(
             self.cache,
             EnvSource(os.environ if environ is None else environ),

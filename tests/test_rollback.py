@@ -16,6 +16,7 @@ import grpc
 import pytest
 from secretbroker.v1 import broker_pb2
 
+from broker.config import ConfigError
 from broker.sources.env import variable_name
 from tests.conftest import (
     API,
@@ -286,3 +287,12 @@ def test_ops_cli_flips_and_shows_status(
     cleared = cli("rollback", "clear")
     assert "rule in force: default" in cleared.stdout
     assert get(broker.stub(pki.catalog, pki.ca), API).source == VAULT
+
+
+def test_an_unreadable_override_file_stops_start_up_naming_the_key(
+    vault: Vault, start_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "override.json").write_text('{"vault_enabled_categories": ')
+    with pytest.raises(ConfigError) as caught:
+        start_broker(vault, admin={"identities": [], "state_file": "override.json"})
+    assert caught.value.key == "admin.state_file"
