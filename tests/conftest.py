@@ -325,6 +325,28 @@ class Watch:
         self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
 
+_MEASUREMENTS: dict[str, list[float]] = {}
+Measure = Callable[[str, float], None]
+
+
+@pytest.fixture
+def measure() -> Measure:
+    """Record a timing the test observed; reported at the end of the run, never asserted
+    (shared machines are noisy; bench/ measures performance)."""
+
+    def record(name: str, value: float) -> None:
+        _MEASUREMENTS.setdefault(name, []).append(value)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _MEASUREMENTS:
+        terminalreporter.section("measured by tests (reported, never asserted)")
+        for name, values in sorted(_MEASUREMENTS.items()):
+            terminalreporter.write_line(f"{name}: {', '.join(f'{v:.1f}' for v in values)}")
+
+
 def status_of(call: Callable[[], object]) -> grpc.StatusCode:
     """The status code a failing call ends with; fails the test if the call succeeds."""
     with pytest.raises(grpc.RpcError) as caught:

@@ -23,6 +23,7 @@ from tests.conftest import (
     DATABASE,
     SECRET_KEYS,
     BrokerFactory,
+    Measure,
     Pki,
     RunningBroker,
     Vault,
@@ -124,7 +125,7 @@ def test_live_flip_takes_effect_for_the_next_request_both_ways(
     vault: Vault,
     pki: Pki,
     start_broker: BrokerFactory,
-    record_property: Callable[[str, object], None],
+    measure: Measure,
 ) -> None:
     broker = start_broker(vault, environ=ENV_VALUES)
     stub = broker.stub(pki.catalog, pki.ca)
@@ -146,10 +147,8 @@ def test_live_flip_takes_effect_for_the_next_request_both_ways(
     to_vault = time.perf_counter() - started
     assert back.source == VAULT
     assert dict(back.data) == vault.written[API]
-    # Measured, not asserted (shared machines are noisy): flip RPC + first read, in the JUnit
-    # report (pytest --junitxml) and bench/.
-    record_property("flip_to_env_ms", round(to_env * 1000, 2))
-    record_property("flip_to_vault_ms", round(to_vault * 1000, 2))
+    measure("rollback flip RPC + next read, to env (ms)", to_env * 1000)
+    measure("rollback flip RPC + next read, back to vault (ms)", to_vault * 1000)
 
 
 def test_flip_is_pushed_to_watchers(vault: Vault, pki: Pki, start_broker: BrokerFactory) -> None:
