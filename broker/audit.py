@@ -1,10 +1,11 @@
 """The audit trail: one JSON Lines record per access decision and per admin action.
 
-Never a value. Each record carries ``prev``, the SHA-256 of the previous record's
-line, so an edited, inserted or deleted record breaks the chain where it happened
-(``python -m broker audit verify FILE``). Every record is flushed as it is
-written: a crash loses at most the record in flight. Appending to an existing
-file continues its chain.
+Never a value. Records are numbered (``seq``) and each carries ``prev``, the SHA-256
+of the previous record's line, so ``python -m broker audit verify FILE`` finds the
+first edited, inserted or deleted record. Every record is flushed as it is
+written: a crash loses at most the record in flight. Appending to an existing file
+continues its chain. The chain proves the file was not edited in place; anchoring
+its head elsewhere (``head``, logged at shutdown) also catches a rewritten tail.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from broker.errors import AuditUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,45 +37,115 @@ def line_hash(line: bytes) -> str:
 class AuditTrail:
     """Appends hash-chained records to ``path``, or to standard output when it is None."""
 
-    def __init__(self, path: Path | None, *, fail_closed: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        fail_closed: bool = False,
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
         self.path = path
         self.fail_closed = fail_closed
-        self.failures = 0
+        self._on_failure = on_failure
         self._lock = threading.Lock()
-        self._prev = _last_hash(path) if path is not None else GENESIS
+        self._seq, self.head = _tail(path) if path is not None else (0, GENESIS)
         self._file: IO[bytes] = path.open("ab") if path is not None else sys.stdout.buffer
 
     def record(self, event: str, **fields: Any) -> None:
-        """Append one record. Raises only when audit is fail-closed."""
+        """Append one record. Raises AuditUnavailable only when audit is fail-closed."""
+        clipped = {
+            key: value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
+            for key, value in fields.items()
+        }
         with self._lock:
-            clipped = {
-                key: value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
-                for key, value in fields.items()
+            document = {
+                "time": time.time(),
+                "event": event,
+                **clipped,
+                "seq": self._seq + 1,
+                "prev": self.head,
             }
-            document = {"time": time.time(), "event": event, **clipped, "prev": self._prev}
             line = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
             try:
                 self._file.write(line + b"\n")
                 self._file.flush()
-            except (OSError, ValueError):
-                self.failures += 1
-                log.error("cannot write the audit trail (%d failures so far)", self.failures)
+            except (OSError, ValueError) as exc:
+                self._on_failure()
+                log.error("cannot write the audit trail: %s", type(exc).__name__)
                 if self.fail_closed:
-                    raise
+                    raise AuditUnavailable("the audit trail cannot be written") from None
                 return
-            self._prev = line_hash(line)
+            self._seq += 1
+            self.head = line_hash(line)
 
     def close(self) -> None:
+        log.info("audit trail head: record %d, sha256 %s", self._seq, self.head)
         if self.path is not None:
             self._file.close()
 
 
-def _last_hash(path: Path) -> str:
-    if not path.exists() or path.stat().st_size == 0:
-        return GENESIS
+def _tail(path: Path) -> tuple[int, str]:
+    """Sequence number and hash of the last record, so appending continues the chain."""
+    last = b""
+    if path.exists():
+        with path.open("rb") as file:
+            for line in file:
+                if line.strip():
+                    last = line
+    if not last:
+        return 0, GENESIS
+    try:
+        seq = int(json.loads(last)["seq"])
+    except (ValueError, KeyError, TypeError):
+        log.error("the audit trail's last line is not a record; continuing its chain after it")
+        seq = 0
+    return seq, line_hash(last)
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    line: int
+    problem: str
+
+
+def _fields(line: bytes) -> tuple[int, str] | None:
+    try:
+        record = json.loads(line)
+        return int(record["seq"]), str(record["prev"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def verify(lines: list[bytes]) -> tuple[int, ChainBreak | None]:
+    """Walk the chain; return how many records check out and the first break, if any.
+    Line numbers count non-empty lines from 1."""
+    prev, expected_seq = GENESIS, 1
+    for index, line in enumerate(lines):
+        number = index + 1
+        fields = _fields(line)
+        if fields is None:
+            return index, ChainBreak(number, "is not an audit record (edited, or cut by a crash)")
+        seq, recorded_prev = fields
+        if seq > expected_seq:
+            missing = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}-{seq - 1}"
+            return index, ChainBreak(number, f"follows a gap: record {missing} was deleted")
+        if seq < expected_seq:
+            return index, ChainBreak(number, f"repeats record number {seq}: it was inserted")
+        if recorded_prev != prev and index == 0:
+            return 0, ChainBreak(number, "does not start a chain: the file's start was cut")
+        if recorded_prev != prev:
+            following = _fields(lines[index + 1]) if index + 1 < len(lines) else None
+            if following == (seq, prev):  # the next line is the real record this one displaced
+                return index, ChainBreak(
+                    number, "was inserted: the next record follows its predecessor"
+                )
+            return index - 1, ChainBreak(
+                number - 1, "was edited: its hash is not the one the next record holds"
+            )
+        prev, expected_seq = line_hash(line), seq + 1
+    return len(lines), None
+
+
+def verify_file(path: Path) -> tuple[int, ChainBreak | None]:
     with path.open("rb") as file:
-        last = b""
-        for line in file:
-            if line.strip():
-                last = line
-    return line_hash(last)
+        return verify([line for line in file if line.strip()])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from broker.config import CacheConfig, SecretSpec
 from broker.errors import SourceUnavailable
+from broker.metrics import BrokerMetrics
 from broker.sources.base import SecretSource, SecretValue
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ _Key = tuple[str, int | None]
 class CachedSecret:
     value: SecretValue
     stale: bool
+    from_cache: bool = True
+    """False when this request's own read (or the one it joined) fetched the value."""
 
 
 @dataclass
@@ -53,8 +56,10 @@ class SecretCache:
         config: CacheConfig,
         executor: Executor,
         clock: Callable[[], float] = time.monotonic,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self._source = source
+        self._metrics = metrics
         self._config = config
         self._executor = executor
         self._clock = clock
@@ -83,11 +88,14 @@ class SecretCache:
         now = self._clock()
         if entry is not None:
             if now < entry.fresh_until:
+                self._count("hit")
                 return CachedSecret(entry.value, stale=False)
             if now < entry.retry_after and now < entry.stale_until:
+                self._count("stale")
                 return CachedSecret(entry.value, stale=True)
+        result = "miss"
         try:
-            return CachedSecret(await self._refresh(key, spec), stale=False)
+            return CachedSecret(await self._refresh(key, spec), stale=False, from_cache=False)
         except SourceUnavailable as exc:
             entry = self._entries.get(key)
             now = self._clock()
@@ -95,7 +103,19 @@ class SecretCache:
                 raise
             entry.retry_after = now + self._config.error_backoff
             log.warning("serving %r stale: %s", spec.name, exc)
+            result = "stale"
             return CachedSecret(entry.value, stale=True)
+        finally:
+            self._count(result)
+
+    def answerable(self, name: str) -> bool:
+        """Whether the current value of ``name`` could be served now, fresh or stale."""
+        entry = self._entries.get((name, None))
+        return entry is not None and self._clock() < entry.stale_until
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.cache_lookup(result)
 
     def _refresh(self, key: _Key, spec: SecretSpec) -> asyncio.Future[SecretValue]:
         """The one in-flight read of ``key``, started if there is none.
@@ -122,6 +142,8 @@ class SecretCache:
         return value
 
     def _store(self, key: _Key, spec: SecretSpec, value: SecretValue) -> None:
+        if key[1] is None and self._metrics is not None:
+            self._metrics.secret_read(spec.name, value.version, value.fetched_at)
         now = self._clock()
         self._entries[key] = _Entry(
             value, fresh_until=now + spec.ttl, stale_until=now + spec.ttl + self._config.max_stale

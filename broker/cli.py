@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_dev_stack(args.dir)
     try:
         config = load_config(args.config, os.environ)
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, config.log_format)
         asyncio.run(serve(config))
     except ConfigError as exc:  # from the file, the environment, or the persisted rollback state
         print(f"config error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output

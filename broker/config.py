@@ -148,6 +148,14 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None
+    """host:port of the HTTP listener for /metrics, /healthz and /readyz; None: no listener."""
+    vault_probe_interval: float = 5.0
+    """How often Vault's health (reachable, sealed) is checked, for metrics and readiness."""
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     file: Path | None = None
     """JSON Lines file the audit trail is appended to; None: standard output."""
@@ -174,6 +182,9 @@ class BrokerConfig:
     access: Mapping[str, tuple[str, ...]]
     """Identity (SPIFFE ID or certificate CN) -> secret name patterns it may read."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """"text" or "json" (one JSON object per line)."""
+    metrics: MetricsConfig = MetricsConfig()
     admin: AdminConfig = AdminConfig()
     rollout: RolloutConfig = RolloutConfig()
     audit: AuditConfig = AuditConfig()
@@ -322,7 +333,11 @@ def parse_config(
     level = log_level.string("level", "INFO").upper()
     if level not in _LOG_LEVELS:
         raise ConfigError("log.level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    log_format = log_level.string("format", "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError("log.format", 'must be "text" or "json"')
     log_level.reject_unknown()
+    metrics = _parse_metrics(root.table("metrics", required=False))
     admin = _parse_admin(root.table("admin", required=False))
     rollout = _parse_rollout(root.table("rollout", required=False))
     audit = _parse_audit(root.table("audit", required=False))
@@ -330,7 +345,18 @@ def parse_config(
     categories = frozenset(spec.category for spec in secrets.values())
     startup = parse_vault_enabled(environ.get(VAULT_ENABLED_SECRETS), categories)
     return BrokerConfig(
-        server, vault, cache, secrets, access, level, admin, rollout, audit, startup
+        server,
+        vault,
+        cache,
+        secrets,
+        access,
+        log_level=level,
+        log_format=log_format,
+        metrics=metrics,
+        admin=admin,
+        rollout=rollout,
+        audit=audit,
+        startup_rollback=startup,
     )
 
 
@@ -365,11 +391,29 @@ def check_categories(key: str, given: list[str], categories: frozenset[str]) -> 
         )
 
 
-def _parse_server(table: _Table) -> ServerConfig:
-    listen = table.string("listen")
+def _check_listen(key: str, listen: str) -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError("server.listen", 'must be "host:port"')
+        raise ConfigError(key, 'must be "host:port"')
+
+
+def _parse_metrics(table: _Table) -> MetricsConfig:
+    listen = table.string("listen") if table.has("listen") else None
+    if listen is not None:
+        _check_listen("metrics.listen", listen)
+    config = MetricsConfig(
+        listen=listen,
+        vault_probe_interval=table.positive_duration(
+            "vault_probe_interval", MetricsConfig.vault_probe_interval
+        ),
+    )
+    table.reject_unknown()
+    return config
+
+
+def _parse_server(table: _Table) -> ServerConfig:
+    listen = table.string("listen")
+    _check_listen("server.listen", listen)
     config = ServerConfig(
         listen=listen,
         cert_file=table.path("cert_file"),

@@ -15,6 +15,7 @@ caller's raw input::
     ├── SecretNotDeclared       the broker's config does not declare the name
     ├── SecretMissingInSource   declared, but the source has no value at its path
     ├── SourceUnavailable       the source cannot be reached, is sealed or too slow
+    ├── AuditUnavailable        the audit trail cannot be written and audit is fail-closed
     ├── SourceDenied            the source refused the broker itself (its Vault policy)
     ├── VersionOutOfRange       the requested version is not among those kept readable
     ├── NotApplicable           the operation does not apply to the secret as it is served
@@ -66,3 +67,7 @@ class NotApplicable(BrokerError):
 
 class WriteConflict(BrokerError):
     """Check-and-set failed: another writer wrote a new version first."""
+
+
+class AuditUnavailable(BrokerError):
+    """The audit trail cannot be written, and the config makes audit fail-closed."""

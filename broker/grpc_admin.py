@@ -13,6 +13,7 @@ from broker.config import SecretSpec
 from broker.errors import AccessDenied, BrokerError, SecretNotDeclared
 from broker.grpc_service import Context, abort, timestamp
 from broker.identity import IdentityResolver
+from broker.metrics import BrokerMetrics
 from broker.names import validate_secret_name
 from broker.rollback import RollbackState, RollbackStatus, Rule
 from broker.rotation import Rotator
@@ -35,7 +36,9 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
         rotator: Rotator,
         identities: IdentityResolver,
         audit: AuditTrail,
+        metrics: BrokerMetrics,
     ) -> None:
+        self._metrics = metrics
         self._admins = admins
         self._secrets = secrets_
         self._rollback = rollback
@@ -46,58 +49,69 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
     async def GetRollbackState(
         self, request: broker_pb2.GetRollbackStateRequest, context: Context
     ) -> broker_pb2.GetRollbackStateResponse:
-        await self._admin(context, "GetRollbackState")
-        return broker_pb2.GetRollbackStateResponse(state=state_message(self._rollback.status()))
+        with self._metrics.rpc("GetRollbackState", context):
+            await self._admin(context, "GetRollbackState")
+            return broker_pb2.GetRollbackStateResponse(state=state_message(self._rollback.status()))
 
     async def SetRollbackOverride(
         self, request: broker_pb2.SetRollbackOverrideRequest, context: Context
     ) -> broker_pb2.SetRollbackOverrideResponse:
-        identity = await self._admin(context, "SetRollbackOverride")
-        categories = list(request.vault_enabled_categories)
-        try:
-            status = self._rollback.set_override(categories, by=identity)
-        except BrokerError as exc:
-            self._record(identity, "SetRollbackOverride", "deny", reason=str(exc))
-            await abort(context, "SetRollbackOverride", identity, exc)
-        self._record(
-            identity, "SetRollbackOverride", "allow", vault_enabled_categories=sorted(categories)
-        )
-        log.warning(
-            "%s set the rollback override: from vault [%s], from env [%s]",
-            identity,
-            ", ".join(sorted(status.vault_categories)),
-            ", ".join(sorted(status.env_categories)),
-        )
-        return broker_pb2.SetRollbackOverrideResponse(state=state_message(status))
+        with self._metrics.rpc("SetRollbackOverride", context):
+            identity = await self._admin(context, "SetRollbackOverride")
+            categories = list(request.vault_enabled_categories)
+            try:
+                status = self._rollback.set_override(categories, by=identity)
+            except BrokerError as exc:
+                self._record(identity, "SetRollbackOverride", "deny", reason=str(exc))
+                await abort(context, "SetRollbackOverride", identity, exc)
+            self._record(
+                identity,
+                "SetRollbackOverride",
+                "allow",
+                vault_enabled_categories=sorted(categories),
+            )
+            log.warning(
+                "%s set the rollback override: from vault [%s], from env [%s]",
+                identity,
+                ", ".join(sorted(status.vault_categories)),
+                ", ".join(sorted(status.env_categories)),
+            )
+            return broker_pb2.SetRollbackOverrideResponse(state=state_message(status))
 
     async def ClearRollbackOverride(
         self, request: broker_pb2.ClearRollbackOverrideRequest, context: Context
     ) -> broker_pb2.ClearRollbackOverrideResponse:
-        identity = await self._admin(context, "ClearRollbackOverride")
-        status = self._rollback.clear_override()
-        self._record(identity, "ClearRollbackOverride", "allow")
-        log.warning("%s cleared the rollback override (rule now: %s)", identity, status.rule.value)
-        return broker_pb2.ClearRollbackOverrideResponse(state=state_message(status))
+        with self._metrics.rpc("ClearRollbackOverride", context):
+            identity = await self._admin(context, "ClearRollbackOverride")
+            status = self._rollback.clear_override()
+            self._record(identity, "ClearRollbackOverride", "allow")
+            log.warning(
+                "%s cleared the rollback override (rule now: %s)", identity, status.rule.value
+            )
+            return broker_pb2.ClearRollbackOverrideResponse(state=state_message(status))
 
     async def RotateSecret(
         self, request: broker_pb2.RotateSecretRequest, context: Context
     ) -> broker_pb2.RotateSecretResponse:
-        identity = await self._admin(context, "RotateSecret")
-        try:
-            validate_secret_name(request.name)
-            spec = self._secrets.get(request.name)
-            if spec is None:
-                raise SecretNotDeclared("secret is not declared by this broker")
-            written = await self._rotator.rotate(spec)
-        except BrokerError as exc:
-            self._record(identity, "RotateSecret", "deny", secret=request.name, reason=str(exc))
-            await abort(context, "RotateSecret", identity, exc)
-        self._record(identity, "RotateSecret", "allow", secret=spec.name, version=written.version)
-        return broker_pb2.RotateSecretResponse(
-            name=spec.name,
-            version=written.version,
-            created_at=timestamp(written.created_at or written.fetched_at),
-        )
+        with self._metrics.rpc("RotateSecret", context):
+            identity = await self._admin(context, "RotateSecret")
+            try:
+                validate_secret_name(request.name)
+                spec = self._secrets.get(request.name)
+                if spec is None:
+                    raise SecretNotDeclared("secret is not declared by this broker")
+                written = await self._rotator.rotate(spec)
+            except BrokerError as exc:
+                self._record(identity, "RotateSecret", "deny", secret=request.name, reason=str(exc))
+                await abort(context, "RotateSecret", identity, exc)
+            self._record(
+                identity, "RotateSecret", "allow", secret=spec.name, version=written.version
+            )
+            return broker_pb2.RotateSecretResponse(
+                name=spec.name,
+                version=written.version,
+                created_at=timestamp(written.created_at or written.fetched_at),
+            )
 
     async def _admin(self, context: Context, rpc: str) -> str:
         identity = self._identities.identity(context.auth_context())

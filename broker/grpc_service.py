@@ -3,6 +3,7 @@ grpc_status), one audit record per decision."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -13,9 +14,10 @@ from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from broker.audit import AuditTrail
 from broker.cache import CachedSecret
-from broker.errors import BrokerError
+from broker.errors import AuditUnavailable, BrokerError
 from broker.grpc_status import status_for
 from broker.identity import IdentityResolver
+from broker.metrics import BrokerMetrics
 from broker.reader import SecretReader
 from broker.sources.base import SourceKind
 from broker.watch import Watcher
@@ -44,61 +46,69 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         watcher: Watcher,
         identities: IdentityResolver,
         audit: AuditTrail,
+        metrics: BrokerMetrics,
     ) -> None:
         self._reader = reader
         self._watcher = watcher
         self._identities = identities
         self._audit = audit
+        self._metrics = metrics
 
     async def GetSecret(
         self, request: broker_pb2.GetSecretRequest, context: Context
     ) -> broker_pb2.GetSecretResponse:
-        identity = self._identities.identity(context.auth_context())
-        version = request.version if request.HasField("version") else None
-        try:
-            cached = await self._reader.read(identity, request.name, version)
-        except BrokerError as exc:
-            self._audit_denial("GetSecret", identity, request.name, version, exc)
-            await abort(context, "GetSecret", identity, exc)
-        self._audit_allow("GetSecret", identity, request.name, cached)
-        return broker_pb2.GetSecretResponse(secret=secret_message(request.name, cached))
+        with self._metrics.rpc("GetSecret", context):
+            identity = self._identities.identity(context.auth_context())
+            version = request.version if request.HasField("version") else None
+            try:
+                cached = await self._reader.read(identity, request.name, version)
+                self._audit_allow("GetSecret", identity, request.name, cached)
+            except BrokerError as exc:
+                self._audit_denial("GetSecret", identity, request.name, version, exc)
+                await abort(context, "GetSecret", identity, exc)
+            return broker_pb2.GetSecretResponse(secret=secret_message(request.name, cached))
 
     async def WatchSecrets(
         self, request: broker_pb2.WatchSecretsRequest, context: Context
     ) -> AsyncIterator[broker_pb2.WatchSecretsResponse]:
-        identity = self._identities.identity(context.auth_context())
-        try:
-            async for name, cached in self._watcher.watch(identity, request.names):
-                self._audit_allow("WatchSecrets", identity, name, cached)
-                yield broker_pb2.WatchSecretsResponse(secret=secret_message(name, cached))
-        except BrokerError as exc:
-            self._audit_denial("WatchSecrets", identity, ",".join(request.names), None, exc)
-            await abort(context, "WatchSecrets", identity, exc)
+        with self._metrics.rpc("WatchSecrets", context, timed=False):
+            identity = self._identities.identity(context.auth_context())
+            try:
+                async for name, cached in self._watcher.watch(identity, request.names):
+                    self._audit_allow("WatchSecrets", identity, name, cached)
+                    yield broker_pb2.WatchSecretsResponse(secret=secret_message(name, cached))
+            except BrokerError as exc:
+                names = ",".join(request.names)
+                self._audit_denial("WatchSecrets", identity, names, None, exc)
+                await abort(context, "WatchSecrets", identity, exc)
 
     def _audit_allow(self, rpc: str, identity: str | None, name: str, cached: CachedSecret) -> None:
+        """Raises AuditUnavailable when audit is fail-closed and the record cannot be written."""
+        value = cached.value
         self._audit.record(
             "access",
             rpc=rpc,
             identity=identity,
             secret=name,
             decision="allow",
-            version=cached.value.version,
-            source=cached.value.source.value,
+            version=value.version,
+            source="cache" if cached.from_cache else value.source.value,
             stale=cached.stale,
         )
 
     def _audit_denial(
         self, rpc: str, identity: str | None, name: str, version: int | None, exc: BrokerError
     ) -> None:
-        self._audit.record(
-            "access",
-            rpc=rpc,
-            identity=identity,
-            secret=name,
-            decision="deny",
-            version=version,
-            reason=f"{status_for(exc).name}: {exc}",
-        )
+        with contextlib.suppress(AuditUnavailable):  # the request is refused anyway
+            self._audit.record(
+                "access",
+                rpc=rpc,
+                identity=identity,
+                secret=name,
+                decision="deny",
+                version=version,
+                reason=f"{status_for(exc).name}: {exc}",
+            )
 
 
 def timestamp(seconds: float) -> Timestamp:

@@ -8,6 +8,7 @@ import grpc
 
 from broker.errors import (
     AccessDenied,
+    AuditUnavailable,
     BrokerError,
     InvalidRequest,
     NotApplicable,
@@ -25,6 +26,7 @@ STATUS_BY_ERROR: Mapping[type[BrokerError], grpc.StatusCode] = {
     SecretNotDeclared: grpc.StatusCode.NOT_FOUND,
     SecretMissingInSource: grpc.StatusCode.NOT_FOUND,
     SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
+    AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
     # The broker's own Vault policy or credentials are wrong: no caller can fix that.
     SourceDenied: grpc.StatusCode.INTERNAL,
     VersionOutOfRange: grpc.StatusCode.OUT_OF_RANGE,

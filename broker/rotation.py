@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 from broker.changes import ChangeFeed
 from broker.config import RotationSpec, SecretSpec
 from broker.errors import BrokerError, NotApplicable, WriteConflict
+from broker.metrics import BrokerMetrics
 from broker.sources.base import SecretValue, SourceKind
 from broker.sources.vault import VaultSource
 from broker.values import SecretValues
@@ -43,8 +44,13 @@ class Rotator:
         feed: ChangeFeed,
         run_blocking: RunBlocking,
         clock: Callable[[], float] = time.time,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._rotating = [(s, s.rotation) for s in secrets_.values() if s.rotation is not None]
+        for spec, rotation in self._rotating:
+            if metrics is not None:
+                metrics.rotating(spec.name, rotation.period)
         self._vault = vault
         self._values = values
         self._feed = feed
@@ -60,9 +66,16 @@ class Rotator:
             raise NotApplicable(
                 "secret is served from environment variables; rotate it where they are set"
             )
-        written = await self._run_blocking(
-            functools.partial(self._rotate_blocking, spec, rotation, None)
-        )
+        try:
+            written = await self._run_blocking(
+                functools.partial(self._rotate_blocking, spec, rotation, None)
+            )
+        except WriteConflict:
+            self._count(spec, "conflict")
+            raise
+        except BrokerError:
+            self._count(spec, "failed")
+            raise
         self._written(spec, written)
         return written
 
@@ -78,9 +91,11 @@ class Rotator:
                 )
             except WriteConflict:
                 log.info("%r was rotated by another writer first", spec.name)
+                self._count(spec, "conflict")
                 continue
             except BrokerError as exc:
                 log.warning("scheduled rotation of %r failed: %s", spec.name, exc)
+                self._count(spec, "failed")
                 continue
             if written is not None:
                 self._written(spec, written)
@@ -95,13 +110,20 @@ class Rotator:
             await self.rotate_due()
             await asyncio.sleep(interval)
 
+    def _count(self, spec: SecretSpec, result: str, written_at: float | None = None) -> None:
+        if self._metrics is not None:
+            self._metrics.rotation(spec.name, result, written_at)
+
     def _written(self, spec: SecretSpec, written: SecretValue) -> None:
+        self._count(spec, "rotated", written.created_at)
         self._values.cache.put(spec, written)
         self._feed.publish([spec.name])
         log.info("rotated %r: version %d", spec.name, written.version)
 
     def _rotate_if_due(self, spec: SecretSpec, rotation: RotationSpec) -> SecretValue | None:
         current = self._vault.current_version(spec)
+        if self._metrics is not None:
+            self._metrics.version_written(spec.name, current.created_at)
         if self._clock() - current.created_at < rotation.period:
             return None
         return self._rotate_blocking(spec, rotation, current.version)

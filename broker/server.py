@@ -3,7 +3,9 @@
 One event loop serves every RPC and every watch stream; blocking Vault calls run
 in a small thread pool, so thousands of idle streams cost no threads. Background
 tasks keep the Vault token fresh (sources/token_keeper.py), rotate secrets when
-due (rotation.py) and notice new versions of watched secrets (watch.py).
+due (rotation.py), notice new versions of watched secrets (watch.py) and probe
+Vault's health for readiness and metrics (health.py). Metrics and probes are served
+over HTTP on their own listener (metrics_http.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # public as grpc_health.v1.health.aio
+from prometheus_client import CollectorRegistry
 from secretbroker.v1 import broker_pb2_grpc
 
 from broker.audit import AuditTrail
@@ -25,7 +30,10 @@ from broker.changes import ChangeFeed
 from broker.config import BrokerConfig, ServerConfig
 from broker.grpc_admin import SecretBrokerAdminService
 from broker.grpc_service import SecretBrokerService
+from broker.health import Readiness, probe_vault
 from broker.identity import IdentityResolver
+from broker.metrics import BrokerMetrics
+from broker.metrics_http import MetricsServer
 from broker.policy import AccessPolicy
 from broker.reader import SecretReader
 from broker.rollback import RollbackState
@@ -47,14 +55,15 @@ class Broker:
     """A running broker. ``await start()``, then ``await stop()``.
 
     ``environ`` is where rolled-back secrets are read from: the process environment
-    unless a test passes its own.
+    unless a test passes its own. ``registry`` receives the metrics: a fresh one unless
+    given (never prometheus_client's global registry).
     """
 
     def __init__(
         self,
         config: BrokerConfig,
-        vault: VaultSource | None = None,
         environ: Mapping[str, str] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         # First: it may refuse to start (unreadable override file) before anything is opened.
@@ -64,26 +73,48 @@ class Broker:
             config.admin.state_file,
             on_flip=self._flipped,
         )
-        self.vault = vault or VaultSource(config.vault)
+        self.metrics = BrokerMetrics(
+            registry or CollectorRegistry(), config.secrets, config.categories
+        )
+        self.vault = VaultSource(config.vault, metrics=self.metrics)
         self._executor = ThreadPoolExecutor(VAULT_IO_THREADS, thread_name_prefix="vault-io")
         self.feed = ChangeFeed()
-        self.audit = AuditTrail(config.audit.file, fail_closed=config.audit.fail_closed)
-        self.cache = SecretCache(self.vault, config.cache, self._executor)
+        self.audit = AuditTrail(
+            config.audit.file,
+            fail_closed=config.audit.fail_closed,
+            on_failure=self.metrics.audit_failures.inc,
+        )
+        self.cache = SecretCache(self.vault, config.cache, self._executor, metrics=self.metrics)
         self.values = SecretValues(
             self.cache,
             EnvSource(os.environ if environ is None else environ),
             self.rollback,
             config.rollout.previous_versions,
+            metrics=self.metrics,
         )
+        self.metrics.cache_entries.set_function(lambda: len(self.cache))
+        self.metrics.watch_streams.set_function(lambda: len(self.feed))
+        self.metrics.follow_rollback(self.rollback.from_vault)
         reader = SecretReader(config.secrets, AccessPolicy(config.access), self.values)
         self.rotator = Rotator(
-            config.secrets, self.vault, self.values, self.feed, self.run_vault_io
+            config.secrets,
+            self.vault,
+            self.values,
+            self.feed,
+            self.run_vault_io,
+            metrics=self.metrics,
         )
+        self.readiness = Readiness(config.secrets, self.values, self.vault.session)
+        self._health = HealthServicer()
         identities = IdentityResolver()
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         broker_pb2_grpc.add_SecretBrokerServicer_to_server(
             SecretBrokerService(
-                reader, Watcher(reader, self.values, self.feed), identities, self.audit
+                reader,
+                Watcher(reader, self.values, self.feed),
+                identities,
+                self.audit,
+                self.metrics,
             ),
             self._server,
         )
@@ -95,20 +126,46 @@ class Broker:
                 self.rotator,
                 identities,
                 self.audit,
+                self.metrics,
             ),
             self._server,
         )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_server.port if self._metrics_server else None
 
     async def start(self) -> int:
         self.port = self._server.add_secure_port(
             self.config.server.listen, server_credentials(self.config.server)
         )
         await self._server.start()
+        if self.config.metrics.listen is not None:
+            self._metrics_server = MetricsServer(
+                self.config.metrics.listen, self.metrics.registry, self.readiness.check
+            )
+            self._metrics_server.start()
+            log.info(
+                "metrics on http://%s (port %d)", self.config.metrics.listen, self.metrics_port
+            )
         rollout = self.config.rollout
         self._background(
             "vault-token-keeper", keep_token_fresh(self.vault.session, self.run_vault_io)
+        )
+        self._background(
+            "vault-health-probe",
+            probe_vault(
+                self.vault.session,
+                self.readiness,
+                self.metrics,
+                self._health,
+                self.run_vault_io,
+                self.config.metrics.vault_probe_interval,
+            ),
         )
         self._background(
             "rotation-schedule", self.rotator.run_schedule(rollout.rotation_check_interval)
@@ -137,7 +194,10 @@ class Broker:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         # Let a Vault call in flight finish (bounded by vault.timeout) so none outlives the broker.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
         self.audit.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from broker.cache import CachedSecret, SecretCache
 from broker.config import SecretSpec
 from broker.errors import InvalidRequest, NotApplicable, VersionOutOfRange
+from broker.metrics import BrokerMetrics
 from broker.rollback import RollbackState
 from broker.sources.base import SourceKind
 from broker.sources.env import EnvSource
@@ -18,11 +19,19 @@ class SecretValues:
         env: EnvSource,
         rollback: RollbackState,
         previous_versions: int,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.cache = cache
-        self._env = env
+        self.env = env
+        self._metrics = metrics
         self.rollback = rollback
         self._previous_versions = previous_versions
+
+    def answerable(self, spec: SecretSpec) -> bool:
+        """Whether the current value could be served now without asking Vault."""
+        if self.source_of(spec) is SourceKind.ENV:
+            return self.env.has(spec)
+        return self.cache.answerable(spec.name)
 
     def source_of(self, spec: SecretSpec) -> SourceKind:
         return SourceKind.VAULT if self.rollback.from_vault(spec.category) else SourceKind.ENV
@@ -35,7 +44,10 @@ class SecretValues:
                 raise NotApplicable(
                     "secret is served from environment variables, which keep no versions"
                 )
-            return CachedSecret(self._env.read(spec), stale=False)
+            value = self.env.read(spec)
+            if self._metrics is not None:
+                self._metrics.secret_read(spec.name, value.version, value.fetched_at)
+            return CachedSecret(value, stale=False, from_cache=False)
         current = await self.cache.get(spec)
         if version is None or version == current.value.version:
             return current

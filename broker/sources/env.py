@@ -28,6 +28,9 @@ class EnvSource:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
+    def has(self, spec: SecretSpec) -> bool:
+        return all(self._environ.get(variable_name(spec.name, key)) for key in spec.keys)
+
     def read(self, spec: SecretSpec) -> SecretValue:
         names = {key: variable_name(spec.name, key) for key in spec.keys}
         missing = sorted(var for var in names.values() if not self._environ.get(var))

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from broker.config import SecretSpec, VaultConfig
 from broker.errors import SourceDenied
+from broker.metrics import BrokerMetrics
 from broker.sources.base import SecretValue, SourceKind
 from broker.sources.vault_errors import translate_vault_errors
 from broker.sources.vault_session import VaultSession
@@ -29,9 +30,14 @@ class VersionInfo:
 class VaultSource:
     """Reads declared secrets from one KV v2 mount. Blocking: run it off the event loop."""
 
-    def __init__(self, config: VaultConfig, session: VaultSession | None = None) -> None:
+    def __init__(
+        self,
+        config: VaultConfig,
+        session: VaultSession | None = None,
+        metrics: BrokerMetrics | None = None,
+    ) -> None:
         self._config = config
-        self.session = session or VaultSession(config)
+        self.session = session or VaultSession(config, metrics=metrics)
 
     def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
         return self._with_token(lambda: self._read(spec, version))
@@ -61,7 +67,8 @@ class VaultSource:
 
     def _read(self, spec: SecretSpec, version: int | None) -> SecretValue:
         at = "" if version is None else f" version {version}"
-        with translate_vault_errors(f"read of {self._where(spec)}{at}", self._config.timeout):
+        operation = f"read of {self._where(spec)}{at}"
+        with self.session.observe("read"), translate_vault_errors(operation, self._config.timeout):
             response = self._kv().read_secret_version(
                 path=spec.path,
                 version=version,
@@ -83,7 +90,11 @@ class VaultSource:
             )
 
     def _current_version(self, spec: SecretSpec) -> VersionInfo:
-        with translate_vault_errors(f"metadata read of {self._where(spec)}", self._config.timeout):
+        operation = f"metadata read of {self._where(spec)}"
+        with (
+            self.session.observe("metadata"),
+            translate_vault_errors(operation, self._config.timeout),
+        ):
             body = self._kv().read_secret_metadata(path=spec.path, mount_point=self._config.mount)
             metadata = body["data"]
             current = int(metadata["current_version"])
@@ -93,7 +104,8 @@ class VaultSource:
     def _write(
         self, spec: SecretSpec, data: Mapping[str, str], expected_version: int
     ) -> SecretValue:
-        with translate_vault_errors(f"write of {self._where(spec)}", self._config.timeout):
+        operation = f"write of {self._where(spec)}"
+        with self.session.observe("write"), translate_vault_errors(operation, self._config.timeout):
             response = self._kv().create_or_update_secret(
                 path=spec.path,
                 secret=dict(data),

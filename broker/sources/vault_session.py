@@ -13,12 +13,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import hvac
 
 from broker.config import AppRoleAuth, TokenAuth, VaultConfig
 from broker.errors import SourceDenied, SourceUnavailable
+from broker.metrics import BrokerMetrics
 from broker.sources.vault_errors import translate_vault_errors
 
 log = logging.getLogger(__name__)
@@ -27,9 +29,15 @@ RENEW_AT_FRACTION = 2 / 3
 
 
 class VaultSession:
-    def __init__(self, config: VaultConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: VaultConfig,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: BrokerMetrics | None = None,
+    ) -> None:
         self._config = config
         self._clock = clock
+        self._metrics = metrics
         self.client = hvac.Client(
             url=config.address,
             timeout=config.timeout,
@@ -54,6 +62,22 @@ class VaultSession:
         """Vault refused ``rejected``; log in again unless another thread already has."""
         return self._login_if_current(rejected)
 
+    @property
+    def authenticated(self) -> bool:
+        return self._token is not None
+
+    def health(self) -> bool:
+        """Ask Vault's /sys/health whether it is sealed; raises SourceUnavailable when it cannot
+        be reached. Needs no token."""
+        with (
+            self.observe("health"),
+            translate_vault_errors("health check", self._config.timeout),
+        ):
+            body = self.client.sys.read_health_status(
+                method="GET", standby_ok=True, sealed_code=200, uninit_code=200
+            )
+            return bool(body["sealed"])
+
     def seconds_until_renewal(self) -> float | None:
         """When the keeper should act next; None for a token that never expires."""
         if self._token is None:
@@ -75,7 +99,10 @@ class VaultSession:
             return
         requested = max(1, round(self._lease_seconds))
         try:
-            with translate_vault_errors("token renewal", self._config.timeout):
+            with (
+                self.observe("renew"),
+                translate_vault_errors("token renewal", self._config.timeout),
+            ):
                 auth = self.client.auth.token.renew_self(increment=f"{requested}s")["auth"]
                 granted = float(auth["lease_duration"])
         except SourceDenied:
@@ -102,7 +129,7 @@ class VaultSession:
         if isinstance(auth, AppRoleAuth):
             role_id = _read_credential(auth.role_id_file, "vault.auth.role_id_file")
             secret_id = _read_credential(auth.secret_id_file, "vault.auth.secret_id_file")
-            with translate_vault_errors("approle login", timeout):
+            with self.observe("login"), translate_vault_errors("approle login", timeout):
                 result = self.client.auth.approle.login(
                     role_id=role_id, secret_id=secret_id, mount_point=auth.mount, use_token=False
                 )["auth"]
@@ -111,7 +138,7 @@ class VaultSession:
         else:
             token = _static_token(auth)
             self.client.token = token
-            with translate_vault_errors("token lookup", timeout):
+            with self.observe("login"), translate_vault_errors("token lookup", timeout):
                 data = self.client.auth.token.lookup_self()["data"]
                 lease, renewable = float(data["ttl"]), bool(data["renewable"])
         self.client.token = token
@@ -125,7 +152,13 @@ class VaultSession:
         )
         return token
 
+    def observe(self, operation: str) -> AbstractContextManager[None]:
+        """Counts and times one Vault call in the broker's metrics (when it has them)."""
+        return self._metrics.vault_call(operation) if self._metrics else nullcontext()
+
     def _set_lease(self, seconds: float, renewable: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.token_lease(seconds)
         self._lease_seconds = seconds
         self._renewable = renewable and seconds > 0
         self._expires_at = self._clock() + seconds if seconds > 0 else None

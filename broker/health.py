@@ -1,0 +1,109 @@
+"""Readiness, and the probe that keeps it current.
+
+Ready means able to serve: Vault is reachable, unsealed and the broker is logged in;
+or, failing that, every declared secret can still be answered from the cache (within
+max_stale) or from the environment (rolled back). ``/readyz`` and the gRPC health
+service (``grpc.health.v1.Health``) both follow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from grpc_health.v1 import health_pb2
+
+from broker.config import SecretSpec
+from broker.errors import SourceUnavailable
+from broker.metrics import BrokerMetrics
+from broker.rotation import RunBlocking
+from broker.sources.vault_session import VaultSession
+from broker.values import SecretValues
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "secretbroker.v1.SecretBroker"
+
+
+class HealthStatusSetter(Protocol):
+    """grpc_health's aio HealthServicer, as far as the probe uses it."""
+
+    async def set(
+        self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReadinessReport:
+    ready: bool
+    reason: str
+
+
+class Readiness:
+    def __init__(
+        self,
+        secrets_: Mapping[str, SecretSpec],
+        values: SecretValues,
+        session: VaultSession,
+    ) -> None:
+        self._secrets = secrets_
+        self._values = values
+        self._session = session
+        self.vault_reachable = False
+        self.vault_sealed = False
+
+    def check(self) -> ReadinessReport:
+        if self.vault_reachable and not self.vault_sealed and self._session.authenticated:
+            return ReadinessReport(True, "vault is reachable and the broker is logged in")
+        why = "sealed" if self.vault_sealed else "not reachable or not logged in"
+        unanswerable = sorted(
+            name for name, spec in self._secrets.items() if not self._values.answerable(spec)
+        )
+        if not unanswerable:
+            return ReadinessReport(
+                True, f"vault is {why}; every secret is answerable from cache or env"
+            )
+        return ReadinessReport(
+            False, f"vault is {why}, and no value to serve for: {', '.join(unanswerable)}"
+        )
+
+
+async def probe_vault(
+    session: VaultSession,
+    readiness: Readiness,
+    metrics: BrokerMetrics,
+    health_servicer: HealthStatusSetter,
+    run_blocking: RunBlocking,
+    interval: float,
+) -> None:
+    """Every ``interval``: ask Vault's health, update the gauges, readiness and gRPC health."""
+    serving: bool | None = None
+    while True:
+        try:
+            sealed = await run_blocking(session.health)
+            readiness.vault_reachable, readiness.vault_sealed = True, sealed
+        except SourceUnavailable:
+            readiness.vault_reachable, readiness.vault_sealed = False, False
+        metrics.vault_sealed.set(1 if readiness.vault_sealed else 0)
+        if readiness.vault_sealed:
+            metrics.vault_up.set(0)
+        report = readiness.check()
+        if report.ready is not serving:
+            serving = report.ready
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", SERVICE_NAME):
+                await health_servicer.set(service, status)
+            log.log(
+                logging.INFO if serving else logging.WARNING,
+                "%s: %s",
+                "ready" if serving else "not ready",
+                report.reason,
+            )
+        await asyncio.sleep(interval)

@@ -1,0 +1,261 @@
+"""The broker's Prometheus metrics, on a registry the broker owns (never the global one).
+
+Names are part of the contract and all start with ``secretbroker_``. Every label value
+comes from the broker's config (secret names, categories) or from a fixed set (RPC
+methods, status codes, cache results, Vault operations and outcomes): nothing a
+client sends can add a series. No metric carries a secret value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.process_collector import ProcessCollector
+
+from broker.errors import (
+    BrokerError,
+    SecretMissingInSource,
+    SourceDenied,
+    SourceUnavailable,
+    WriteConflict,
+)
+
+# Sub-millisecond buckets: a cached answer takes well under a millisecond.
+RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+VAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+RPC_METHODS = (
+    "GetSecret",
+    "WatchSecrets",
+    "GetRollbackState",
+    "SetRollbackOverride",
+    "ClearRollbackOverride",
+    "RotateSecret",
+)
+STATUS_CODES = tuple(code.name for code in grpc.StatusCode)
+CACHE_RESULTS = ("hit", "miss", "stale")
+VAULT_OPERATIONS = ("login", "renew", "read", "metadata", "write", "health")
+VAULT_OUTCOMES = ("ok", "unavailable", "denied", "missing", "conflict", "error")
+ROTATION_RESULTS = ("rotated", "conflict", "failed")
+
+
+def vault_outcome(error: BrokerError | None) -> str:
+    if error is None:
+        return "ok"
+    for cls, outcome in (
+        (SourceUnavailable, "unavailable"),
+        (SourceDenied, "denied"),
+        (SecretMissingInSource, "missing"),
+        (WriteConflict, "conflict"),
+    ):
+        if isinstance(error, cls):
+            return outcome
+    return "error"
+
+
+class BrokerMetrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        secrets: Iterable[str] = (),
+        categories: Iterable[str] = (),
+    ) -> None:
+        self.registry = registry
+        self._secrets = frozenset(secrets)
+        self._categories = frozenset(categories)
+        r = registry
+        self.grpc_requests = Counter(
+            "secretbroker_grpc_requests",
+            "gRPC requests by method and status code.",
+            ("method", "code"),
+            registry=r,
+        )
+        self.grpc_duration = Histogram(
+            "secretbroker_grpc_request_duration_seconds",
+            "Time to answer a unary RPC, or to set up a stream.",
+            ("method",),
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+        self.access_denied = Counter(
+            "secretbroker_access_denied",
+            "Requests refused with PERMISSION_DENIED.",
+            ("method",),
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "secretbroker_cache_lookups",
+            "Cache lookups: hit (fresh), miss (read the source),"
+            " stale (served past its TTL because the source failed).",
+            ("result",),
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "secretbroker_cache_entries", "Values held in the cache.", registry=r
+        )
+        self.vault_requests = Counter(
+            "secretbroker_vault_requests",
+            "Calls to Vault by operation and outcome.",
+            ("operation", "outcome"),
+            registry=r,
+        )
+        self.vault_duration = Histogram(
+            "secretbroker_vault_request_duration_seconds",
+            "Time of one call to Vault.",
+            ("operation",),
+            buckets=VAULT_BUCKETS,
+            registry=r,
+        )
+        self.vault_up = Gauge(
+            "secretbroker_vault_up",
+            "1 when the last call to Vault reached it, else 0.",
+            registry=r,
+        )
+        self.vault_sealed = Gauge(
+            "secretbroker_vault_sealed", "1 when Vault reported itself sealed.", registry=r
+        )
+        self.token_expiry = Gauge(
+            "secretbroker_vault_token_expiry_timestamp_seconds",
+            "When the broker's Vault token expires (Unix time); 0 when it does not.",
+            registry=r,
+        )
+        self.vault_enabled = Gauge(
+            "secretbroker_vault_enabled",
+            "1: the category is served from Vault; 0: rolled back to environment variables.",
+            ("category",),
+            registry=r,
+        )
+        self.secret_version = Gauge(
+            "secretbroker_secret_version",
+            "Version of the cached current value (0: from env).",
+            ("secret",),
+            registry=r,
+        )
+        self.secret_fetch = Gauge(
+            "secretbroker_secret_fetch_timestamp_seconds",
+            "When the current value was last read from its source (Unix time).",
+            ("secret",),
+            registry=r,
+        )
+        self.rotations = Counter(
+            "secretbroker_rotations", "Rotations by result.", ("secret", "result"), registry=r
+        )
+        self.rotation_time = Gauge(
+            "secretbroker_rotation_timestamp_seconds",
+            "When the current version of a rotating secret was written (Unix time).",
+            ("secret",),
+            registry=r,
+        )
+        self.rotation_period = Gauge(
+            "secretbroker_rotation_period_seconds",
+            "Configured rotation period of a rotating secret.",
+            ("secret",),
+            registry=r,
+        )
+        self.watch_streams = Gauge(
+            "secretbroker_watch_streams", "Open WatchSecrets streams.", registry=r
+        )
+        self.audit_failures = Counter(
+            "secretbroker_audit_failures", "Audit records that could not be written.", registry=r
+        )
+        ProcessCollector(registry=r)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Create every labelled series up front, so dashboards and alerts see zeros, not gaps."""
+        for method in RPC_METHODS:
+            self.grpc_duration.labels(method)
+            self.access_denied.labels(method)
+        for result in CACHE_RESULTS:
+            self.cache_lookups.labels(result)
+        for operation in VAULT_OPERATIONS:
+            self.vault_duration.labels(operation)
+            for outcome in VAULT_OUTCOMES:
+                self.vault_requests.labels(operation, outcome)
+
+    # gRPC ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def rpc(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, timed: bool = True
+    ) -> Iterator[None]:
+        """Count one RPC by the status it ended with (and time it, unless it is a stream, whose
+        life is not a latency)."""
+        started = time.perf_counter()
+        failed: grpc.StatusCode | None = None
+        try:
+            yield
+        except asyncio.CancelledError:
+            failed = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            failed = grpc.StatusCode.UNKNOWN  # unless an abort set the code, below
+            raise
+        finally:
+            if timed:
+                self.grpc_duration.labels(method).observe(time.perf_counter() - started)
+            code = context.code() or failed or grpc.StatusCode.OK
+            self.grpc_requests.labels(method, code.name).inc()
+            if code is grpc.StatusCode.PERMISSION_DENIED:
+                self.access_denied.labels(method).inc()
+
+    # cache -----------------------------------------------------------------------------------
+
+    def cache_lookup(self, result: str) -> None:
+        self.cache_lookups.labels(result).inc()
+
+    def secret_read(self, name: str, version: int, fetched_at: float) -> None:
+        if name in self._secrets:
+            self.secret_version.labels(name).set(version)
+            self.secret_fetch.labels(name).set(fetched_at)
+
+    # Vault -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def vault_call(self, operation: str) -> Iterator[None]:
+        started = time.perf_counter()
+        error: BrokerError | None = None
+        try:
+            yield
+        except BrokerError as exc:
+            error = exc
+            raise
+        finally:
+            self.vault_duration.labels(operation).observe(time.perf_counter() - started)
+            outcome = vault_outcome(error)
+            self.vault_requests.labels(operation, outcome).inc()
+            self.vault_up.set(0 if outcome == "unavailable" else 1)
+
+    def token_lease(self, seconds: float) -> None:
+        self.token_expiry.set(time.time() + seconds if seconds > 0 else 0)
+
+    # rollback, rotation, watch -----------------------------------------------------------------
+
+    def follow_rollback(self, from_vault: Callable[[str], bool]) -> None:
+        for category in self._categories:
+            self.vault_enabled.labels(category).set_function(
+                functools.partial(_as_gauge, from_vault, category)
+            )
+
+    def rotating(self, name: str, period: float) -> None:
+        self.rotation_period.labels(name).set(period)
+
+    def rotation(self, name: str, result: str, written_at: float | None = None) -> None:
+        self.rotations.labels(name, result).inc()
+        if written_at is not None:
+            self.version_written(name, written_at)
+
+    def version_written(self, name: str, written_at: float) -> None:
+        """When the current version of a rotating secret was written, by anyone."""
+        self.rotation_time.labels(name).set(written_at)
+
+
+def _as_gauge(predicate: Callable[[str], bool], value: str) -> float:
+    return 1.0 if predicate(value) else 0.0
