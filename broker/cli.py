@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from broker.audit import verify_file
 from broker.config import BrokerConfig, ConfigError, load_config
 from broker.logs import configure_logging
 from broker.ops import add_ops_commands, run_ops_command
@@ -27,8 +28,16 @@ def main(argv: list[str] | None = None) -> int:
         "--dir", type=Path, default=Path(".dev-stack"), help="state folder (default: .dev-stack)"
     )
     add_ops_commands(commands)
+    audit = commands.add_parser("audit", help="check an audit trail file")
+    audit_actions = audit.add_subparsers(dest="action", required=True)
+    verify_cmd = audit_actions.add_parser(
+        "verify", help="check the hash chain; report the first edited, inserted or deleted record"
+    )
+    verify_cmd.add_argument("file", type=Path)
     args = parser.parse_args(argv)
 
+    if args.command == "audit":
+        return verify_audit(args.file)
     if args.command in ("status", "rollback", "rotate"):
         return run_ops_command(args)
     if args.command == "dev":
@@ -43,6 +52,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
         return EXIT_CONFIG_ERROR
     return 0
+
+
+def verify_audit(path: Path) -> int:
+    try:
+        checked, broken = verify_file(path)
+    except OSError as exc:
+        print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG_ERROR
+    if broken is None:
+        print(f"ok: {checked} records, the chain is intact")  # noqa: T201
+        return 0
+    print(  # noqa: T201
+        f"{path}:{broken.line}: {broken.problem} ({checked} records before it check out)"
+    )
+    return 1
 
 
 async def serve(config: BrokerConfig) -> None:

@@ -54,6 +54,8 @@ class Readiness:
         self._session = session
         self.vault_reachable = False
         self.vault_sealed = False
+        self.current = ReadinessReport(False, "starting: vault not probed yet")
+        """The probe's last verdict: what /readyz and gRPC health both report."""
 
     def check(self) -> ReadinessReport:
         if self.vault_reachable and not self.vault_sealed and self._session.authenticated:
@@ -90,7 +92,7 @@ async def probe_vault(
         metrics.vault_sealed.set(1 if readiness.vault_sealed else 0)
         if readiness.vault_sealed:
             metrics.vault_up.set(0)
-        report = readiness.check()
+        report = readiness.current = readiness.check()
         if report.ready is not serving:
             serving = report.ready
             status = (

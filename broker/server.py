@@ -146,7 +146,7 @@ class Broker:
         await self._server.start()
         if self.config.metrics.listen is not None:
             self._metrics_server = MetricsServer(
-                self.config.metrics.listen, self.metrics.registry, self.readiness.check
+                self.config.metrics.listen, self.metrics.registry, lambda: self.readiness.current
             )
             self._metrics_server.start()
             log.info(

@@ -8,6 +8,8 @@ import datetime as dt
 import json
 import secrets
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,12 +185,14 @@ def broker_settings(
     admin: Mapping[str, Any] | None = None,
     rollout: Mapping[str, Any] | None = None,
     audit: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The broker's TOML document as a dict: what a user would write. Admin is OPS_ID."""
     return {
         "admin": dict(admin if admin is not None else {"identities": [OPS_ID]}),
         "rollout": dict(rollout or {}),
         "audit": dict(audit or {"file": "audit.jsonl"}),
+        "metrics": dict(metrics or {"listen": "127.0.0.1:0", "vault_probe_interval": "1s"}),
         "server": {
             "listen": listen,
             "cert_file": str(pki.server.cert),
@@ -251,6 +255,15 @@ class RunningBroker:
 
     def stub(self, client: CertFiles | None, ca: Path) -> broker_pb2_grpc.SecretBrokerStub:
         return broker_pb2_grpc.SecretBrokerStub(secure_channel(self.port, ca, client))
+
+    def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+        """GET ``path`` from the broker's metrics listener: status and body."""
+        url = f"http://127.0.0.1:{self.broker.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def admin(self, client: CertFiles, ca: Path) -> broker_pb2_grpc.SecretBrokerAdminStub:
         return broker_pb2_grpc.SecretBrokerAdminStub(secure_channel(self.port, ca, client))
