@@ -10,6 +10,7 @@ its head elsewhere (``head``, logged at shutdown) also catches a rewritten tail.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,7 +50,10 @@ class AuditTrail:
         self._on_failure = on_failure
         self._lock = threading.Lock()
         self._seq, self.head = _tail(path) if path is not None else (0, GENESIS)
-        self._file: IO[bytes] = path.open("ab") if path is not None else sys.stdout.buffer
+        # Unbuffered: each record is one write(2), so nothing waits in a buffer to be lost.
+        self._file: IO[bytes] = (
+            path.open("ab", buffering=0) if path is not None else sys.stdout.buffer
+        )
 
     def record(self, event: str, **fields: Any) -> None:
         """Append one record. Raises AuditUnavailable only when audit is fail-closed."""
@@ -81,17 +85,13 @@ class AuditTrail:
     def close(self) -> None:
         log.info("audit trail head: record %d, sha256 %s", self._seq, self.head)
         if self.path is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
 
 
 def _tail(path: Path) -> tuple[int, str]:
     """Sequence number and hash of the last record, so appending continues the chain."""
-    last = b""
-    if path.exists():
-        with path.open("rb") as file:
-            for line in file:
-                if line.strip():
-                    last = line
+    last = _last_line(path)
     if not last:
         return 0, GENESIS
     try:
@@ -100,6 +100,25 @@ def _tail(path: Path) -> tuple[int, str]:
         log.error("the audit trail's last line is not a record; continuing its chain after it")
         seq = 0
     return seq, line_hash(last)
+
+
+def _last_line(path: Path) -> bytes:
+    """The last non-empty line, read backwards from the end: start-up does not read the whole
+    trail. Not a regular file (a pipe, a device): nothing to continue."""
+    if not path.is_file():
+        return b""
+    with path.open("rb") as file:
+        position = file.seek(0, 2)
+        tail = b""
+        while position > 0:
+            step = min(1 << 16, position)
+            position -= step
+            file.seek(position)
+            tail = file.read(step) + tail
+            body = tail.rstrip(b"\n")
+            if b"\n" in body:
+                return body.rsplit(b"\n", 1)[1]
+        return tail.rstrip(b"\n")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,157 @@
+"""The audit trail: exactly one record per decision, never a value, a hash chain that
+``python -m broker audit verify`` checks and that pinpoints edits, deletions and insertions,
+and a fail-closed mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from secretbroker.v1 import broker_pb2
+
+from broker.audit import AuditTrail
+from tests.conftest import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, get, status_of
+
+
+def records(broker: RunningBroker) -> list[dict[str, Any]]:
+    path = broker.config.audit.file
+    assert path is not None
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def verify(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "audit", "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_every_allowed_and_denied_request_leaves_exactly_one_record(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(vault)
+    stub = broker.stub(pki.catalog, pki.ca)
+    get(stub, DATABASE)
+    get(stub, DATABASE)
+    for call in (
+        lambda: get(broker.stub(pki.intruder, pki.ca), API),
+        lambda: get(stub, "media-catalog/undeclared"),
+        lambda: get(stub, "../x"),
+    ):
+        status_of(call)
+
+    access = [r for r in records(broker) if r["event"] == "access"]
+    assert [(r["identity"], r["secret"], r["decision"], r.get("source")) for r in access] == [
+        ("spiffe://media.local/catalog", DATABASE, "allow", "vault"),
+        ("spiffe://media.local/catalog", DATABASE, "allow", "cache"),
+        ("spiffe://media.local/intruder", API, "deny", None),
+        ("spiffe://media.local/catalog", "media-catalog/undeclared", "deny", None),
+        ("spiffe://media.local/catalog", "../x", "deny", None),
+    ]
+    assert access[2]["reason"].startswith("PERMISSION_DENIED")
+    assert access[0]["rpc"] == "GetSecret"
+    assert access[0]["stale"] is False
+    assert access[0]["version"] >= 1
+    text = json.dumps(access)
+    for value in vault.written[DATABASE].values():
+        assert value not in text
+
+
+def _trail(tmp_path: Path, count: int = 6) -> tuple[Path, list[bytes]]:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(path)
+    for n in range(count):
+        trail.record("access", rpc="GetSecret", identity="spiffe://x", secret=f"s/{n}")
+    trail.close()
+    return path, path.read_bytes().splitlines(keepends=True)
+
+
+def test_verify_passes_an_intact_trail_and_one_continued_after_a_restart(tmp_path: Path) -> None:
+    path, _ = _trail(tmp_path, 3)
+    trail = AuditTrail(path)  # a restart appends and continues the chain
+    trail.record("admin", rpc="RotateSecret", identity="spiffe://ops")
+    trail.close()
+
+    result = verify(path)
+
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip() == "ok: 4 records, the chain is intact"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "line", "problem"),
+    [
+        (
+            lambda lines: lines.__setitem__(2, lines[2].replace(b"s/2", b"s/X")),
+            3,
+            "was edited",
+        ),
+        (lambda lines: lines.pop(2), 3, "follows a gap: record 3 was deleted"),
+        (lambda lines: lines.insert(2, lines[1]), 3, "repeats record number 2: it was inserted"),
+        (
+            lambda lines: lines.insert(
+                2, lines[2].replace(b'"s/2"', b'"forged"').replace(b'"prev":"', b'"prev":"0')
+            ),
+            3,
+            "was inserted",
+        ),
+        (lambda lines: lines.__setitem__(4, b'{"cut by a cra\n'), 5, "is not an audit record"),
+    ],
+    ids=["edited", "deleted", "inserted copy", "inserted forgery", "torn line"],
+)
+def test_verify_pinpoints_the_first_tampered_record(
+    tmp_path: Path, tamper: Any, line: int, problem: str
+) -> None:
+    path, lines = _trail(tmp_path)
+    tamper(lines)
+    path.write_bytes(b"".join(lines))
+
+    result = verify(path)
+
+    assert result.returncode == 1
+    assert f"{path}:{line}: {problem}" in result.stdout
+
+
+def test_fail_closed_audit_refuses_to_serve_unrecorded_reads(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """/dev/full accepts the open and fails every write: an audit disk that filled up."""
+    closed = start_broker(vault, audit={"file": "/dev/full", "fail_closed": True})
+    with pytest.raises(grpc.RpcError) as caught:
+        get(closed.stub(pki.catalog, pki.ca), DATABASE)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "audit trail cannot be written" in (caught.value.details() or "")
+
+    open_ = start_broker(vault, audit={"file": "/dev/full"})
+    assert get(open_.stub(pki.catalog, pki.ca), DATABASE).name == DATABASE
+    _, text = open_.scrape()
+    assert "secretbroker_audit_failures_total 1.0" in text
+
+
+def test_admin_actions_name_who_did_what(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(vault)
+    broker.admin(pki.ops, pki.ca).SetRollbackOverride(
+        broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=["database", "api"]),
+        timeout=10,
+    )
+    admin = [r for r in records(broker) if r["event"] == "admin"]
+    assert admin == [
+        {
+            **admin[0],
+            "rpc": "SetRollbackOverride",
+            "identity": "spiffe://media.local/ops",
+            "decision": "allow",
+            "vault_enabled_categories": ["api", "database"],
+        }
+    ]
+    assert verify(broker.config.audit.file or Path()).returncode == 0
