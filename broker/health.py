@@ -94,6 +94,7 @@ async def probe_vault(
             metrics.vault_up.set(0)
         report = readiness.current = readiness.check()
         if report.ready is not serving:
+            level = logging.INFO if report.ready or serving is None else logging.WARNING
             serving = report.ready
             status = (
                 health_pb2.HealthCheckResponse.SERVING
@@ -103,7 +104,7 @@ async def probe_vault(
             for service in ("", SERVICE_NAME):
                 await health_servicer.set(service, status)
             log.log(
-                logging.INFO if serving else logging.WARNING,
+                level,
                 "%s: %s",
                 "ready" if serving else "not ready",
                 report.reason,

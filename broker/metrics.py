@@ -246,6 +246,8 @@ class BrokerMetrics:
 
     def rotating(self, name: str, period: float) -> None:
         self.rotation_period.labels(name).set(period)
+        for result in ROTATION_RESULTS:
+            self.rotations.labels(name, result)
 
     def rotation(self, name: str, result: str, written_at: float | None = None) -> None:
         self.rotations.labels(name, result).inc()
