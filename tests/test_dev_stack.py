@@ -111,6 +111,10 @@ def _catalog_config_command(output: str, state_dir: Path) -> str:
 def _catalog_service_and_ops(output: str, state_dir: Path) -> str:
     """The catalog service the dev stack started answers; a token minted as the banner shows is
     accepted; the ops status command works with the dev ops certificate."""
+    metrics = re.search(r"broker metrics\s+(http://\S+)/metrics", output)
+    assert metrics is not None
+    with urllib.request.urlopen(f"{metrics.group(1)}/metrics", timeout=10) as response:  # noqa: S310
+        assert b"secretbroker_vault_up 1.0" in response.read()
     service = re.search(r"catalog service\s+(http://\S+)", output)
     broker_addr = re.search(r"SECRETBROKER_ADDR=(\S+)", output)
     assert service is not None

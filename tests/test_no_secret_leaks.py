@@ -7,6 +7,7 @@ and searches everything it wrote: its log, its audit trail, and the test's own o
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -75,6 +77,9 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         listen=f"127.0.0.1:{port}",
     )
     settings["vault"]["address"] = "http://127.0.0.1:9"  # VAULT_ADDR must win over the file
+    metrics_port = free_port_pair()
+    settings["metrics"] = {"listen": f"127.0.0.1:{metrics_port}", "vault_probe_interval": "200ms"}
+    settings["log"]["format"] = "json"
     env_values = {variable_name(DATABASE, key): secrets.token_urlsafe(16) for key in SECRET_KEYS}
     config = tmp_path / "broker.toml"
     config.write_text(_toml(settings))
@@ -121,6 +126,12 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
             get(stub, "media-catalog/external")  # uncached: UNAVAILABLE
         vault.server.resume()
         assert served[-1].stale
+        scraped = "".join(
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=10)
+            .read()
+            .decode()
+            for path in ("/metrics", "/healthz")
+        )
     finally:
         process.send_signal(signal.SIGTERM)
         exit_code = process.wait(timeout=20)
@@ -131,10 +142,19 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
     assert '"rpc":"RotateSecret"' in audit
     assert exit_code == 0, "SIGTERM stops the broker cleanly"
     assert "broker stopped" in logs
+    records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert len(records) > 10, "log.format = json writes one JSON object per line"
+    assert {"time", "level", "logger", "message"} <= set(records[0])
     assert "logged in to vault" in logs
     assert "serving 'media-catalog/database' stale" in logs
-    unavailable = "WARNING broker.grpc_service: GetSecret by 'spiffe://media.local/catalog' failed"
-    assert f"{unavailable}: UNAVAILABLE" in logs
+    assert any(
+        r["level"] == "WARNING"
+        and r["logger"] == "broker.grpc_service"
+        and r["message"].startswith(
+            "GetSecret by 'spiffe://media.local/catalog' failed: UNAVAILABLE"
+        )
+        for r in records
+    )
     assert "FORGED LOG LINE" not in logs
     forbidden = {
         "root token": vault.server.root_token,
@@ -147,7 +167,12 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         forbidden.update({f"{path}.{key}": value for key, value in data.items()})
     forbidden.update(env_values)
     captured = capfd.readouterr()
-    outputs = {"broker log": logs, "audit trail": audit, "test output": captured.out + captured.err}
+    outputs = {
+        "broker log": logs,
+        "audit trail": audit,
+        "metrics": scraped,
+        "test output": captured.out + captured.err,
+    }
     for where, text in outputs.items():
         leaked = [label for label, value in forbidden.items() if value and value in text]
         assert not leaked, f"{where} contains {leaked}"

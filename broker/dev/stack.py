@@ -59,7 +59,12 @@ def issue_dev_certificates(directory: Path) -> DevCertificates:
 
 
 def broker_toml(
-    listen: str, vault_addr: str, certs: DevCertificates, role_dir: Path, state_dir: Path
+    listen: str,
+    vault_addr: str,
+    certs: DevCertificates,
+    role_dir: Path,
+    state_dir: Path,
+    metrics_listen: str,
 ) -> str:
     return f"""\
 # Written by `python -m broker dev`; see deploy/broker.example.toml for every key.
@@ -85,6 +90,9 @@ max_stale = "1h"
 
 [audit]
 file = "{state_dir / "audit.jsonl"}"
+
+[metrics]
+listen = "{metrics_listen}"
 
 [admin]
 identities = ["{OPS_SPIFFE_ID}"]
@@ -136,8 +144,11 @@ def run_dev_stack(state_dir: Path) -> int:
         certs = issue_dev_certificates(state_dir / "certs")
         listen = f"127.0.0.1:{free_port_pair()}"
         config_path = state_dir / "broker.toml"
+        metrics_listen = f"127.0.0.1:{free_port_pair()}"
         config_path.write_text(
-            broker_toml(listen, bao.address, certs, role.role_id_file.parent, state_dir)
+            broker_toml(
+                listen, bao.address, certs, role.role_id_file.parent, state_dir, metrics_listen
+            )
         )
         children["broker"] = _start("broker", "serve", "--config", str(config_path))
         _show_catalog_config(listen, certs)
@@ -150,7 +161,9 @@ def run_dev_stack(state_dir: Path) -> int:
             env=client_env(listen, certs.catalog, certs),
         )
         _wait_for_http(f"http://{catalog_url}/healthz", children["catalog service"])
-        banner = _banner(bao, listen, config_path, certs, role.role_id_file.parent, catalog_url)
+        banner = _banner(
+            bao, listen, config_path, certs, role.role_id_file.parent, catalog_url, metrics_listen
+        )
         print(banner, flush=True)  # noqa: T201 - the dev stack talks to its user
         while True:
             for name, child in children.items():
@@ -222,6 +235,7 @@ def _banner(
     certs: DevCertificates,
     role_dir: Path,
     catalog_url: str,
+    metrics_listen: str,
 ) -> str:
     python = sys.executable
     catalog = _shell_env(client_env(listen, certs.catalog, certs))
@@ -230,6 +244,8 @@ def _banner(
 Dev stack is up. Nothing below is a secret value.
   OpenBao (Vault API)  {bao.address}   log: {bao.log_path}
   broker (gRPC, mTLS)  {listen}   config: {config_path}
+  broker metrics       http://{metrics_listen}/metrics   (also /healthz, /readyz)
+  audit trail          {config_path.parent / "audit.jsonl"}
   catalog service      http://{catalog_url}   (GET /healthz, GET /media, POST /media)
   dev certificates     {certs.ca.parent}/  (CA ca.pem; clients catalog.pem, ops.pem)
   broker AppRole       {role_dir}/
