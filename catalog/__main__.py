@@ -103,6 +103,10 @@ def run_service(client: SecretsClient, listen: str, grace: float) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        # Ctrl-C reaches the whole process group, and a supervisor may follow with SIGTERM:
+        # one signal is enough to stop; the next must not interrupt the clean-up.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         live.close()
     return 0
 
