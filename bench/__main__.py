@@ -1,0 +1,191 @@
+"""``python -m bench``: the broker against the gRPC floor and against Vault itself, in one run.
+
+Starts everything itself (bench/rig.py); clients run in separate processes (bench/workers.py).
+Prints a table, writes ``bench/out/results.json`` and draws ``bench/out/latency.png``.
+``--quick`` runs in seconds with small counts: a smoke test of the harness, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secretbroker.v1 import broker_pb2
+
+from bench.floor import METHOD as FLOOR_METHOD
+from bench.report import draw_latency_chart, render_table
+from bench.rig import COLD, FLIP, GET_SECRET, HOT, ROTATING, Rig, running_rig
+
+OUT = Path(__file__).parent / "out"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    bulk_secrets: int
+    calls: int
+    config_calls: int
+    throughput_seconds: float
+    throughput_clients: int
+    streams: int
+
+
+FULL = Sizes(1000, 3000, 200_000, 3.0, 3, 1000)
+QUICK = Sizes(20, 100, 2000, 0.5, 2, 50)
+
+
+def worker(kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    result = subprocess.run(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "bench.workers", kind, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return answer
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50": ordered[len(ordered) // 2],
+        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "mean": statistics.fmean(ordered),
+        "n": len(ordered),
+    }
+
+
+def grpc_args(rig: Rig, target: str, method: str, name: str, count: int) -> dict[str, Any]:
+    request = broker_pb2.GetSecretRequest(name=name).SerializeToString().hex()
+    return {**rig.client_args(target), "method": method, "request": request, "count": count}
+
+
+def throughput(rig: Rig, target: str, method: str, sizes: Sizes) -> float:
+    args = {**grpc_args(rig, target, method, HOT, 0), "seconds": sizes.throughput_seconds}
+    with ThreadPoolExecutor(sizes.throughput_clients) as pool:
+        results = list(
+            pool.map(lambda _: worker("throughput", args), range(sizes.throughput_clients))
+        )
+    return float(sum(r["calls"] for r in results)) / sizes.throughput_seconds
+
+
+def measure(rig: Rig, sizes: Sizes) -> dict[str, Any]:
+    results: dict[str, Any] = {"payload_bytes": rig.payload_bytes}
+    stub = rig.stub()
+    results["rss_idle_bytes"] = rig.broker_rss_bytes()
+    for name in rig.bulk:
+        stub.GetSecret(broker_pb2.GetSecretRequest(name=name), timeout=30)
+    results["rss_cached_bytes"] = rig.broker_rss_bytes()
+    results["cached_secrets"] = len(rig.bulk)
+
+    samples: dict[str, list[float]] = {}
+    samples["floor"] = worker(
+        "latency", grpc_args(rig, rig.floor_addr, FLOOR_METHOD, HOT, sizes.calls)
+    )["us"]
+    samples["broker cached"] = worker(
+        "latency", grpc_args(rig, rig.broker_addr, GET_SECRET, HOT, sizes.calls)
+    )["us"]
+    vault_args = {"path": HOT, "count": sizes.calls}
+    samples["hvac direct"] = worker(
+        "vault", {**vault_args, "address": rig.bao.address,
+                  "approle": [str(rig.approle.role_id_file), str(rig.approle.secret_id_file)]},
+    )["us"]  # fmt: skip
+    samples["bao proxy"] = worker("vault", {**vault_args, "address": rig.proxy_addr})["us"]
+    samples["broker cold"] = worker(
+        "latency", grpc_args(rig, rig.broker_addr, GET_SECRET, COLD, max(100, sizes.calls // 3))
+    )["us"]
+    samples["catalog Config read"] = worker(
+        "config", {**rig.client_args(rig.broker_addr), "count": sizes.config_calls}
+    )["us"]
+    results["latency_us"] = {name: percentiles(values) for name, values in samples.items()}
+    results["throughput_clients"] = sizes.throughput_clients
+    results["throughput_rps"] = {
+        "floor": throughput(rig, rig.floor_addr, FLOOR_METHOD, sizes),
+        "broker cached": throughput(rig, rig.broker_addr, GET_SECRET, sizes),
+    }
+    results.update(watch_fan_out(rig, sizes, samples))
+    results["rollback_flip_ms"] = rollback_flip(rig)
+    return {"results": results, "samples": samples}
+
+
+def watch_fan_out(rig: Rig, sizes: Sizes, samples: dict[str, list[float]]) -> dict[str, Any]:
+    args = {**rig.client_args(rig.broker_addr), "streams": sizes.streams, "name": ROTATING}
+    holder = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "bench.workers", "streams", json.dumps(args)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if holder.stdout is None or holder.stdout.readline().strip() != "ready":
+        raise RuntimeError("the stream holder did not open its streams")
+    rss_streams = rig.broker_rss_bytes()
+    samples["broker cached, streams open"] = worker(
+        "latency", grpc_args(rig, rig.broker_addr, GET_SECRET, HOT, sizes.calls)
+    )["us"]
+    started = time.monotonic()
+    rotated = rig.admin().RotateSecret(broker_pb2.RotateSecretRequest(name=ROTATING), timeout=30)
+    rotate_rpc = time.monotonic() - started
+    output, _ = holder.communicate(timeout=120)
+    received = json.loads(output.strip().splitlines()[-1])["received"]
+    return {
+        "watch_streams": sizes.streams,
+        "watch_received": len(received),
+        "watch_fan_out_ms": (max(received) - started) * 1000,
+        "watch_rotate_rpc_ms": rotate_rpc * 1000,
+        "rotated_version": rotated.version,
+        "rss_streams_bytes": rss_streams,
+        "latency_with_streams_us": percentiles(samples["broker cached, streams open"]),
+    }
+
+
+def rollback_flip(rig: Rig) -> float:
+    """Admin flip of the "flip" category to env, until a GetSecret answers from env."""
+    admin, stub = rig.admin(), rig.stub()
+    request = broker_pb2.GetSecretRequest(name=FLIP)
+    if stub.GetSecret(request, timeout=30).secret.source != broker_pb2.SOURCE_VAULT:
+        raise RuntimeError(f"{FLIP} should start served from Vault")
+    categories = ["bulk", "api", "cold", "database", "jwt", "external"]
+    started = time.perf_counter()
+    admin.SetRollbackOverride(
+        broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=categories), timeout=30
+    )
+    while stub.GetSecret(request, timeout=30).secret.source != broker_pb2.SOURCE_ENV:
+        pass
+    elapsed = (time.perf_counter() - started) * 1000
+    admin.ClearRollbackOverride(broker_pb2.ClearRollbackOverrideRequest(), timeout=30)
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small counts: checks the harness")
+    parser.add_argument("--out", type=Path, default=OUT, help="where results go (bench/out)")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="secretbroker-bench-") as workdir,
+        running_rig(Path(workdir), sizes.bulk_secrets) as rig,
+    ):
+        measured = measure(rig, sizes)
+    results = measured["results"]
+    results["mode"] = "quick" if args.quick else "full"
+    results["seconds"] = round(time.monotonic() - started, 1)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    draw_latency_chart(measured["samples"], args.out / "latency.png")
+    print(render_table(results))  # noqa: T201 - the harness reports
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'latency.png'}")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

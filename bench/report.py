@@ -1,0 +1,113 @@
+"""The harness's table (with the targets of issue #5 as ratios) and its latency chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MB = 1024 * 1024
+
+
+def _row(name: str, measured: str, target: str, met: bool | None) -> str:
+    verdict = "" if met is None else ("met" if met else "MISSED")
+    return f"| {name} | {measured} | {target} | {verdict} |"
+
+
+def render_table(r: dict[str, Any]) -> str:
+    lat = r["latency_us"]
+    floor, cached = lat["floor"], lat["broker cached"]
+    hvac, proxy, cold = lat["hvac direct"], lat["bao proxy"], lat["broker cold"]
+    config = lat["catalog Config read"]
+    streams = r["latency_with_streams_us"]
+    tput = r["throughput_rps"]
+    lines = [
+        f"Mode: {r['mode']}; payload {r['payload_bytes']} bytes; run took {r['seconds']} s.",
+        "",
+        "| path | p50 (µs) | p99 (µs) |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, p in lat.items():
+        lines.append(f"| {name} | {p['p50']:.1f} | {p['p99']:.1f} |")
+    lines += [
+        "",
+        f"Throughput ({r.get('throughput_clients', '')} client processes): floor"
+        f" {tput['floor']:.0f}/s, broker cached {tput['broker cached']:.0f}/s.",
+        "",
+        "| target | measured | bound | |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    ratio = cached["p50"] / floor["p50"]
+    lines.append(_row("cached p50 / floor p50", f"{ratio:.2f}x", "≤ 1.25x", ratio <= 1.25))
+    t_ratio = tput["broker cached"] / tput["floor"]
+    lines.append(_row("cached throughput / floor", f"{t_ratio:.2f}x", "≥ 0.8x", t_ratio >= 0.8))
+    speedup = hvac["p50"] / cached["p50"]
+    lines.append(_row("hvac direct p50 / cached p50", f"{speedup:.2f}x", "≥ 1.5x", speedup >= 1.5))
+    lines.append(
+        _row("catalog Config read p50", f"{config['p50']:.2f} µs", "< 5 µs", config["p50"] < 5)
+    )
+    fan_out = r["watch_fan_out_ms"]
+    lines.append(
+        _row(
+            f"rotation to all {r['watch_streams']} streams",
+            f"{fan_out:.0f} ms ({r['watch_received']} got it)",
+            "≤ 1000 ms",
+            fan_out <= 1000 and r["watch_received"] == r["watch_streams"],
+        )
+    )
+    p99_ratio = streams["p99"] / cached["p99"]
+    lines.append(
+        _row("p99 with streams / without", f"{p99_ratio:.2f}x", "≤ 1.5x", p99_ratio <= 1.5)
+    )
+    rss = r["rss_streams_bytes"] / MB
+    lines.append(
+        _row(
+            f"broker RSS, {r['cached_secrets']} cached + {r['watch_streams']} streams",
+            f"{rss:.0f} MB (idle {r['rss_idle_bytes'] / MB:.0f} MB,"
+            f" cached {r['rss_cached_bytes'] / MB:.0f} MB)",
+            "< 150 MB",
+            rss < 150,
+        )
+    )
+    cold_bound = floor["p50"] + hvac["p50"] + 1000
+    lines.append(
+        _row(
+            "cold read p50",
+            f"{cold['p50']:.0f} µs",
+            f"≤ floor + hvac + 1 ms = {cold_bound:.0f} µs",
+            cold["p50"] <= cold_bound,
+        )
+    )
+    lines.append(
+        _row(
+            "rollback flip to effect",
+            f"{r['rollback_flip_ms']:.1f} ms",
+            "< 1 s",
+            r["rollback_flip_ms"] < 1000,
+        )
+    )
+    lines.append(_row("bao proxy p50 (peer)", f"{proxy['p50']:.0f} µs", "", None))
+    return "\n".join(lines)
+
+
+def draw_latency_chart(samples: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 5), dpi=110)
+    for name, values in samples.items():
+        if name == "catalog Config read":
+            continue  # sub-microsecond: off this chart's scale; in the table
+        ordered = sorted(values)
+        fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
+        axes.plot(ordered, fractions, label=name, linewidth=1.6)
+    axes.set_xscale("log")
+    axes.set_xlabel("latency per call (µs, log scale)")
+    axes.set_ylabel("fraction of calls at or below")
+    axes.set_title("GetSecret and its peers: latency distribution (one run, same machine)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

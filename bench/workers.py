@@ -1,0 +1,152 @@
+"""Client processes of the harness, so no client shares a GIL with a server. Each takes one JSON
+argument and prints one JSON result line.
+
+    python -m bench.workers latency '{"target": ..., "method": ..., "request": hex, ...}'
+    python -m bench.workers throughput '{...,"seconds": 3}'
+    python -m bench.workers vault '{"address": ..., "path": ..., "approle": [role_id_file, ...]}'
+    python -m bench.workers config '{"target": ..., "calls": N}'
+    python -m bench.workers streams '{"target": ..., "streams": 1000, "name": ...}'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import hvac
+
+Args = dict[str, Any]
+
+
+def _credentials(args: Args) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(args["ca"]).read_bytes(),
+        private_key=Path(args["key"]).read_bytes(),
+        certificate_chain=Path(args["cert"]).read_bytes(),
+    )
+
+
+def _raw_call(args: Args) -> Callable[[], bytes]:
+    """One unary call with raw bytes each way: the client's cost is the same for every server."""
+    channel = grpc.secure_channel(args["target"], _credentials(args))
+    grpc.channel_ready_future(channel).result(timeout=30)
+    call = channel.unary_unary(args["method"], None, None)  # raw bytes both ways
+    request = bytes.fromhex(args["request"])
+    return lambda: call(request, timeout=30)
+
+
+def _timed(call: Callable[[], object], warmup: int, count: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    clock = time.perf_counter_ns
+    for _ in range(count):
+        started = clock()
+        call()
+        samples.append((clock() - started) / 1000)
+    return samples  # microseconds
+
+
+def latency(args: Args) -> Args:
+    return {"us": _timed(_raw_call(args), args.get("warmup", 200), args["count"])}
+
+
+def throughput(args: Args) -> Args:
+    call = _raw_call(args)
+    for _ in range(100):
+        call()
+    calls, deadline = 0, time.monotonic() + args["seconds"]
+    while time.monotonic() < deadline:
+        call()
+        calls += 1
+    return {"calls": calls, "seconds": args["seconds"]}
+
+
+def vault(args: Args) -> Args:
+    """A direct KV v2 read with hvac, as the ADR's VaultClient does on every uncached call."""
+    client = hvac.Client(url=args["address"], timeout=30)
+    if args.get("approle"):
+        role_id, secret_id = (Path(p).read_text().strip() for p in args["approle"])
+        client.auth.approle.login(role_id=role_id, secret_id=secret_id)
+
+    def read() -> object:
+        return client.secrets.kv.v2.read_secret_version(
+            path=args["path"], mount_point="secret", raise_on_deleted_version=True
+        )
+
+    return {"us": _timed(read, args.get("warmup", 50), args["count"])}
+
+
+def config(args: Args) -> Args:
+    """``Config.jwt_secret_key`` on a catalog whose values LiveSecrets keeps current."""
+    from catalog.config import CONFIG_SECRETS, Config
+    from catalog.secrets import BrokerClientConfig, LiveSecrets, SecretsClient
+
+    client = SecretsClient(
+        BrokerClientConfig(
+            target=args["target"],
+            ca_file=Path(args["ca"]),
+            cert_file=Path(args["cert"]),
+            key_file=Path(args["key"]),
+        )
+    )
+    live = LiveSecrets(client, CONFIG_SECRETS)
+    live.wait_ready(timeout=30)
+    settings = Config(live)
+    samples = _timed(lambda: settings.jwt_secret_key, 1000, args["count"])
+    live.close()
+    client.close()
+    return {"us": samples}
+
+
+def streams(args: Args) -> Args:
+    """Hold ``streams`` WatchSecrets streams; print "ready" once each has its first message,
+    then report when each received the next one (CLOCK_MONOTONIC, shared by all processes)."""
+    from secretbroker.v1 import broker_pb2, broker_pb2_grpc
+
+    async def run() -> Args:
+        channels = [grpc.aio.secure_channel(args["target"], _credentials(args)) for _ in range(4)]
+        stubs = [broker_pb2_grpc.SecretBrokerStub(c) for c in channels]
+        request = broker_pb2.WatchSecretsRequest(names=[args["name"]])
+        calls = [stubs[i % 4].WatchSecrets(request) for i in range(args["streams"])]
+        first = await asyncio.gather(*(c.read() for c in calls))
+        versions = {
+            m.secret.version for m in first if isinstance(m, broker_pb2.WatchSecretsResponse)
+        }
+        print("ready", flush=True)  # noqa: T201 - the harness waits for this line
+        received: list[float] = []
+
+        async def next_change(call: Any) -> None:
+            message = await call.read()
+            if isinstance(message, broker_pb2.WatchSecretsResponse):
+                received.append(time.monotonic())
+
+        await asyncio.wait_for(
+            asyncio.gather(*(next_change(c) for c in calls)), timeout=args.get("timeout", 60)
+        )
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close(None)
+        return {"received": received, "first_versions": sorted(versions)}
+
+    return asyncio.run(run())
+
+
+WORKERS: dict[str, Callable[[Args], Args]] = {
+    "latency": latency,
+    "throughput": throughput,
+    "vault": vault,
+    "config": config,
+    "streams": streams,
+}
+
+if __name__ == "__main__":
+    result = WORKERS[sys.argv[1]](json.loads(sys.argv[2]))
+    print(json.dumps(result), flush=True)  # noqa: T201 - the harness reads this line

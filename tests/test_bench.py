@@ -1,0 +1,36 @@
+"""The benchmark harness works: ``python -m bench --quick`` starts its whole rig, measures every
+path and writes its table, JSON and chart. A smoke test: it checks the harness, never timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+
+    assert set(results["latency_us"]) == {
+        "floor",
+        "broker cached",
+        "hvac direct",
+        "bao proxy",
+        "broker cold",
+        "catalog Config read",
+    }
+    assert all(p["n"] > 0 and p["p50"] > 0 for p in results["latency_us"].values())
+    assert results["watch_received"] == results["watch_streams"], "every stream got the rotation"
+    assert results["rss_streams_bytes"] > 0
+    assert results["rollback_flip_ms"] > 0
+    assert (tmp_path / "latency.png").stat().st_size > 10_000
+    assert "cached p50 / floor p50" in result.stdout
