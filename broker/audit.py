@@ -31,6 +31,9 @@ MAX_FIELD_CHARS = 300
 """Longer strings (only a caller's invalid input can be) are cut, so no record can bloat."""
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def line_hash(line: bytes) -> str:
     return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
@@ -57,19 +60,14 @@ class AuditTrail:
 
     def record(self, event: str, **fields: Any) -> None:
         """Append one record. Raises AuditUnavailable only when audit is fail-closed."""
-        clipped = {
-            key: value[:MAX_FIELD_CHARS] if isinstance(value, str) else value
-            for key, value in fields.items()
-        }
+        for key, value in fields.items():
+            if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+                fields[key] = value[:MAX_FIELD_CHARS]
         with self._lock:
-            document = {
-                "time": time.time(),
-                "event": event,
-                **clipped,
-                "seq": self._seq + 1,
-                "prev": self.head,
-            }
-            line = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+            fields["seq"] = self._seq + 1
+            fields["prev"] = self.head
+            # Insertion order is the key order: fixed by the callers, so lines are reproducible.
+            line = _encode({"time": time.time(), "event": event, **fields}).encode()
             try:
                 self._file.write(line + b"\n")
                 self._file.flush()

@@ -19,7 +19,7 @@ from broker.grpc_status import status_for
 from broker.identity import IdentityResolver
 from broker.metrics import BrokerMetrics
 from broker.reader import SecretReader
-from broker.sources.base import SourceKind
+from broker.sources.base import SecretValue, SourceKind
 from broker.watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         self._identities = identities
         self._audit = audit
         self._metrics = metrics
+        self._responses = ResponseCache()
 
     async def GetSecret(
         self, request: broker_pb2.GetSecretRequest, context: Context
@@ -66,7 +67,7 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
             except BrokerError as exc:
                 self._audit_denial("GetSecret", identity, request.name, version, exc)
                 await abort(context, "GetSecret", identity, exc)
-            return broker_pb2.GetSecretResponse(secret=secret_message(request.name, cached))
+            return self._responses.response(request.name, cached)
 
     async def WatchSecrets(
         self, request: broker_pb2.WatchSecretsRequest, context: Context
@@ -109,6 +110,30 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
                 version=version,
                 reason=f"{status_for(exc).name}: {exc}",
             )
+
+
+class ResponseCache:
+    """The GetSecretResponse built for each value served, reused while that value is served:
+    a cached secret is answered without building its message again. Keyed by the value
+    object itself (compared by identity), so a new read always gets a new message."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self._built: dict[
+            tuple[str, int, bool], tuple[SecretValue, broker_pb2.GetSecretResponse]
+        ] = {}
+
+    def response(self, name: str, cached: CachedSecret) -> broker_pb2.GetSecretResponse:
+        key = (name, id(cached.value), cached.stale)
+        hit = self._built.get(key)
+        if hit is not None and hit[0] is cached.value:
+            return hit[1]
+        if len(self._built) >= self.MAX_ENTRIES:
+            self._built.clear()  # values replaced by new reads leave entries behind; start over
+        response = broker_pb2.GetSecretResponse(secret=secret_message(name, cached))
+        self._built[key] = (cached.value, response)
+        return response
 
 
 def timestamp(seconds: float) -> Timestamp:

@@ -13,6 +13,7 @@ import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -166,6 +167,10 @@ class BrokerMetrics:
             "secretbroker_audit_failures", "Audit records that could not be written.", registry=r
         )
         ProcessCollector(registry=r)
+        self._rpc_children: dict[str, tuple[Histogram, dict[grpc.StatusCode, Counter]]] = {}
+        self._lookup_children = {
+            result: self.cache_lookups.labels(result) for result in CACHE_RESULTS
+        }
         self._prepare()
 
     def _prepare(self) -> None:
@@ -182,34 +187,31 @@ class BrokerMetrics:
 
     # gRPC ------------------------------------------------------------------------------------
 
-    @contextmanager
     def rpc(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, timed: bool = True
-    ) -> Iterator[None]:
+    ) -> RpcObservation:
         """Count one RPC by the status it ended with (and time it, unless it is a stream, whose
-        life is not a latency)."""
-        started = time.perf_counter()
-        failed: grpc.StatusCode | None = None
-        try:
-            yield
-        except asyncio.CancelledError:
-            failed = grpc.StatusCode.CANCELLED
-            raise
-        except BaseException:
-            failed = grpc.StatusCode.UNKNOWN  # unless an abort set the code, below
-            raise
-        finally:
-            if timed:
-                self.grpc_duration.labels(method).observe(time.perf_counter() - started)
-            code = context.code() or failed or grpc.StatusCode.OK
-            self.grpc_requests.labels(method, code.name).inc()
-            if code is grpc.StatusCode.PERMISSION_DENIED:
-                self.access_denied.labels(method).inc()
+        life is not a latency). A class, not a generator: this runs on every request."""
+        return RpcObservation(self, method, context, timed)
+
+    def _rpc_done(self, method: str, code: grpc.StatusCode, seconds: float | None) -> None:
+        children = self._rpc_children.get(method)
+        if children is None:
+            children = self._rpc_children[method] = (self.grpc_duration.labels(method), {})
+        duration, by_code = children
+        if seconds is not None:
+            duration.observe(seconds)
+        counter = by_code.get(code)
+        if counter is None:
+            counter = by_code[code] = self.grpc_requests.labels(method, code.name)
+        counter.inc()
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            self.access_denied.labels(method).inc()
 
     # cache -----------------------------------------------------------------------------------
 
     def cache_lookup(self, result: str) -> None:
-        self.cache_lookups.labels(result).inc()
+        self._lookup_children[result].inc()
 
     def secret_read(self, name: str, version: int, fetched_at: float) -> None:
         if name in self._secrets:
@@ -261,3 +263,40 @@ class BrokerMetrics:
 
 def _as_gauge(predicate: Callable[[str], bool], value: str) -> float:
     return 1.0 if predicate(value) else 0.0
+
+
+class RpcObservation:
+    __slots__ = ("_context", "_method", "_metrics", "_started", "_timed")
+
+    def __init__(
+        self,
+        metrics: BrokerMetrics,
+        method: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        timed: bool,
+    ) -> None:
+        self._metrics = metrics
+        self._method = method
+        self._context = context
+        self._timed = timed
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        seconds = time.perf_counter() - self._started if self._timed else None
+        code = self._context.code()
+        if code is None:
+            if exc_type is None:
+                code = grpc.StatusCode.OK
+            elif issubclass(exc_type, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            else:
+                code = grpc.StatusCode.UNKNOWN  # an abort, above, would have set the code
+        self._metrics._rpc_done(self._method, code, seconds)

@@ -3,6 +3,12 @@
 Order matters for deny-by-default: the policy is consulted before the declared
 secrets, so a caller learns nothing about names it may not read. Only declared
 secrets reach the cache, and so Vault.
+
+Grants are remembered: an (identity, name) pair that passed every check maps to
+its spec, so a repeated read skips validation and glob matching. The policy and
+the declared secrets are fixed for the broker's life, so a grant never goes
+stale; the map holds allowed pairs only (at most identities x declared secrets),
+never a caller's arbitrary input.
 """
 
 from __future__ import annotations
@@ -27,9 +33,13 @@ class SecretReader:
         self._secrets = secrets
         self._policy = policy
         self._values = values
+        self._granted: dict[tuple[str | None, str], SecretSpec] = {}
 
     def authorize(self, identity: str | None, name: str) -> SecretSpec:
         """The declared secret ``name``, if ``identity`` may read it; raises otherwise."""
+        granted = self._granted.get((identity, name))
+        if granted is not None:
+            return granted
         validate_secret_name(name)
         if identity is None or not self._policy.allows(identity, name):
             log.info("denied %r to %r", name, identity)
@@ -37,6 +47,7 @@ class SecretReader:
         spec = self._secrets.get(name)
         if spec is None:
             raise SecretNotDeclared("secret is not declared by this broker")
+        self._granted[(identity, name)] = spec
         return spec
 
     async def read(
