@@ -52,6 +52,7 @@ class AuditTrail:
         self.fail_closed = fail_closed
         self._on_failure = on_failure
         self._lock = threading.Lock()
+        self._allowed_names: dict[tuple[str, str | None, str], str] = {}
         self._seq, self.head = _tail(path) if path is not None else (0, GENESIS)
         # Unbuffered: each record is one write(2), so nothing waits in a buffer to be lost.
         self._file: IO[bytes] = (
@@ -63,11 +64,32 @@ class AuditTrail:
         for key, value in fields.items():
             if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
                 fields[key] = value[:MAX_FIELD_CHARS]
+        # Insertion order is the key order: fixed by the callers, so lines are reproducible.
+        body = _encode({"time": time.time(), "event": event, **fields})[1:-1]
+        self._append(body)
+
+    def allowed(
+        self, rpc: str, identity: str | None, secret: str, version: int, source: str, stale: bool
+    ) -> None:
+        """The record of an allowed read, the one written on every cached answer: the same
+        JSON as ``record("access", ...)``, with its escaped names encoded once per
+        (rpc, identity, secret), which only ever holds granted, declared pairs."""
+        key = (rpc, identity, secret)
+        names = self._allowed_names.get(key)
+        if names is None:
+            if len(self._allowed_names) > 10_000:
+                self._allowed_names.clear()
+            names = self._allowed_names[key] = _encode(
+                {"rpc": rpc, "identity": identity, "secret": secret, "decision": "allow"}
+            )[1:-1]
+        self._append(
+            f'"time":{time.time()!r},"event":"access",{names},"version":{int(version)},'
+            f'"source":{_encode(source)},"stale":{"true" if stale else "false"}'
+        )
+
+    def _append(self, body: str) -> None:
         with self._lock:
-            fields["seq"] = self._seq + 1
-            fields["prev"] = self.head
-            # Insertion order is the key order: fixed by the callers, so lines are reproducible.
-            line = _encode({"time": time.time(), "event": event, **fields}).encode()
+            line = f'{{{body},"seq":{self._seq + 1},"prev":"{self.head}"}}'.encode()
             try:
                 self._file.write(line + b"\n")
                 self._file.flush()

@@ -82,6 +82,14 @@ class SecretCache:
         is known to hold a newer version, so the old one must not be served as current."""
         self._entries.pop((name, None), None)
 
+    def fresh(self, spec: SecretSpec) -> CachedSecret | None:
+        """The current value if it is fresh, else None: a hit without a coroutine."""
+        entry = self._entries.get((spec.name, None))
+        if entry is not None and self._clock() < entry.fresh_until:
+            self._count("hit")
+            return CachedSecret(entry.value, stale=False)
+        return None
+
     async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
         key = (spec.name, version)
         entry = self._entries.get(key)

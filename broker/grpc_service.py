@@ -86,16 +86,8 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
     def _audit_allow(self, rpc: str, identity: str | None, name: str, cached: CachedSecret) -> None:
         """Raises AuditUnavailable when audit is fail-closed and the record cannot be written."""
         value = cached.value
-        self._audit.record(
-            "access",
-            rpc=rpc,
-            identity=identity,
-            secret=name,
-            decision="allow",
-            version=value.version,
-            source="cache" if cached.from_cache else value.source.value,
-            stale=cached.stale,
-        )
+        source = "cache" if cached.from_cache else value.source.value
+        self._audit.allowed(rpc, identity, name, value.version, source, cached.stale)
 
     def _audit_denial(
         self, rpc: str, identity: str | None, name: str, version: int | None, exc: BrokerError

@@ -291,12 +291,12 @@ class RpcObservation:
         tb: TracebackType | None,
     ) -> None:
         seconds = time.perf_counter() - self._started if self._timed else None
-        code = self._context.code()
-        if code is None:
-            if exc_type is None:
-                code = grpc.StatusCode.OK
-            elif issubclass(exc_type, asyncio.CancelledError):
-                code = grpc.StatusCode.CANCELLED
-            else:
-                code = grpc.StatusCode.UNKNOWN  # an abort, above, would have set the code
+        if exc_type is None:
+            code = grpc.StatusCode.OK
+        else:  # an abort raises, having set the code
+            code = self._context.code() or (
+                grpc.StatusCode.CANCELLED
+                if issubclass(exc_type, asyncio.CancelledError)
+                else grpc.StatusCode.UNKNOWN
+            )
         self._metrics._rpc_done(self._method, code, seconds)

@@ -53,4 +53,6 @@ class SecretReader:
     async def read(
         self, identity: str | None, name: str, version: int | None = None
     ) -> CachedSecret:
-        return await self._values.get(self.authorize(identity, name), version)
+        spec = self.authorize(identity, name)
+        hit = self._values.fresh(spec) if version is None else None
+        return hit if hit is not None else await self._values.get(spec, version)

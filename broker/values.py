@@ -36,6 +36,10 @@ class SecretValues:
     def source_of(self, spec: SecretSpec) -> SourceKind:
         return SourceKind.VAULT if self.rollback.from_vault(spec.category) else SourceKind.ENV
 
+    def fresh(self, spec: SecretSpec) -> CachedSecret | None:
+        """A fresh cached Vault value, or None: the common case, answered without awaiting."""
+        return self.cache.fresh(spec) if self.rollback.from_vault(spec.category) else None
+
     async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
         if version is not None and version <= 0:
             raise InvalidRequest("version must be a positive number")

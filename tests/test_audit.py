@@ -155,3 +155,28 @@ def test_admin_actions_name_who_did_what(
         }
     ]
     assert verify(broker.config.audit.file or Path()).returncode == 0
+
+
+def test_the_fast_allow_record_is_the_same_record_as_the_general_one(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit.jsonl")
+    fields = {
+        "rpc": "GetSecret",
+        "identity": 'spiffe://x/"quoted"\\',
+        "secret": "bench/s0000",
+        "decision": "allow",
+        "version": 3,
+        "source": "cache",
+        "stale": True,
+    }
+    trail.record("access", **fields)
+    trail.allowed("GetSecret", 'spiffe://x/"quoted"\\', "bench/s0000", 3, "cache", True)
+    trail.close()
+    general, fast = (
+        json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()
+    )
+
+    assert {k: v for k, v in fast.items() if k not in ("time", "seq", "prev")} == {
+        k: v for k, v in general.items() if k not in ("time", "seq", "prev")
+    }
+    assert (general["seq"], fast["seq"]) == (1, 2)
+    assert verify(tmp_path / "audit.jsonl").returncode == 0
