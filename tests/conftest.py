@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import secrets
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -336,6 +337,25 @@ class Watch:
 
     def cancel(self) -> None:
         self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
+
+def eventually(
+    condition: Callable[[], bool],
+    timeout: float = 20,
+    what: str = "the condition",
+    ignoring: tuple[type[Exception], ...] = (),
+) -> None:
+    """Wait until ``condition()`` holds (exceptions in ``ignoring`` count as not yet); fail the
+    test after ``timeout`` seconds. For state that other processes or threads change."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except ignoring:
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 _MEASUREMENTS: dict[str, list[float]] = {}

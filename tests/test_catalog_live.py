@@ -23,17 +23,11 @@ from tests.conftest import (
     RunningBroker,
     Vault,
     client_for,
+    eventually,
 )
 
 JWT_SECRETS = {DATABASE: {}, API: {"keys": ["jwt_secret"], "rotation": {"key": "jwt_secret"}}}
 FAST_RESUME = ResumeBackoff(initial=0.05, maximum=0.5)
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def rotate(broker: RunningBroker, pki: Pki) -> int:

@@ -10,7 +10,6 @@ import shutil
 import string
 import subprocess
 import time
-from collections.abc import Callable
 
 import grpc
 import pytest
@@ -27,6 +26,7 @@ from tests.conftest import (
     Pki,
     RunningBroker,
     Vault,
+    eventually,
     get,
     secure_channel,
     start_vault,
@@ -48,13 +48,6 @@ def samples(broker: RunningBroker) -> dict[tuple[str, frozenset[tuple[str, str]]
 
 def value(broker: RunningBroker, name: str, **labels: str) -> float:
     return samples(broker).get((name, frozenset(labels.items())), 0.0)
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_requests_hits_misses_and_denials_are_counted(

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,7 +20,16 @@ import pytest
 import yaml
 
 from broker.dev.openbao import die_with_parent, free_port_pair
-from tests.conftest import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, get
+from tests.conftest import (
+    API,
+    DATABASE,
+    BrokerFactory,
+    Pki,
+    RunningBroker,
+    Vault,
+    eventually,
+    get,
+)
 
 DEPLOY = Path(__file__).parents[1] / "deploy"
 RULES = DEPLOY / "prometheus" / "secretbroker-rules.yml"
@@ -137,16 +145,8 @@ def _api(url: str, path: str, **params: str) -> Any:
         return json.loads(response.read())["data"]
 
 
-def _wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except OSError:
-            pass  # Prometheus still starting
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
+def _wait_for(what: str, check: Callable[[], bool]) -> None:
+    eventually(check, timeout=60, what=what, ignoring=(OSError,))  # OSError: still starting
 
 
 def test_real_prometheus_scrapes_the_broker_and_fires_vault_down(
