@@ -3,6 +3,7 @@ nothing behind, and it runs again."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -11,9 +12,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import hvac
+
+from tests.conftest import eventually
 
 READY_LINE = "Press Ctrl-C to stop everything."
 
@@ -161,6 +165,37 @@ def _catalog_service_and_ops(output: str, state_dir: Path) -> str:
             printed = printed.replace(result.stdout, "")  # a token is not a stored secret
         else:
             assert "rule in force: default" in result.stdout
+            printed += _roll_api_back_and_forth(env, f"{service.group(1)}/healthz")
+    return printed
+
+
+def _equals(read: Callable[[], str], expected: str) -> bool:
+    return read() == expected
+
+
+def _roll_api_back_and_forth(ops_env: dict[str, str], healthz: str) -> str:
+    """The dev broker has rollback variables: a flip moves the running catalog to them and back."""
+
+    def api_source() -> str:
+        with urllib.request.urlopen(healthz, timeout=10) as response:  # noqa: S310
+            source: str = json.loads(response.read())["secrets"]["media-catalog/api"]["source"]
+            return source
+
+    printed = ""
+    for args, expected in (
+        (["rollback", "set", '["database", "external"]'], "env"),
+        (["rollback", "clear"], "vault"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "broker", *args],
+            env=ops_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        printed += result.stdout + result.stderr
+        eventually(functools.partial(_equals, api_source, expected), what=f"api from {expected}")
     return printed
 
 

@@ -23,12 +23,14 @@ from broker.dev.bootstrap import (
     create_broker_approle,
     dev_secret_values,
     ensure_kv2_mount,
+    random_token,
     seed_secrets,
     write_policies,
 )
 from broker.dev.openbao import OpenBaoDevServer, die_with_parent, free_port_pair
 from broker.dev.pki import CertFiles, DevCA, issue_loopback_server
 from broker.logs import configure_logging
+from broker.sources.env import variable_name
 from catalog.config import Config
 from catalog.secrets import BrokerClientConfig, SecretsClient
 
@@ -137,9 +139,8 @@ def run_dev_stack(state_dir: Path) -> int:
         admin = hvac.Client(url=bao.address, token=bao.root_token, timeout=5)
         ensure_kv2_mount(admin, KV_MOUNT)
         role = create_broker_approle(admin, write_policies(admin), state_dir / "approle")
-        seed_secrets(
-            admin, KV_MOUNT, dev_secret_values(f"sqlite:///{state_dir / 'media-catalog.db'}")
-        )
+        database_url = f"sqlite:///{state_dir / 'media-catalog.db'}"
+        seed_secrets(admin, KV_MOUNT, dev_secret_values(database_url))
         admin.adapter.close()
         certs = issue_dev_certificates(state_dir / "certs")
         listen = f"127.0.0.1:{free_port_pair()}"
@@ -150,7 +151,9 @@ def run_dev_stack(state_dir: Path) -> int:
                 listen, bao.address, certs, role.role_id_file.parent, state_dir, metrics_listen
             )
         )
-        children["broker"] = _start("broker", "serve", "--config", str(config_path))
+        children["broker"] = _start(
+            "broker", "serve", "--config", str(config_path), env=rollback_environment(database_url)
+        )
         _show_catalog_config(listen, certs)
         catalog_url = f"127.0.0.1:{free_port_pair()}"
         children["catalog service"] = _start(
@@ -178,6 +181,16 @@ def run_dev_stack(state_dir: Path) -> int:
             _terminate(child)
         bao.stop()
         log.info("dev stack stopped")
+
+
+def rollback_environment(database_url: str) -> dict[str, str]:
+    """What the broker serves when ops roll a category back to environment variables: fresh
+    random values, except the database URL, so the catalog keeps its data through a flip."""
+    return {
+        variable_name(name, key): database_url if key == "url" else random_token()
+        for name, keys in dev_secret_values(database_url).items()
+        for key in keys
+    }
 
 
 def client_env(listen: str, client: CertFiles, certs: DevCertificates) -> dict[str, str]:
@@ -258,6 +271,8 @@ As ops (rollback to env vars, rotate the JWT key):
   export {ops}
   {python} -m broker status
   {python} -m broker rotate media-catalog/api
+  {python} -m broker rollback set '["database", "external"]'   # api from env vars
+  {python} -m broker rollback clear
 Press Ctrl-C to stop everything."""
 
 
