@@ -95,10 +95,10 @@ def measure(rig: Rig, sizes: Sizes) -> dict[str, Any]:
         "latency", grpc_args(rig, rig.broker_addr, GET_SECRET, HOT, sizes.calls)
     )["us"]
     vault_args = {"path": HOT, "count": sizes.calls}
+    approle = [str(rig.approle.role_id_file), str(rig.approle.secret_id_file)]
     samples["hvac direct"] = worker(
-        "vault", {**vault_args, "address": rig.bao.address,
-                  "approle": [str(rig.approle.role_id_file), str(rig.approle.secret_id_file)]},
-    )["us"]  # fmt: skip
+        "vault", {**vault_args, "address": rig.bao.address, "approle": approle}
+    )["us"]
     samples["bao proxy"] = worker("vault", {**vault_args, "address": rig.proxy_addr})["us"]
     samples["broker cold"] = worker(
         "latency", grpc_args(rig, rig.broker_addr, GET_SECRET, COLD, max(100, sizes.calls // 3))

@@ -100,8 +100,9 @@ def _certs(directory: Path) -> Certs:
     )
 
 
-def _broker_toml(rig_dir: Path, listen: str, vault: str, approle: AppRoleFiles, certs: Certs,
-                 bulk: list[str]) -> str:  # fmt: skip
+def _broker_toml(
+    rig_dir: Path, listen: str, vault: str, approle: AppRoleFiles, certs: Certs, bulk: list[str]
+) -> str:
     secrets_toml = "\n".join(
         f'[secrets."{name}"]\nkeys = ["value"]\ncategory = "bulk"' for name in bulk
     )
@@ -229,19 +230,35 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
             payload = channel.unary_unary(GET_SECRET, None, None)(request, timeout=30)
         floor_addr = f"127.0.0.1:{free_port_pair()}"
         floor = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "bench.floor", floor_addr.rsplit(":", 1)[1],
-             str(certs.server.cert), str(certs.server.key), str(certs.ca), str(len(payload))],
+            [
+                sys.executable,
+                "-m",
+                "bench.floor",
+                floor_addr.rsplit(":", 1)[1],
+                str(certs.server.cert),
+                str(certs.server.key),
+                str(certs.ca),
+                str(len(payload)),
+            ],
             stdout=subprocess.PIPE,
             preexec_fn=die_with_parent,
-        )  # fmt: skip
+        )
         processes.append(floor)
         _wait_ready_line(floor, "the floor server")
         proxy_addr, proxy = _start_proxy(workdir, bao.address, approle)
         processes.append(proxy)
         yield Rig(
-            workdir, bao, approle, certs, broker, broker_addr, floor_addr, proxy_addr,
-            len(payload), bulk,
-        )  # fmt: skip
+            workdir=workdir,
+            bao=bao,
+            approle=approle,
+            certs=certs,
+            broker=broker,
+            broker_addr=broker_addr,
+            floor_addr=floor_addr,
+            proxy_addr=proxy_addr,
+            payload_bytes=len(payload),
+            bulk=bulk,
+        )
     finally:
         for process in reversed(processes):
             process.terminate()
