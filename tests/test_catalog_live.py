@@ -8,13 +8,14 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 import jwt
 import pytest
 from secretbroker.v1 import broker_pb2
 
 from broker.dev.openbao import free_port_pair
 from catalog.auth import InvalidToken, TokenAuthority, WeakSigningKey
-from catalog.secrets import LiveSecrets, ResumeBackoff, Secret, SecretsClient
+from catalog.secrets import LiveSecrets, ResumeBackoff, Secret, SecretsClient, SecretUnavailable
 from tests.conftest import (
     API,
     DATABASE,
@@ -168,3 +169,20 @@ def test_a_short_jwt_key_is_refused(
     broker_client = client(start_broker(jwt_vault, secrets_=JWT_SECRETS).port)
     with pytest.raises(WeakSigningKey, match="the JWT key has 5 bytes, fewer than 32"):
         TokenAuthority(broker_client.get_secret, broker_client).mint("alice")
+
+
+def test_a_denied_watch_surfaces_the_denial_instead_of_waiting_forever(
+    jwt_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(jwt_vault, secrets_=JWT_SECRETS, access={})
+    with client_for(pki, broker.port) as denied_client:
+        live = LiveSecrets(denied_client, [API], FAST_RESUME)
+        try:
+            eventually(lambda: live.resumes >= 1)
+            with pytest.raises(SecretUnavailable) as caught:
+                live.wait_ready(timeout=0.1)
+            assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(SecretUnavailable):
+                live.get_secret(API)
+        finally:
+            live.close()

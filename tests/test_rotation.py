@@ -180,3 +180,21 @@ def test_no_version_of_an_env_sourced_secret(
     assert status_of(functools.partial(get, stub, API, version=1)) == (
         grpc.StatusCode.FAILED_PRECONDITION
     )
+
+
+def test_the_schedule_leaves_a_rolled_back_secret_alone(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    version = private_vault.write(API, value="initial", other="kept")
+    start_broker(
+        private_vault,
+        secrets_={DATABASE: {}, API: {"rotation": {"key": "value", "period": "1s"}}},
+        rollout={"rotation_check_interval": "100ms"},
+        environ={
+            "VAULT_ENABLED_SECRETS": '["database"]',
+            "MEDIA_CATALOG_API_VALUE": "env-value",
+            "MEDIA_CATALOG_API_OTHER": "env-other",
+        },
+    )
+    time.sleep(2.5)  # the version is past its 1s period for 1.5s: 15 checks
+    assert current_version(private_vault) == version
