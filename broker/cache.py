@@ -11,6 +11,9 @@ Entries are keyed by name and version: ``None`` is the current version; a number
 is that version of a rotating secret (immutable, so refreshed only on TTL like
 the rest). ``put`` stores a value the broker itself wrote (rotation) and
 ``invalidate`` forgets the current value when Vault is known to hold a newer one.
+Each does so for good: a source read that started before it (a TTL refresh in
+flight) may still answer the callers waiting on it, but does not replace the newer
+knowledge in the cache.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class SecretCache:
         self._clock = clock
         self._entries: dict[_Key, _Entry] = {}
         self._inflight: dict[_Key, asyncio.Future[SecretValue]] = {}
+        self._replaced: dict[str, int] = {}
+        """How often each name's current value was put or invalidated: a read that started
+        under an older count is outdated by the time it lands."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,32 +81,33 @@ class SecretCache:
         return entry.value if entry is not None else None
 
     def put(self, spec: SecretSpec, value: SecretValue) -> None:
+        self._replace(spec.name)
         self._store((spec.name, None), spec, value)
 
     def invalidate(self, name: str) -> None:
         """The next read of the current value goes to the source. Keeps nothing stale: Vault
         is known to hold a newer version, so the old one must not be served as current."""
+        self._replace(name)
         self._entries.pop((name, None), None)
 
-    def fresh(self, spec: SecretSpec) -> CachedSecret | None:
-        """The current value if it is fresh, else None: a hit without a coroutine."""
-        entry = self._entries.get((spec.name, None))
+    def fresh(self, spec: SecretSpec, version: int | None = None) -> CachedSecret | None:
+        """The value if it is fresh, else None: a hit without a coroutine."""
+        entry = self._entries.get((spec.name, version))
         if entry is not None and self._clock() < entry.fresh_until:
             self._count("hit")
             return CachedSecret(entry.value, stale=False)
         return None
 
     async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
+        hit = self.fresh(spec, version)
+        if hit is not None:
+            return hit
         key = (spec.name, version)
         entry = self._entries.get(key)
         now = self._clock()
-        if entry is not None:
-            if now < entry.fresh_until:
-                self._count("hit")
-                return CachedSecret(entry.value, stale=False)
-            if now < entry.retry_after and now < entry.stale_until:
-                self._count("stale")
-                return CachedSecret(entry.value, stale=True)
+        if entry is not None and now < entry.retry_after and now < entry.stale_until:
+            self._count("stale")
+            return CachedSecret(entry.value, stale=True)
         result = "miss"
         try:
             return CachedSecret(await self._refresh(key, spec), stale=False, from_cache=False)
@@ -144,10 +151,15 @@ class SecretCache:
             done.exception()  # retrieved here so a read nobody awaits any more is not reported
 
     async def _load(self, key: _Key, spec: SecretSpec) -> SecretValue:
+        replaced = self._replaced.get(spec.name, 0)
         loop = asyncio.get_running_loop()
         value = await loop.run_in_executor(self._executor, self._source.read, spec, key[1])
-        self._store(key, spec, value)
+        if key[1] is not None or self._replaced.get(spec.name, 0) == replaced:
+            self._store(key, spec, value)
         return value
+
+    def _replace(self, name: str) -> None:
+        self._replaced[name] = self._replaced.get(name, 0) + 1
 
     def _store(self, key: _Key, spec: SecretSpec, value: SecretValue) -> None:
         if key[1] is None and self._metrics is not None:

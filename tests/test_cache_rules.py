@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -85,3 +86,38 @@ def test_deliberate_refusals_are_not_papered_over_with_stale_values(
     clock.now += 11
     with pytest.raises(type(failure)):
         get(cache)
+
+
+class BlockedSource:
+    """A source whose read waits until the test releases it: a refresh in flight."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+        self.started.set()
+        self.release.wait(timeout=10)
+        return SecretValue({"k": "old"}, 1, SourceKind.VAULT, fetched_at=0.0)
+
+
+@pytest.mark.parametrize("newer_knowledge", ["put", "invalidate"])
+def test_a_read_in_flight_does_not_undo_a_rotation_or_an_invalidation(
+    newer_knowledge: str,
+) -> None:
+    source = BlockedSource()
+    cache = SecretCache(source, CacheConfig(), ThreadPoolExecutor(1), Clock())
+    rotated = SecretValue({"k": "new"}, 2, SourceKind.VAULT, fetched_at=0.0)
+
+    async def scenario() -> SecretValue:
+        late = asyncio.ensure_future(cache.get(SPEC))
+        await asyncio.to_thread(source.started.wait, 10)
+        if newer_knowledge == "put":
+            cache.put(SPEC, rotated)
+        else:
+            cache.invalidate(SPEC.name)
+        source.release.set()
+        return (await late).value
+
+    assert asyncio.run(scenario()).version == 1, "its own caller still gets what it read"
+    assert cache.current(SPEC.name) == (rotated if newer_knowledge == "put" else None)
