@@ -19,6 +19,14 @@ class DatabaseUrlError(Exception):
     """The database URL is not one the catalog can use. Never carries the URL itself."""
 
 
+class DatabaseUnavailable(Exception):
+    """The database cannot be opened. Names the driver's error class only: libpq quotes the
+    offending part of a malformed URL, which can be the password."""
+
+
+CONNECT_TIMEOUT_SECONDS = 5
+
+
 class Cursor(Protocol):
     def execute(self, query: str, params: Sequence[Any] = ..., /) -> Any: ...
     def fetchall(self) -> list[Any]: ...
@@ -46,7 +54,10 @@ def transaction(url: str) -> Iterator[tuple[Cursor, str]]:
         path = url.removeprefix("sqlite:///")
         if not path or path == url:
             raise DatabaseUrlError('a SQLite URL must look like "sqlite:////absolute/path.db"')
-        connection = sqlite3.connect("/" + path.lstrip("/"), timeout=10)
+        try:
+            connection = sqlite3.connect("/" + path.lstrip("/"), timeout=10)
+        except sqlite3.Error as exc:
+            raise DatabaseUnavailable(f"cannot open the database ({type(exc).__name__})") from None
         try:
             with connection:
                 cursor = connection.cursor()
@@ -61,7 +72,13 @@ def transaction(url: str) -> Iterator[tuple[Cursor, str]]:
             raise DatabaseUrlError(
                 "a PostgreSQL URL needs psycopg: pip install 'secretbroker[postgres]'"
             ) from None
-        with psycopg.connect(url) as pg, pg.cursor() as pg_cursor:
+        try:
+            pg = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(
+                f"cannot connect to the database ({type(exc).__name__})"
+            ) from None
+        with pg, pg.cursor() as pg_cursor:
             pg_cursor.execute(POSTGRES_SCHEMA)
             yield pg_cursor, "%s"
     else:

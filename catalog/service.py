@@ -20,7 +20,7 @@ from typing import Any
 
 from catalog.auth import InvalidToken, TokenAuthority, WeakSigningKey
 from catalog.config import CONFIG_SECRETS, Config, MissingSecretKey
-from catalog.database import Cursor, DatabaseUrlError, transaction
+from catalog.database import Cursor, DatabaseUnavailable, DatabaseUrlError, transaction
 from catalog.secrets import SecretLookup, SecretUnavailable
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class CatalogApp:
         try:
             with transaction(url) as opened:
                 yield opened
-        except DatabaseUrlError as exc:
+        except (DatabaseUrlError, DatabaseUnavailable) as exc:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
 
 

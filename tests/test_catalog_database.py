@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,27 @@ def test_an_unusable_url_is_a_503_that_does_not_echo_it(url: str, message: str) 
     assert message in str(caught.value)
     assert "relative.db" not in str(caught.value)
     assert "db/catalog" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "break_url",
+    [
+        lambda url: url.replace("catalog@", "catalog:pw%ZZsecret-in-url@"),  # libpq quotes it
+        lambda url: (
+            url.replace("catalog@", "catalog:pw-secret-in-url@").rsplit(":", 1)[0] + ":1/postgres"
+        ),  # nothing listens on port 1
+        lambda _: "sqlite:////nonexistent/pw-secret-in-url/catalog.db",
+    ],
+    ids=["malformed password", "refused connection", "unopenable sqlite file"],
+)
+def test_a_database_that_cannot_be_opened_is_a_503_without_the_url(
+    postgres_url: str, break_url: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = break_url(postgres_url)
+    app, _ = app_for(FakeSecrets(url))
+    with pytest.raises(HttpError) as caught:
+        app.list_media()
+    assert caught.value.status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert "cannot" in str(caught.value)
+    assert "secret-in-url" not in str(caught.value)
+    assert "secret-in-url" not in caplog.text
