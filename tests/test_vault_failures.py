@@ -1,5 +1,6 @@
-"""Vault hung (SIGSTOP) or killed: cached secrets are served stale, uncached ones fail UNAVAILABLE
-within the configured Vault timeout, and the broker recovers without a restart."""
+"""Vault hung (SIGSTOP), killed or sealed: cached secrets are served stale, uncached ones fail
+UNAVAILABLE within the configured Vault timeout, rotations fail without a trace, watches stay
+open, metrics and readiness say so, and the broker recovers without a restart."""
 
 from __future__ import annotations
 
@@ -7,8 +8,19 @@ import time
 
 import grpc
 import pytest
+from secretbroker.v1 import broker_pb2
 
-from tests.conftest import API, DATABASE, BrokerFactory, Pki, Vault, get, status_of
+from tests.conftest import (
+    API,
+    DATABASE,
+    BrokerFactory,
+    Pki,
+    Vault,
+    Watch,
+    eventually,
+    get,
+    status_of,
+)
 
 VAULT_TIMEOUT = "1s"
 # A client deadline well above the Vault timeout: an answer of UNAVAILABLE (not DEADLINE_EXCEEDED)
@@ -138,3 +150,56 @@ def test_broker_started_while_vault_is_down_serves_once_vault_answers(
     answer = get(stub, API, timeout=CLIENT_DEADLINE)
     assert not answer.stale
     assert broker.broker.vault.session.logins == 1
+
+
+def test_rotation_against_a_hung_vault_fails_unavailable_and_changes_nothing(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(
+        private_vault, secrets_={DATABASE: {}, API: {"rotation": {"key": "value"}}}
+    )
+    stub = broker.stub(pki.catalog, pki.ca)
+    before = get(stub, API)
+    private_vault.server.pause()
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            broker.admin(pki.ops, pki.ca).RotateSecret(
+                broker_pb2.RotateSecretRequest(name=API), timeout=15
+            )
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert get(stub, API).version == before.version, "the cached value is still served"
+    finally:
+        private_vault.server.resume()
+    _, text = broker.scrape()
+    assert f'secretbroker_rotations_total{{result="failed",secret="{API}"}} 1.0' in text
+    assert get(stub, API).data["value"] == before.data["value"]
+
+
+def test_a_watch_stays_open_through_a_vault_outage_and_delivers_after_it(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(private_vault, rollout={"watch_poll_interval": "200ms"})
+    watch = Watch(broker.stub(pki.catalog, pki.ca), [API], timeout=60)
+    first = watch.next()
+    private_vault.server.pause()
+    time.sleep(1.5)  # several polls fail meanwhile; the stream must not end
+    private_vault.server.resume()
+    version = private_vault.write(API, value="after-the-outage", other="o")
+    pushed = watch.next()
+    assert (pushed.version, pushed.data["value"]) == (version, "after-the-outage")
+    assert pushed.version > first.version
+    watch.cancel()
+
+
+def test_a_sealed_vault_shows_in_metrics_and_readiness(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(
+        private_vault, metrics={"listen": "127.0.0.1:0", "vault_probe_interval": "100ms"}
+    )
+    eventually(lambda: broker.scrape("/readyz")[0] == 200)
+    private_vault.admin.sys.seal()
+    eventually(lambda: "secretbroker_vault_sealed 1.0" in broker.scrape()[1])
+    eventually(lambda: broker.scrape("/readyz")[0] == 503)
+    assert "vault is sealed" in broker.scrape("/readyz")[1]
+    assert "secretbroker_vault_up 0.0" in broker.scrape()[1]
