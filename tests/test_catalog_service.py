@@ -20,6 +20,7 @@ import pytest
 from secretbroker.v1 import broker_pb2
 
 from broker.dev.openbao import free_port_pair
+from broker.dev.stack import client_env
 from broker.sources.env import variable_name
 from tests.conftest import API, DATABASE, EXTERNAL, BrokerFactory, Pki, RunningBroker, Vault
 
@@ -100,13 +101,7 @@ def catalog_chain(
     }
     broker = start_broker(private_vault, secrets_=CATALOG_SECRETS, environ=env_values)
     port = free_port_pair()
-    environ = {
-        **os.environ,
-        "SECRETBROKER_ADDR": f"127.0.0.1:{broker.port}",
-        "SECRETBROKER_CA_FILE": str(pki.ca),
-        "SECRETBROKER_CERT_FILE": str(pki.catalog.cert),
-        "SECRETBROKER_KEY_FILE": str(pki.catalog.key),
-    }
+    environ = {**os.environ, **client_env(f"127.0.0.1:{broker.port}", pki.ca, pki.catalog)}
     process = subprocess.Popen(
         [sys.executable, "-m", "catalog", "serve", "--listen", f"127.0.0.1:{port}"],
         env=environ,

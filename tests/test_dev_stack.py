@@ -17,6 +17,8 @@ from pathlib import Path
 
 import hvac
 
+from broker.dev.pki import CertFiles
+from broker.dev.stack import client_env
 from tests.conftest import eventually
 
 READY_LINE = "Press Ctrl-C to stop everything."
@@ -85,18 +87,18 @@ def test_dev_stack_starts_serves_the_catalog_and_stops_cleanly_twice(tmp_path: P
         assert not _processes_mentioning(f"127.0.0.1:{port}"), "OpenBao was left running"
 
 
-def _catalog_config_command(output: str, state_dir: Path) -> str:
-    """Run the `python -m catalog config` the dev stack suggests; it reads through the broker."""
+def _client_env(output: str, state_dir: Path, client: str) -> dict[str, str]:
+    """The environment the banner tells ``client`` (catalog or ops) to export."""
     broker_addr = re.search(r"SECRETBROKER_ADDR=(\S+)", output)
     assert broker_addr is not None
     certs = state_dir / "certs"
-    env = {
-        **os.environ,
-        "SECRETBROKER_ADDR": broker_addr.group(1),
-        "SECRETBROKER_CA_FILE": str(certs / "ca.pem"),
-        "SECRETBROKER_CERT_FILE": str(certs / "catalog.pem"),
-        "SECRETBROKER_KEY_FILE": str(certs / "catalog-key.pem"),
-    }
+    cert = CertFiles(certs / f"{client}.pem", certs / f"{client}-key.pem")
+    return {**os.environ, **client_env(broker_addr.group(1), certs / "ca.pem", cert)}
+
+
+def _catalog_config_command(output: str, state_dir: Path) -> str:
+    """Run the `python -m catalog config` the dev stack suggests; it reads through the broker."""
+    env = _client_env(output, state_dir, "catalog")
     result = subprocess.run(
         [sys.executable, "-m", "catalog", "config"],
         env=env,
@@ -120,9 +122,7 @@ def _catalog_service_and_ops(output: str, state_dir: Path) -> str:
     with urllib.request.urlopen(f"{metrics.group(1)}/metrics", timeout=10) as response:  # noqa: S310
         assert b"secretbroker_vault_up 1.0" in response.read()
     service = re.search(r"catalog service\s+(http://\S+)", output)
-    broker_addr = re.search(r"SECRETBROKER_ADDR=(\S+)", output)
     assert service is not None
-    assert broker_addr is not None
     with urllib.request.urlopen(f"{service.group(1)}/healthz", timeout=10) as response:  # noqa: S310
         health = json.loads(response.read())
     assert health["secrets"]["media-catalog/api"] == {
@@ -130,19 +130,12 @@ def _catalog_service_and_ops(output: str, state_dir: Path) -> str:
         "source": "vault",
         "stale": False,
     }
-    certs = state_dir / "certs"
     printed = ""
     for client, args in (
         ("catalog", ["catalog", "token", "--sub", "me"]),
         ("ops", ["broker", "status"]),
     ):
-        env = {
-            **os.environ,
-            "SECRETBROKER_ADDR": broker_addr.group(1),
-            "SECRETBROKER_CA_FILE": str(certs / "ca.pem"),
-            "SECRETBROKER_CERT_FILE": str(certs / f"{client}.pem"),
-            "SECRETBROKER_KEY_FILE": str(certs / f"{client}-key.pem"),
-        }
+        env = _client_env(output, state_dir, client)
         result = subprocess.run(
             [sys.executable, "-m", *args],
             env=env,

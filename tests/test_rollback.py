@@ -17,6 +17,7 @@ import pytest
 from secretbroker.v1 import broker_pb2
 
 from broker.config import ConfigError
+from broker.dev.stack import client_env
 from broker.sources.env import variable_name
 from tests.conftest import (
     API,
@@ -252,13 +253,7 @@ def test_ops_cli_flips_and_shows_status(
     vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
     broker = start_broker(vault, environ=ENV_VALUES)
-    environ = {
-        **os.environ,
-        "SECRETBROKER_ADDR": f"127.0.0.1:{broker.port}",
-        "SECRETBROKER_CA_FILE": str(pki.ca),
-        "SECRETBROKER_CERT_FILE": str(pki.ops.cert),
-        "SECRETBROKER_KEY_FILE": str(pki.ops.key),
-    }
+    environ = {**os.environ, **client_env(f"127.0.0.1:{broker.port}", pki.ca, pki.ops)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

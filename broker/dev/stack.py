@@ -161,7 +161,7 @@ def run_dev_stack(state_dir: Path) -> int:
             "serve",
             "--listen",
             catalog_url,
-            env=client_env(listen, certs.catalog, certs),
+            env=client_env(listen, certs.ca, certs.catalog),
         )
         _wait_for_http(f"http://{catalog_url}/healthz", children["catalog service"])
         banner = _banner(
@@ -193,11 +193,11 @@ def rollback_environment(database_url: str) -> dict[str, str]:
     }
 
 
-def client_env(listen: str, client: CertFiles, certs: DevCertificates) -> dict[str, str]:
+def client_env(listen: str, ca: Path, client: CertFiles) -> dict[str, str]:
     """The SECRETBROKER_* settings a client with certificate ``client`` uses."""
     return {
         "SECRETBROKER_ADDR": listen,
-        "SECRETBROKER_CA_FILE": str(certs.ca),
+        "SECRETBROKER_CA_FILE": str(ca),
         "SECRETBROKER_CERT_FILE": str(client.cert),
         "SECRETBROKER_KEY_FILE": str(client.key),
     }
@@ -251,8 +251,8 @@ def _banner(
     metrics_listen: str,
 ) -> str:
     python = sys.executable
-    catalog = _shell_env(client_env(listen, certs.catalog, certs))
-    ops = _shell_env(client_env(listen, certs.ops, certs))
+    catalog = _shell_env(client_env(listen, certs.ca, certs.catalog))
+    ops = _shell_env(client_env(listen, certs.ca, certs.ops))
     return f"""
 Dev stack is up. Nothing below is a secret value.
   OpenBao (Vault API)  {bao.address}   log: {bao.log_path}
