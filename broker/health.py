@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 from broker.config import SecretSpec
 from broker.errors import SourceUnavailable
 from broker.metrics import BrokerMetrics
-from broker.rotation import RunBlocking
+from broker.sources.base import RunBlocking
 from broker.sources.vault_session import VaultSession
 from broker.values import SecretValues
 

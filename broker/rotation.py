@@ -13,26 +13,17 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Mapping
 
 from broker.changes import ChangeFeed
 from broker.config import RotationSpec, SecretSpec
 from broker.errors import BrokerError, NotApplicable, WriteConflict
 from broker.metrics import BrokerMetrics
-from broker.sources.base import SecretValue, SourceKind
+from broker.sources.base import RunBlocking, SecretValue, SourceKind
 from broker.sources.vault import VaultSource
 from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-class RunBlocking(Protocol):
-    """Runs a blocking call off the event loop (the broker's Vault I/O pool)."""
-
-    def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
 
 
 class Rotator:

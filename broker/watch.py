@@ -18,8 +18,7 @@ from broker.changes import ChangeFeed
 from broker.config import SecretSpec
 from broker.errors import BrokerError, InvalidRequest
 from broker.reader import SecretReader
-from broker.rotation import RunBlocking
-from broker.sources.base import SecretValue, SourceKind
+from broker.sources.base import RunBlocking, SecretValue, SourceKind
 from broker.sources.vault import VaultSource
 from broker.values import SecretValues
 

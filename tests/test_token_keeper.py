@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
 from broker.errors import SourceUnavailable
 from broker.sources.token_keeper import MIN_REFRESH_INTERVAL, RETRY_MAX, keep_token_fresh
+
+T = TypeVar("T")
 
 
 class Stop(Exception):
@@ -30,6 +33,11 @@ class FakeSession:
             raise SourceUnavailable("vault down")
 
 
+async def run_inline(call: Callable[[], T]) -> T:
+    """The Vault I/O pool, in a test: run the call right here."""
+    return call()
+
+
 def run(session: FakeSession, max_sleeps: int = 8) -> list[float]:
     sleeps: list[float] = []
 
@@ -38,11 +46,8 @@ def run(session: FakeSession, max_sleeps: int = 8) -> list[float]:
         if len(sleeps) >= max_sleeps:
             raise Stop
 
-    async def run_blocking(call: Callable[[], None]) -> None:
-        call()
-
     with pytest.raises(Stop):
-        asyncio.run(keep_token_fresh(session, run_blocking, sleep))
+        asyncio.run(keep_token_fresh(session, run_inline, sleep))
     return sleeps
 
 
@@ -69,7 +74,4 @@ def test_a_token_that_never_expires_needs_no_keeper() -> None:
     async def no_sleep(seconds: float) -> None:
         raise AssertionError("should not sleep")
 
-    async def run_blocking(call: Callable[[], None]) -> None:
-        call()
-
-    asyncio.run(keep_token_fresh(FakeSession([None]), run_blocking, no_sleep))
+    asyncio.run(keep_token_fresh(FakeSession([None]), run_inline, no_sleep))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from broker.config import SecretSpec
 
@@ -36,3 +36,12 @@ class SecretSource(Protocol):
     def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
         """Read the current value, or the given version; blocking. Raises only broker errors."""
         ...
+
+
+T = TypeVar("T")
+
+
+class RunBlocking(Protocol):
+    """Runs a blocking source call off the event loop (the broker's Vault I/O pool)."""
+
+    def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...

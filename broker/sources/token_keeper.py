@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from broker.errors import BrokerError
+from broker.sources.base import RunBlocking
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class RefreshableSession(Protocol):
 
 async def keep_token_fresh(
     session: RefreshableSession,
-    run_blocking: Callable[[Callable[[], None]], Awaitable[None]],
+    run_blocking: RunBlocking,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
     """Log in at once, then renew or replace the token before expiry, backing off while Vault fails.
