@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: dev test check lint typecheck proto proto-check buf-lint unit clean
+.PHONY: dev test check lint typecheck proto proto-check buf-lint unit clean system-tools
 
 $(BIN)/python: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ dev: $(BIN)/python
 	$(BIN)/python -m broker dev
 
 ## Every check CI runs: generated code fresh, buf lint, ruff, mypy --strict, then the test suite.
-test: proto-check buf-lint lint typecheck
+test: system-tools proto-check buf-lint lint typecheck
 	$(BIN)/python -m pytest
+
+## npm (buf), promtool and prometheus, PostgreSQL's server binaries: present, or a clear message.
+system-tools:
+	@.ci/check-system-tools
 
 ## Regenerate the Python code from proto/.
 proto: $(BIN)/python
