@@ -20,11 +20,15 @@ from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from broker.dev.bootstrap import AppRoleFiles, create_broker_approle, ensure_kv2_mount
 from broker.dev.openbao import OpenBaoDevServer, bao_binary, die_with_parent, free_port_pair
-from broker.dev.pki import CertFiles, DevCA, issue_loopback_server
+from broker.dev.pki import CertFiles
+from broker.dev.stack import (
+    CATALOG_SPIFFE_ID,
+    OPS_SPIFFE_ID,
+    DevCertificates,
+    issue_dev_certificates,
+)
 
 GET_SECRET = "/secretbroker.v1.SecretBroker/GetSecret"  # noqa: S105 - a method name
-CATALOG_ID = "spiffe://media.local/catalog"
-OPS_ID = "spiffe://media.local/ops"
 HOT = "bench/s0000"
 COLD = "bench/cold"
 ROTATING = "bench/api"
@@ -40,20 +44,12 @@ path "auth/token/lookup-self" { capabilities = ["read"] }
 """
 
 
-@dataclass(frozen=True)
-class Certs:
-    ca: Path
-    server: CertFiles
-    catalog: CertFiles
-    ops: CertFiles
-
-
 @dataclass
 class Rig:
     workdir: Path
     bao: OpenBaoDevServer
     approle: AppRoleFiles
-    certs: Certs
+    certs: DevCertificates
     broker: subprocess.Popen[bytes]
     broker_addr: str
     floor_addr: str
@@ -90,18 +86,13 @@ class Rig:
         raise RuntimeError("no VmRSS for the broker process")
 
 
-def _certs(directory: Path) -> Certs:
-    ca = DevCA("bench CA")
-    return Certs(
-        ca=ca.write_ca(directory / "ca.pem"),
-        server=issue_loopback_server(ca, directory),
-        catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_ID),
-        ops=ca.issue_files(directory, "ops", "ops", uri=OPS_ID),
-    )
-
-
 def _broker_toml(
-    rig_dir: Path, listen: str, vault: str, approle: AppRoleFiles, certs: Certs, bulk: list[str]
+    rig_dir: Path,
+    listen: str,
+    vault: str,
+    approle: AppRoleFiles,
+    certs: DevCertificates,
+    bulk: list[str],
 ) -> str:
     secrets_toml = "\n".join(
         f'[secrets."{name}"]\nkeys = ["value"]\ncategory = "bulk"' for name in bulk
@@ -109,8 +100,8 @@ def _broker_toml(
     return f"""
 [server]
 listen = "{listen}"
-cert_file = "{certs.server.cert}"
-key_file = "{certs.server.key}"
+cert_file = "{certs.broker.cert}"
+key_file = "{certs.broker.key}"
 client_ca_file = "{certs.ca}"
 
 [vault]
@@ -135,10 +126,10 @@ file = "{rig_dir / "audit.jsonl"}"
 listen = "127.0.0.1:0"
 
 [admin]
-identities = ["{OPS_ID}"]
+identities = ["{OPS_SPIFFE_ID}"]
 
 [access]
-"{CATALOG_ID}" = ["bench/*", "media-catalog/*"]
+"{CATALOG_SPIFFE_ID}" = ["bench/*", "media-catalog/*"]
 
 [secrets."{ROTATING}"]
 keys = ["value"]
@@ -207,7 +198,7 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
                 path=path, secret=data, mount_point="secret"
             )
         admin.adapter.close()
-        certs = _certs(workdir / "certs")
+        certs = issue_dev_certificates(workdir / "certs")
         broker_addr = f"127.0.0.1:{free_port_pair()}"
         config = workdir / "broker.toml"
         config.write_text(_broker_toml(workdir, broker_addr, bao.address, approle, certs, bulk))
@@ -235,8 +226,8 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
                 "-m",
                 "bench.floor",
                 floor_addr.rsplit(":", 1)[1],
-                str(certs.server.cert),
-                str(certs.server.key),
+                str(certs.broker.cert),
+                str(certs.broker.key),
                 str(certs.ca),
                 str(len(payload)),
             ],
