@@ -87,6 +87,20 @@ def test_dev_stack_starts_serves_the_catalog_and_stops_cleanly_twice(tmp_path: P
         assert not _processes_mentioning(f"127.0.0.1:{port}"), "OpenBao was left running"
 
 
+def _run_module(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGS`` as a user would type it from the banner; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def _client_env(output: str, state_dir: Path, client: str) -> dict[str, str]:
     """The environment the banner tells ``client`` (catalog or ops) to export."""
     broker_addr = re.search(r"SECRETBROKER_ADDR=(\S+)", output)
@@ -99,15 +113,7 @@ def _client_env(output: str, state_dir: Path, client: str) -> dict[str, str]:
 def _catalog_config_command(output: str, state_dir: Path) -> str:
     """Run the `python -m catalog config` the dev stack suggests; it reads through the broker."""
     env = _client_env(output, state_dir, "catalog")
-    result = subprocess.run(
-        [sys.executable, "-m", "catalog", "config"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _run_module(["catalog", "config"], env)
     assert (
         "jwt_secret_key: 43 characters from media-catalog/api (version 1, vault)" in result.stdout
     )
@@ -136,15 +142,7 @@ def _catalog_service_and_ops(output: str, state_dir: Path) -> str:
         ("ops", ["broker", "status"]),
     ):
         env = _client_env(output, state_dir, client)
-        result = subprocess.run(
-            [sys.executable, "-m", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
+        result = _run_module(args, env)
         printed += result.stdout + result.stderr
         if client == "catalog":
             request = urllib.request.Request(  # noqa: S310 - the dev stack's loopback URL
@@ -179,14 +177,7 @@ def _roll_api_back_and_forth(ops_env: dict[str, str], healthz: str) -> str:
         (["rollback", "set", '["database", "external"]'], "env"),
         (["rollback", "clear"], "vault"),
     ):
-        result = subprocess.run(
-            [sys.executable, "-m", "broker", *args],
-            env=ops_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        result = _run_module(["broker", *args], ops_env)
         printed += result.stdout + result.stderr
         eventually(functools.partial(_equals, api_source, expected), what=f"api from {expected}")
     return printed
