@@ -204,10 +204,9 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
         config.write_text(_broker_toml(workdir, broker_addr, bao.address, approle, certs, bulk))
         env_for_flip = {"BENCH_FLIP_VALUE": secrets.token_urlsafe(32)}
         broker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+            die_with_parent([sys.executable, "-m", "broker", "serve", "--config", str(config)]),
             stdin=subprocess.DEVNULL,
             env={**os.environ, **env_for_flip},
-            preexec_fn=die_with_parent,
         )
         processes.append(broker)
         client_credentials = grpc.ssl_channel_credentials(
@@ -221,18 +220,19 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
             payload = channel.unary_unary(GET_SECRET, None, None)(request, timeout=30)
         floor_addr = f"127.0.0.1:{free_port_pair()}"
         floor = subprocess.Popen(  # noqa: S603
-            [
-                sys.executable,
-                "-m",
-                "bench.floor",
-                floor_addr.rsplit(":", 1)[1],
-                str(certs.broker.cert),
-                str(certs.broker.key),
-                str(certs.ca),
-                str(len(payload)),
-            ],
+            die_with_parent(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.floor",
+                    floor_addr.rsplit(":", 1)[1],
+                    str(certs.broker.cert),
+                    str(certs.broker.key),
+                    str(certs.ca),
+                    str(len(payload)),
+                ]
+            ),
             stdout=subprocess.PIPE,
-            preexec_fn=die_with_parent,
         )
         processes.append(floor)
         _wait_ready_line(floor, "the floor server")
@@ -298,10 +298,9 @@ def _start_proxy(
     )
     with (workdir / "proxy.log").open("wb") as log:
         proxy = subprocess.Popen(  # noqa: S603 - OpenBao's own binary
-            [bao_binary(), "proxy", f"-config={config}"],
+            die_with_parent([bao_binary(), "proxy", f"-config={config}"]),
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
         )
     address = f"http://{listen}"
     client = hvac.Client(url=address, timeout=5)

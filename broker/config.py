@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.errors import InvalidSecretName
-from broker.names import validate_secret_name
+from broker.identity import CN_PREFIX, spiffe_trust_domain
+from broker.names import quoted_list, validate_secret_name
 
 
 class ConfigError(Exception):
@@ -174,13 +175,35 @@ class StartupRollback:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one authenticated caller may hold; past a limit: RESOURCE_EXHAUSTED, naming it."""
+
+    max_watch_names: int = 100
+    """Names one WatchSecrets request may list."""
+    max_watch_streams_per_identity: int = 1000
+    """WatchSecrets streams one identity may hold open at once, over all its connections (every
+    replica of a workload shares its identity)."""
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """How a caller's certificate becomes an identity (see broker/identity.py)."""
+
+    trust_domains: frozenset[str] = frozenset()
+    """SPIFFE trust domains whose IDs are accepted. Default: the trust domains of the SPIFFE
+    IDs that [access] and [admin] name."""
+    cn_fallback: bool = False
+    """Identify a certificate without a URI SAN by its common name, as "cn:NAME"."""
+
+
+@dataclass(frozen=True)
 class BrokerConfig:
     server: ServerConfig
     vault: VaultConfig
     cache: CacheConfig
     secrets: Mapping[str, SecretSpec]
     access: Mapping[str, tuple[str, ...]]
-    """Identity (SPIFFE ID or certificate CN) -> secret name patterns it may read."""
+    """Identity (SPIFFE ID, or "cn:NAME") -> secret name patterns it may read."""
     log_level: str = "INFO"
     log_format: str = "text"
     """"text" or "json" (one JSON object per line)."""
@@ -189,6 +212,8 @@ class BrokerConfig:
     rollout: RolloutConfig = RolloutConfig()
     audit: AuditConfig = AuditConfig()
     startup_rollback: StartupRollback = StartupRollback()
+    identity: IdentityConfig = IdentityConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @property
     def categories(self) -> frozenset[str]:
@@ -341,6 +366,17 @@ def parse_config(
     admin = _parse_admin(root.table("admin", required=False))
     rollout = _parse_rollout(root.table("rollout", required=False))
     audit = _parse_audit(root.table("audit", required=False))
+    identity = _parse_identity(root.table("identity", required=False), access, admin)
+    limits_table = root.table("limits", required=False)
+    limits = LimitsConfig(
+        max_watch_names=limits_table.integer(
+            "max_watch_names", LimitsConfig.max_watch_names, minimum=1
+        ),
+        max_watch_streams_per_identity=limits_table.integer(
+            "max_watch_streams_per_identity", LimitsConfig.max_watch_streams_per_identity, minimum=1
+        ),
+    )
+    limits_table.reject_unknown()
     root.reject_unknown()
     categories = frozenset(spec.category for spec in secrets.values())
     startup = parse_vault_enabled(environ.get(VAULT_ENABLED_SECRETS), categories)
@@ -357,6 +393,8 @@ def parse_config(
         rollout=rollout,
         audit=audit,
         startup_rollback=startup,
+        identity=identity,
+        limits=limits,
     )
 
 
@@ -386,7 +424,7 @@ def check_categories(key: str, given: list[str], categories: frozenset[str]) -> 
     if unknown:
         raise ConfigError(
             key,
-            f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}"
+            f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {quoted_list(unknown)}"
             f"; declared: {', '.join(sorted(categories))}",
         )
 
@@ -546,6 +584,35 @@ def _parse_rollout(table: _Table) -> RolloutConfig:
         previous_versions=table.integer("previous_versions", RolloutConfig.previous_versions),
     )
     table.reject_unknown()
+    return config
+
+
+def _parse_identity(
+    table: _Table, access: Mapping[str, tuple[str, ...]], admin: AdminConfig
+) -> IdentityConfig:
+    """Every identity [access] and [admin] name must be one a certificate can have: a SPIFFE ID
+    in a trusted domain, or "cn:NAME" with the CN fallback on."""
+    named = [(f"access.{identity}", identity) for identity in access]
+    named += [("admin.identities", identity) for identity in sorted(admin.identities)]
+    if table.has("trust_domains"):
+        domains = frozenset(table.strings("trust_domains"))
+        if any(spiffe_trust_domain(f"spiffe://{domain}") is None for domain in domains):
+            raise ConfigError("identity.trust_domains", "must list SPIFFE trust domain names")
+    else:
+        found = (spiffe_trust_domain(identity) for _, identity in named)
+        domains = frozenset(domain for domain in found if domain is not None)
+    config = IdentityConfig(domains, table.boolean("cn_fallback", IdentityConfig.cn_fallback))
+    table.reject_unknown()
+    for key, identity in named:
+        if identity.startswith(CN_PREFIX):
+            if not config.cn_fallback:
+                raise ConfigError(key, f"names {identity!r}, but identity.cn_fallback is off")
+            continue
+        trust_domain = spiffe_trust_domain(identity)
+        if trust_domain is None:
+            raise ConfigError(key, f'{identity!r} is neither a SPIFFE ID nor "cn:NAME"')
+        if trust_domain not in domains:
+            raise ConfigError(key, f"{identity!r} is not in identity.trust_domains")
     return config
 
 

@@ -16,6 +16,8 @@ caller's raw input::
     ├── SecretMissingInSource   declared, but the source has no value at its path
     ├── SourceUnavailable       the source cannot be reached, is sealed or too slow
     ├── AuditUnavailable        the audit trail cannot be written and audit is fail-closed
+    ├── LimitExceeded           the caller is past one of the broker's limits
+    ├── StateUnavailable        the broker's own state (the rollback override) cannot be saved
     ├── SourceDenied            the source refused the broker itself (its Vault policy)
     ├── VersionOutOfRange       the requested version is not among those kept readable
     ├── NotApplicable           the operation does not apply to the secret as it is served
@@ -71,3 +73,11 @@ class WriteConflict(BrokerError):
 
 class AuditUnavailable(BrokerError):
     """The audit trail cannot be written, and the config makes audit fail-closed."""
+
+
+class StateUnavailable(BrokerError):
+    """The broker cannot save its own state (the rollback override file); nothing changed."""
+
+
+class LimitExceeded(BrokerError):
+    """The caller is past one of the broker's configured limits; the message names it."""

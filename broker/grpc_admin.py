@@ -3,22 +3,27 @@ only, every call audited."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
+from typing import TypeVar
 
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from broker.audit import AuditTrail
 from broker.config import SecretSpec
-from broker.errors import AccessDenied, BrokerError, SecretNotDeclared
-from broker.grpc_service import Context, abort, timestamp
+from broker.errors import AccessDenied, AuditUnavailable, BrokerError, SecretNotDeclared
+from broker.grpc_common import Context, Unparsable, abort, parsed, timestamp
+from broker.grpc_status import status_for
 from broker.identity import IdentityResolver
 from broker.metrics import BrokerMetrics
 from broker.names import validate_secret_name
-from broker.rollback import RollbackState, RollbackStatus, Rule
+from broker.rollback import Flip, RollbackState, RollbackStatus, Rule
 from broker.rotation import Rotator
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 _RULE = {
     Rule.DEFAULT: broker_pb2.ROLLBACK_RULE_DEFAULT,
@@ -47,65 +52,69 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
         self._audit = audit
 
     async def GetRollbackState(
-        self, request: broker_pb2.GetRollbackStateRequest, context: Context
+        self, request: broker_pb2.GetRollbackStateRequest | Unparsable, context: Context
     ) -> broker_pb2.GetRollbackStateResponse:
         with self._metrics.rpc("GetRollbackState", context):
-            await self._admin(context, "GetRollbackState")
-            return broker_pb2.GetRollbackStateResponse(state=state_message(self._rollback.status()))
+            identity = await self._admin(context, "GetRollbackState")
+            await self._parse(context, identity, "GetRollbackState", request)
+            await self._record_or_abort(context, identity, "GetRollbackState", "allow")
+            return broker_pb2.GetRollbackStateResponse(state=self._state_message())
 
     async def SetRollbackOverride(
-        self, request: broker_pb2.SetRollbackOverrideRequest, context: Context
+        self, request: broker_pb2.SetRollbackOverrideRequest | Unparsable, context: Context
     ) -> broker_pb2.SetRollbackOverrideResponse:
         with self._metrics.rpc("SetRollbackOverride", context):
             identity = await self._admin(context, "SetRollbackOverride")
-            categories = list(request.vault_enabled_categories)
+            message = await self._parse(context, identity, "SetRollbackOverride", request)
             try:
-                status = self._rollback.set_override(categories, by=identity)
+                flip = self._rollback.plan_set(list(message.vault_enabled_categories), identity)
             except BrokerError as exc:
-                self._record(identity, "SetRollbackOverride", "deny", reason=str(exc))
+                self._record_denial(identity, "SetRollbackOverride", exc)
                 await abort(context, "SetRollbackOverride", identity, exc)
-            self._record(
-                identity,
-                "SetRollbackOverride",
-                "allow",
-                vault_enabled_categories=sorted(categories),
-            )
+            status = await self._flip(context, identity, "SetRollbackOverride", flip)
             log.warning(
                 "%s set the rollback override: from vault [%s], from env [%s]",
                 identity,
                 ", ".join(sorted(status.vault_categories)),
                 ", ".join(sorted(status.env_categories)),
             )
-            return broker_pb2.SetRollbackOverrideResponse(state=state_message(status))
+            return broker_pb2.SetRollbackOverrideResponse(state=self._state_message())
 
     async def ClearRollbackOverride(
-        self, request: broker_pb2.ClearRollbackOverrideRequest, context: Context
+        self, request: broker_pb2.ClearRollbackOverrideRequest | Unparsable, context: Context
     ) -> broker_pb2.ClearRollbackOverrideResponse:
         with self._metrics.rpc("ClearRollbackOverride", context):
             identity = await self._admin(context, "ClearRollbackOverride")
-            status = self._rollback.clear_override()
-            self._record(identity, "ClearRollbackOverride", "allow")
+            await self._parse(context, identity, "ClearRollbackOverride", request)
+            flip = self._rollback.plan_clear()
+            status = await self._flip(context, identity, "ClearRollbackOverride", flip)
             log.warning(
                 "%s cleared the rollback override (rule now: %s)", identity, status.rule.value
             )
-            return broker_pb2.ClearRollbackOverrideResponse(state=state_message(status))
+            return broker_pb2.ClearRollbackOverrideResponse(state=self._state_message())
 
     async def RotateSecret(
-        self, request: broker_pb2.RotateSecretRequest, context: Context
+        self, request: broker_pb2.RotateSecretRequest | Unparsable, context: Context
     ) -> broker_pb2.RotateSecretResponse:
         with self._metrics.rpc("RotateSecret", context):
             identity = await self._admin(context, "RotateSecret")
+            message = await self._parse(context, identity, "RotateSecret", request)
             try:
-                validate_secret_name(request.name)
-                spec = self._secrets.get(request.name)
+                validate_secret_name(message.name)
+                spec = self._secrets.get(message.name)
                 if spec is None:
                     raise SecretNotDeclared("secret is not declared by this broker")
                 written = await self._rotator.rotate(spec)
             except BrokerError as exc:
-                self._record(identity, "RotateSecret", "deny", secret=request.name, reason=str(exc))
+                self._record_denial(identity, "RotateSecret", exc, secret=message.name)
                 await abort(context, "RotateSecret", identity, exc)
-            self._record(
-                identity, "RotateSecret", "allow", secret=spec.name, version=written.version
+            await self._record_or_abort(
+                context,
+                identity,
+                "RotateSecret",
+                "allow",
+                secret=spec.name,
+                version=written.version,
             )
             return broker_pb2.RotateSecretResponse(
                 name=spec.name,
@@ -113,15 +122,75 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
                 created_at=timestamp(written.created_at or written.fetched_at),
             )
 
-    async def _admin(self, context: Context, rpc: str) -> str:
-        identity = self._identities.identity(context.auth_context())
-        if identity is None or identity not in self._admins:
-            self._record(identity, rpc, "deny", reason="not an admin identity")
-            await abort(context, rpc, identity, AccessDenied("caller is not a broker admin"))
-        return identity
+    async def _flip(self, context: Context, identity: str, rpc: str, flip: Flip) -> RollbackStatus:
+        """All or nothing: the record first, then the change; a failure of either changes
+        nothing and answers UNAVAILABLE."""
+        await self._record_or_abort(
+            context,
+            identity,
+            rpc,
+            "allow",
+            vault_enabled_categories=sorted(flip.vault_categories),
+            override=None if flip.override is None else sorted(flip.override.vault_categories),
+            changed_categories=sorted(flip.changed),
+            secrets=sorted(s.name for s in self._secrets.values() if s.category in flip.changed),
+        )
+        try:
+            return self._rollback.commit(flip)
+        except BrokerError as exc:
+            self._record_denial(identity, rpc, exc, outcome="failed")
+            await abort(context, rpc, identity, exc)
 
-    def _record(self, identity: str | None, rpc: str, decision: str, **fields: object) -> None:
-        self._audit.record("admin", rpc=rpc, identity=identity, decision=decision, **fields)
+    async def _admin(self, context: Context, rpc: str) -> str:
+        """The caller's identity, if it is an admin; else the call ends PERMISSION_DENIED."""
+        identity: str | None = None
+        try:
+            identity = self._identities.identity(context.auth_context())
+            if identity in self._admins:
+                return identity
+            raise AccessDenied("caller is not a broker admin")
+        except AccessDenied as exc:
+            self._record_denial(identity, rpc, exc)
+            await abort(context, rpc, identity, exc)
+
+    async def _parse(self, context: Context, identity: str, rpc: str, request: R | Unparsable) -> R:
+        try:
+            return parsed(request)
+        except BrokerError as exc:
+            self._record_denial(identity, rpc, exc)
+            await abort(context, rpc, identity, exc)
+
+    async def _record_or_abort(
+        self, context: Context, identity: str, rpc: str, decision: str, **fields: object
+    ) -> None:
+        """Record an admin action before it is answered; UNAVAILABLE when audit is fail-closed
+        and the record cannot be written."""
+        try:
+            self._audit.record("admin", rpc=rpc, identity=identity, decision=decision, **fields)
+        except AuditUnavailable as exc:
+            await abort(context, rpc, identity, exc)
+
+    def _record_denial(
+        self,
+        identity: str | None,
+        rpc: str,
+        exc: BrokerError,
+        outcome: str = "deny",
+        **fields: object,
+    ) -> None:
+        """The request is refused anyway: a record that cannot be written changes nothing."""
+        with contextlib.suppress(AuditUnavailable):
+            self._audit.record(
+                "admin",
+                rpc=rpc,
+                identity=identity,
+                decision=outcome,
+                reason=f"{status_for(exc).name}: {exc}",
+                **fields,
+            )
+
+    def _state_message(self) -> broker_pb2.RollbackState:
+        return state_message(self._rollback.status())
 
 
 def state_message(status: RollbackStatus) -> broker_pb2.RollbackState:

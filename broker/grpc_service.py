@@ -6,15 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
 
-import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from broker.audit import AuditTrail
 from broker.cache import CachedSecret
 from broker.errors import AuditUnavailable, BrokerError
+from broker.grpc_common import Context, Unparsable, abort, parsed, timestamp
 from broker.grpc_status import status_for
 from broker.identity import IdentityResolver
 from broker.metrics import BrokerMetrics
@@ -24,19 +22,7 @@ from broker.watch import Watcher
 
 log = logging.getLogger(__name__)
 
-# Failures ops must see; the rest are the caller's mistakes, logged at DEBUG.
-_SERVER_SIDE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
 _SOURCE = {SourceKind.VAULT: broker_pb2.SOURCE_VAULT, SourceKind.ENV: broker_pb2.SOURCE_ENV}
-
-Context = grpc.aio.ServicerContext[Any, Any]
-
-
-async def abort(context: Context, rpc: str, identity: str | None, error: BrokerError) -> NoReturn:
-    """End the call with the status code the one table gives ``error``."""
-    code = status_for(error)
-    level = logging.WARNING if code in _SERVER_SIDE else logging.DEBUG
-    log.log(level, "%s by %r failed: %s %s", rpc, identity, code.name, error)
-    await context.abort(code, str(error))
 
 
 class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
@@ -56,31 +42,37 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         self._responses = ResponseCache()
 
     async def GetSecret(
-        self, request: broker_pb2.GetSecretRequest, context: Context
+        self, request: broker_pb2.GetSecretRequest | Unparsable, context: Context
     ) -> broker_pb2.GetSecretResponse:
         with self._metrics.rpc("GetSecret", context):
-            identity = self._identities.identity(context.auth_context())
-            version = request.version if request.HasField("version") else None
+            identity: str | None = None
+            name = version = None
             try:
-                cached = await self._reader.read(identity, request.name, version)
-                self._audit_allow("GetSecret", identity, request.name, cached)
+                identity = self._identities.identity(context.auth_context())
+                message = parsed(request)
+                name = message.name
+                version = message.version if message.HasField("version") else None
+                cached = await self._reader.read(identity, name, version)
+                self._audit_allow("GetSecret", identity, name, cached)
             except BrokerError as exc:
-                self._audit_denial("GetSecret", identity, request.name, version, exc)
+                self._audit_denial("GetSecret", identity, name, version, exc)
                 await abort(context, "GetSecret", identity, exc)
-            return self._responses.response(request.name, cached)
+            return self._responses.response(name, cached)
 
     async def WatchSecrets(
-        self, request: broker_pb2.WatchSecretsRequest, context: Context
+        self, request: broker_pb2.WatchSecretsRequest | Unparsable, context: Context
     ) -> AsyncIterator[broker_pb2.WatchSecretsResponse]:
         with self._metrics.rpc("WatchSecrets", context, timed=False):
-            identity = self._identities.identity(context.auth_context())
+            identity: str | None = None
+            names: list[str] = []
             try:
-                async for name, cached in self._watcher.watch(identity, request.names):
+                identity = self._identities.identity(context.auth_context())
+                names = list(parsed(request).names)
+                async for name, cached in self._watcher.watch(identity, names):
                     self._audit_allow("WatchSecrets", identity, name, cached)
                     yield broker_pb2.WatchSecretsResponse(secret=secret_message(name, cached))
             except BrokerError as exc:
-                names = ",".join(request.names)
-                self._audit_denial("WatchSecrets", identity, names, None, exc)
+                self._audit_denial("WatchSecrets", identity, ",".join(names), None, exc)
                 await abort(context, "WatchSecrets", identity, exc)
 
     def _audit_allow(self, rpc: str, identity: str | None, name: str, cached: CachedSecret) -> None:
@@ -90,7 +82,12 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         self._audit.allowed(rpc, identity, name, value.version, source, cached.stale)
 
     def _audit_denial(
-        self, rpc: str, identity: str | None, name: str, version: int | None, exc: BrokerError
+        self,
+        rpc: str,
+        identity: str | None,
+        name: str | None,
+        version: int | None,
+        exc: BrokerError,
     ) -> None:
         with contextlib.suppress(AuditUnavailable):  # the request is refused anyway
             self._audit.record(
@@ -126,12 +123,6 @@ class ResponseCache:
         response = broker_pb2.GetSecretResponse(secret=secret_message(name, cached))
         self._built[key] = (cached.value, response)
         return response
-
-
-def timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
 
 
 def secret_message(name: str, cached: CachedSecret) -> broker_pb2.Secret:

@@ -11,11 +11,13 @@ from broker.errors import (
     AuditUnavailable,
     BrokerError,
     InvalidRequest,
+    LimitExceeded,
     NotApplicable,
     SecretMissingInSource,
     SecretNotDeclared,
     SourceDenied,
     SourceUnavailable,
+    StateUnavailable,
     VersionOutOfRange,
     WriteConflict,
 )
@@ -27,9 +29,11 @@ STATUS_BY_ERROR: Mapping[type[BrokerError], grpc.StatusCode] = {
     SecretMissingInSource: grpc.StatusCode.NOT_FOUND,
     SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
     AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
+    StateUnavailable: grpc.StatusCode.UNAVAILABLE,
     # The broker's own Vault policy or credentials are wrong: no caller can fix that.
     SourceDenied: grpc.StatusCode.INTERNAL,
     VersionOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotApplicable: grpc.StatusCode.FAILED_PRECONDITION,
     WriteConflict: grpc.StatusCode.ABORTED,
 }

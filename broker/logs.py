@@ -10,6 +10,8 @@ import datetime as dt
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 
 QUIET_LIBRARIES = ("urllib3", "hvac", "grpc")
 
@@ -41,3 +43,34 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(level)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+class Throttle:
+    """At most one log record per key per ``interval``: for events a caller can repeat at will
+    (refused handshakes, limits hit), so no caller can flood the log."""
+
+    def __init__(
+        self,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 10_000,
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._max_keys = max_keys
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None while ``key`` is throttled; else how many of its events were held back since
+        the last one allowed."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        if len(self._last) >= self._max_keys:
+            self._last.clear()
+            self._suppressed.clear()
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)

@@ -42,9 +42,10 @@ RPC_METHODS = (
 )
 STATUS_CODES = tuple(code.name for code in grpc.StatusCode)
 CACHE_RESULTS = ("hit", "miss", "stale")
-VAULT_OPERATIONS = ("login", "renew", "read", "metadata", "write", "health")
+VAULT_OPERATIONS = ("login", "renew", "lookup", "revoke", "read", "metadata", "write", "health")
 VAULT_OUTCOMES = ("ok", "unavailable", "denied", "missing", "conflict", "error")
 ROTATION_RESULTS = ("rotated", "conflict", "failed")
+LIMITS = ("watch_names", "watch_streams_per_identity")
 
 
 def vault_outcome(error: BrokerError | None) -> str:
@@ -163,6 +164,23 @@ class BrokerMetrics:
         self.watch_streams = Gauge(
             "secretbroker_watch_streams", "Open WatchSecrets streams.", registry=r
         )
+        self.limit_refusals = Counter(
+            "secretbroker_limit_refusals",
+            "Requests refused with RESOURCE_EXHAUSTED, by the limit they hit.",
+            ("limit",),
+            registry=r,
+        )
+        self.unparsable_requests = Counter(
+            "secretbroker_unparsable_requests",
+            "Requests whose bytes did not parse (answered INVALID_ARGUMENT).",
+            ("method",),
+            registry=r,
+        )
+        self.tls_handshake_failures = Counter(
+            "secretbroker_tls_handshake_failures",
+            "Client connections refused during the TLS handshake (as reported by gRPC core).",
+            registry=r,
+        )
         self.audit_failures = Counter(
             "secretbroker_audit_failures", "Audit records that could not be written.", registry=r
         )
@@ -178,8 +196,11 @@ class BrokerMetrics:
         for method in RPC_METHODS:
             self.grpc_duration.labels(method)
             self.access_denied.labels(method)
+            self.unparsable_requests.labels(method)
         for result in CACHE_RESULTS:
             self.cache_lookups.labels(result)
+        for limit in LIMITS:
+            self.limit_refusals.labels(limit)
         for operation in VAULT_OPERATIONS:
             self.vault_duration.labels(operation)
             for outcome in VAULT_OUTCOMES:
@@ -209,6 +230,10 @@ class BrokerMetrics:
             self.access_denied.labels(method).inc()
 
     # cache -----------------------------------------------------------------------------------
+
+    def unparsable(self, method: str) -> None:
+        if method in RPC_METHODS:
+            self.unparsable_requests.labels(method).inc()
 
     def cache_lookup(self, result: str) -> None:
         self._lookup_children[result].inc()

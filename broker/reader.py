@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from broker.cache import CachedSecret
 from broker.config import SecretSpec
 from broker.errors import AccessDenied, SecretNotDeclared
-from broker.names import validate_secret_name
+from broker.names import quoted, validate_secret_name
 from broker.policy import AccessPolicy
 from broker.values import SecretValues
 
@@ -42,7 +42,7 @@ class SecretReader:
             return granted
         validate_secret_name(name)
         if identity is None or not self._policy.allows(identity, name):
-            log.info("denied %r to %r", name, identity)
+            log.info("denied %s to %s", quoted(name), quoted(identity or "no identity"))
             raise AccessDenied("caller may not read this secret")
         spec = self._secrets.get(name)
         if spec is None:

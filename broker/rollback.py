@@ -9,6 +9,11 @@ One rule decides, and ``RollbackState.rule`` names it:
 
 Reads (``from_vault``) are one set lookup on the event loop. Flips run on the
 event loop too, so a flip takes effect for the very next request.
+
+A flip is all or nothing, in two steps: ``plan_set``/``plan_clear`` validate and say
+what would change, touching nothing; the caller records it in the audit trail; then
+``commit`` persists, applies and publishes it. A record that cannot be written, or
+an override that cannot be saved, leaves the rule in force as it was.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.config import ConfigError, StartupRollback, check_categories
-from broker.errors import InvalidRequest
+from broker.errors import InvalidRequest, StateUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,17 @@ class Override:
     vault_categories: frozenset[str]
     set_by: str
     set_at: float
+
+
+@dataclass(frozen=True)
+class Flip:
+    """A planned change of the override, not applied yet."""
+
+    override: Override | None
+    vault_categories: frozenset[str]
+    """Categories served from Vault once committed."""
+    changed: frozenset[str]
+    """Categories whose source the commit changes."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,7 @@ class RollbackState:
         self._state_file = state_file
         self._on_flip = on_flip
         self._override = _load_override(state_file, categories)
-        self._vault = self._in_force()
+        self._vault = self._in_force(self._override)
         status = self.status()
         log.info(
             "serving from vault: [%s]; from env: [%s] (rule: %s)",
@@ -87,34 +103,41 @@ class RollbackState:
             self._vault, self._categories - self._vault, rule, self._startup, self._override
         )
 
-    def set_override(self, vault_categories: list[str], by: str) -> RollbackStatus:
+    def plan_set(self, vault_categories: list[str], by: str) -> Flip:
+        """Validate an override; raises InvalidRequest. Changes nothing."""
         try:
             check_categories("vault_enabled_categories", vault_categories, self._categories)
         except ConfigError as exc:
             raise InvalidRequest(str(exc)) from None
-        override = Override(frozenset(vault_categories), by, time.time())
-        _save_override(self._state_file, override)
-        self._override = override
-        return self._apply()
+        return self._plan(Override(frozenset(vault_categories), by, time.time()))
 
-    def clear_override(self) -> RollbackStatus:
-        _save_override(self._state_file, None)
-        self._override = None
-        return self._apply()
+    def plan_clear(self) -> Flip:
+        return self._plan(None)
 
-    def _in_force(self) -> frozenset[str]:
-        if self._override is not None:
-            return self._override.vault_categories
+    def commit(self, flip: Flip) -> RollbackStatus:
+        """Persist, apply and publish ``flip``. Raises StateUnavailable, having changed nothing,
+        when the override cannot be saved."""
+        try:
+            _save_override(self._state_file, flip.override)
+        except OSError as exc:
+            raise StateUnavailable(
+                f"the rollback override cannot be saved in admin.state_file ({exc.strerror})"
+            ) from None
+        self._override, self._vault = flip.override, flip.vault_categories
+        if flip.changed:
+            self._on_flip(flip.changed)
+        return self.status()
+
+    def _plan(self, override: Override | None) -> Flip:
+        after = self._in_force(override)
+        return Flip(override, after, self._vault ^ after)
+
+    def _in_force(self, override: Override | None) -> frozenset[str]:
+        if override is not None:
+            return override.vault_categories
         if self._startup.vault_categories is not None:
             return self._startup.vault_categories
         return self._categories
-
-    def _apply(self) -> RollbackStatus:
-        before, self._vault = self._vault, self._in_force()
-        changed = before ^ self._vault
-        if changed:
-            self._on_flip(changed)
-        return self.status()
 
 
 def _load_override(path: Path | None, categories: frozenset[str]) -> Override | None:
@@ -152,9 +175,12 @@ def _save_override(path: Path | None, override: Override | None) -> None:
         "set_at": override.set_at,
     }
     temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w") as file:
-        json.dump(document, file, indent=2)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("w") as file:
+            json.dump(document, file, indent=2)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -27,8 +28,9 @@ from secretbroker.v1 import broker_pb2_grpc
 from broker.audit import AuditTrail
 from broker.cache import SecretCache
 from broker.changes import ChangeFeed
-from broker.config import BrokerConfig, ServerConfig
+from broker.config import BrokerConfig, ConfigError
 from broker.grpc_admin import SecretBrokerAdminService
+from broker.grpc_common import add_servicer
 from broker.grpc_service import SecretBrokerService
 from broker.health import Readiness, probe_vault
 from broker.identity import IdentityResolver
@@ -41,6 +43,7 @@ from broker.rotation import Rotator
 from broker.sources.env import EnvSource
 from broker.sources.token_keeper import keep_token_fresh
 from broker.sources.vault import VaultSource
+from broker.tls import load_server_tls
 from broker.values import SecretValues
 from broker.watch import Watcher, poll_watched_versions
 
@@ -66,7 +69,13 @@ class Broker:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
-        # First: it may refuse to start (unreadable override file) before anything is opened.
+        # First: these may refuse to start (a folder that cannot be made, an unreadable override
+        # file) before anything is opened.
+        for path, key in (
+            (config.admin.state_file, "admin.state_file"),
+            (config.audit.file, "audit.file"),
+        ):
+            prepare_folder(path, key)
         self.rollback = RollbackState(
             config.categories,
             config.startup_rollback,
@@ -79,11 +88,16 @@ class Broker:
         self.vault = VaultSource(config.vault, metrics=self.metrics)
         self._executor = ThreadPoolExecutor(VAULT_IO_THREADS, thread_name_prefix="vault-io")
         self.feed = ChangeFeed()
-        self.audit = AuditTrail(
-            config.audit.file,
-            fail_closed=config.audit.fail_closed,
-            on_failure=self.metrics.audit_failures.inc,
-        )
+        try:
+            self.audit = AuditTrail(
+                config.audit.file,
+                fail_closed=config.audit.fail_closed,
+                on_failure=self.metrics.audit_failures.inc,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "audit.file", f"cannot open {config.audit.file} ({exc.strerror})"
+            ) from None
         self.cache = SecretCache(self.vault, config.cache, self._executor, metrics=self.metrics)
         self.values = SecretValues(
             self.cache,
@@ -106,19 +120,22 @@ class Broker:
         )
         self.readiness = Readiness(config.secrets, self.values, self.vault.session)
         self._health = HealthServicer()
-        identities = IdentityResolver()
+        identities = IdentityResolver(config.identity.trust_domains, config.identity.cn_fallback)
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        broker_pb2_grpc.add_SecretBrokerServicer_to_server(
+        add_servicer(
+            broker_pb2_grpc.add_SecretBrokerServicer_to_server,
             SecretBrokerService(
                 reader,
-                Watcher(reader, self.values, self.feed),
+                Watcher(reader, self.values, self.feed, config.limits, self.metrics),
                 identities,
                 self.audit,
                 self.metrics,
             ),
             self._server,
+            self.metrics.unparsable,
         )
-        broker_pb2_grpc.add_SecretBrokerAdminServicer_to_server(
+        add_servicer(
+            broker_pb2_grpc.add_SecretBrokerAdminServicer_to_server,
             SecretBrokerAdminService(
                 config.admin.identities,
                 config.secrets,
@@ -129,6 +146,7 @@ class Broker:
                 self.metrics,
             ),
             self._server,
+            self.metrics.unparsable,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._metrics_server: MetricsServer | None = None
@@ -140,14 +158,28 @@ class Broker:
         return self._metrics_server.port if self._metrics_server else None
 
     async def start(self) -> int:
-        self.port = self._server.add_secure_port(
-            self.config.server.listen, server_credentials(self.config.server)
-        )
-        await self._server.start()
+        """Start serving. Raises ConfigError naming the key when a TLS file is wrong or an
+        address cannot be listened on: both are the config's to fix."""
+        listen = self.config.server.listen
+        credentials = load_server_tls(self.config.server).credentials()
+        try:
+            self.port = self._server.add_secure_port(listen, credentials)
+        except RuntimeError:  # grpc's only word for it: "Failed to bind to address"
+            raise ConfigError("server.listen", f"cannot listen on {listen}: {_IN_USE}") from None
         if self.config.metrics.listen is not None:
-            self._metrics_server = MetricsServer(
-                self.config.metrics.listen, self.metrics.registry, lambda: self.readiness.current
-            )
+            try:
+                self._metrics_server = MetricsServer(
+                    self.config.metrics.listen,
+                    self.metrics.registry,
+                    lambda: self.readiness.current,
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    "metrics.listen",
+                    f"cannot listen on {self.config.metrics.listen}: {exc.strerror}",
+                ) from None
+        await self._server.start()
+        if self._metrics_server is not None:
             self._metrics_server.start()
             log.info(
                 "metrics on http://%s (port %d)", self.config.metrics.listen, self.metrics_port
@@ -210,14 +242,22 @@ class Broker:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     def _flipped(self, categories: frozenset[str]) -> None:
-        names = [s.name for s in self.config.secrets.values() if s.category in categories]
-        self.audit.record("rollback", categories=sorted(categories), secrets=names)
-        self.feed.publish(names)
+        """A committed flip (audited before it was applied) is pushed to watchers."""
+        self.feed.publish(s.name for s in self.config.secrets.values() if s.category in categories)
 
 
-def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials(
-        [(config.key_file.read_bytes(), config.cert_file.read_bytes())],
-        root_certificates=config.client_ca_file.read_bytes(),
-        require_client_auth=True,
-    )
+_IN_USE = "the address is in use, or not an address of this host"
+
+
+def prepare_folder(path: Path | None, key: str) -> None:
+    """Create the folder ``path`` lives in (0700: it holds the broker's state), or raise
+    ConfigError naming ``key`` when it cannot be made or written."""
+    if path is None:
+        return
+    folder = path.parent
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot create the folder {folder} ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"the folder {folder} is not writable")

@@ -15,8 +15,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 from broker.cache import CachedSecret
 from broker.changes import ChangeFeed
-from broker.config import SecretSpec
-from broker.errors import BrokerError, InvalidRequest
+from broker.config import LimitsConfig, SecretSpec
+from broker.errors import BrokerError, InvalidRequest, LimitExceeded
+from broker.logs import Throttle
+from broker.metrics import BrokerMetrics
+from broker.names import quoted
 from broker.reader import SecretReader
 from broker.sources.base import RunBlocking, SecretValue, SourceKind
 from broker.sources.vault import VaultSource
@@ -24,24 +27,57 @@ from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
 
+LIMIT_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about one identity hitting one limit."""
+
 
 def _same(a: SecretValue, b: SecretValue) -> bool:
     return a.source is b.source and a.version == b.version and a.data == b.data
 
 
 class Watcher:
-    def __init__(self, reader: SecretReader, values: SecretValues, feed: ChangeFeed) -> None:
+    def __init__(
+        self,
+        reader: SecretReader,
+        values: SecretValues,
+        feed: ChangeFeed,
+        limits: LimitsConfig | None = None,
+        metrics: BrokerMetrics | None = None,
+    ) -> None:
         self._reader = reader
         self._values = values
         self._feed = feed
+        self._limits = limits or LimitsConfig()
+        self._metrics = metrics
+        self._streams: dict[str, int] = {}
+        """Open streams per identity."""
+        self._limit_log = Throttle(LIMIT_LOG_INTERVAL)
 
     async def watch(
-        self, identity: str | None, names: Sequence[str]
+        self, identity: str, names: Sequence[str]
     ) -> AsyncIterator[tuple[str, CachedSecret]]:
         """Every name is authorized before anything is sent; errors then end the stream."""
         if not names:
             raise InvalidRequest("names is empty: name at least one secret to watch")
+        limits = self._limits
+        if len(names) > limits.max_watch_names:
+            raise self._refuse(
+                identity,
+                "watch_names",
+                f"the request lists {len(names)} names; limits.max_watch_names is"
+                f" {limits.max_watch_names}",
+            )
         specs = {name: self._reader.authorize(identity, name) for name in dict.fromkeys(names)}
+        open_streams = self._streams.get(identity, 0)
+        if open_streams >= limits.max_watch_streams_per_identity:
+            raise self._refuse(
+                identity,
+                "watch_streams_per_identity",
+                f"the caller has {open_streams} WatchSecrets streams open;"
+                f" limits.max_watch_streams_per_identity is"
+                f" {limits.max_watch_streams_per_identity}",
+            )
+        self._streams[identity] = open_streams + 1
         # Subscribe before the first read, so a change during it is not missed.
         subscription = self._feed.subscribe(specs)
         try:
@@ -62,6 +98,22 @@ class Watcher:
                         yield name, cached
         finally:
             subscription.close()
+            left = self._streams.pop(identity) - 1
+            if left:
+                self._streams[identity] = left
+
+    def _refuse(self, identity: str, limit: str, problem: str) -> LimitExceeded:
+        if self._metrics is not None:
+            self._metrics.limit_refusals.labels(limit).inc()
+        held_back = self._limit_log.allow(f"{limit} {identity}")
+        if held_back is not None:
+            log.warning(
+                "refused %s: %s (%d more refusals of it since the last line)",
+                quoted(identity),
+                problem,
+                held_back,
+            )
+        return LimitExceeded(problem)
 
 
 async def poll_watched_versions(

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -19,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import hvac
 import pytest
+import tomli_w
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from broker.config import BrokerConfig, parse_config
@@ -50,6 +54,8 @@ SECRET_KEYS = ("value", "other")
 
 @dataclass(frozen=True)
 class Pki:
+    authority: DevCA
+    """The test CA itself, for tests that issue certificates of their own."""
     ca: Path
     server: CertFiles
     catalog: CertFiles
@@ -67,6 +73,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     other_ca = DevCA("another CA")
     now = dt.datetime.now(dt.UTC)
     return Pki(
+        authority=ca,
         ca=ca.write_ca(directory / "ca.pem"),
         server=issue_loopback_server(ca, directory),
         catalog=ca.issue_files(directory, "catalog", "catalog", uri=CATALOG_ID),
@@ -113,15 +120,36 @@ class Vault:
     def audit_offset(self) -> int:
         return self.audit_log.stat().st_size if self.audit_log.exists() else 0
 
+    def logins_since(self, offset: int) -> int:
+        """How many AppRole logins OpenBao's audit log recorded after ``offset``."""
+        return sum(
+            1
+            for entry in self._audit_entries(offset)
+            if entry.get("type") == "request"
+            and entry["request"].get("path") == "auth/approle/login"
+        )
+
+    def live_broker_tokens(self) -> int:
+        """How many live tokens in OpenBao came from an AppRole login (the broker's)."""
+        accessors = self.admin.adapter.list("/v1/auth/token/accessors")["data"]["keys"]
+        return sum(
+            1
+            for accessor in accessors
+            if self.admin.auth.token.lookup_accessor(accessor)["data"]["path"]
+            == "auth/approle/login"
+        )
+
+    def _audit_entries(self, offset: int) -> list[dict[str, Any]]:
+        with self.audit_log.open("rb") as file:
+            file.seek(offset)
+            return [json.loads(line) for line in file if line.strip()]
+
     def reads_since(self, offset: int, path: str, *, refused: bool = False) -> int:
         """How many KV reads of ``path`` OpenBao's own audit log recorded after ``offset``;
         with ``refused``, only those OpenBao answered with an error (e.g. an expired token)."""
-        with self.audit_log.open("rb") as file:
-            file.seek(offset)
-            entries = [json.loads(line) for line in file if line.strip()]
         return sum(
             1
-            for entry in entries
+            for entry in self._audit_entries(offset)
             if entry.get("type") == ("response" if refused else "request")
             and entry["request"].get("operation") == "read"
             and entry["request"].get("path") == f"{KV_MOUNT}/data/{path}"
@@ -187,9 +215,13 @@ def broker_settings(
     rollout: Mapping[str, Any] | None = None,
     audit: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None,
+    limits: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The broker's TOML document as a dict: what a user would write. Admin is OPS_ID."""
     return {
+        "identity": dict(identity or {}),
+        "limits": dict(limits or {}),
         "admin": dict(admin if admin is not None else {"identities": [OPS_ID]}),
         "rollout": dict(rollout or {}),
         "audit": dict(audit or {"file": "audit.jsonl"}),
@@ -222,6 +254,26 @@ def broker_settings(
         "access": dict(access if access is not None else {CATALOG_ID: ["media-catalog/*"]}),
         "log": {"level": log_level},
     }
+
+
+def write_config(path: Path, settings: Mapping[str, Any]) -> Path:
+    """Write ``settings`` (from broker_settings) as the TOML file a user would hand to serve."""
+    path.write_bytes(tomli_w.dumps(settings).encode())
+    return path
+
+
+def serve(
+    config: Path, *, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``python -m broker serve --config CONFIG`` run to its end (for start-ups that fail)."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 class RunningBroker:

@@ -32,7 +32,13 @@ def postgres_bindir() -> Path:
 def running_postgres() -> Iterator[str]:
     """Yields a postgresql:// URL of a fresh server."""
     bindir = postgres_bindir()
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    # setpriv, not runuser: a change of user clears the parent-death signal, so it is set after
+    # (by die_with_parent, as the postgres user), and no wrapper process stays between.
+    as_user = (
+        ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
+        if os.geteuid() == 0
+        else []
+    )
     data = Path(tempfile.mkdtemp(prefix="catalog-pg-"))
     if as_user:
         shutil.chown(data, "postgres", "postgres")
@@ -45,7 +51,7 @@ def running_postgres() -> Iterator[str]:
     server = subprocess.Popen(
         [
             *as_user,
-            str(bindir / "postgres"),
+            *die_with_parent([str(bindir / "postgres")]),
             "-D",
             str(data / "db"),
             "-k",
@@ -57,7 +63,6 @@ def running_postgres() -> Iterator[str]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=die_with_parent,
     )
     url = f"postgresql://catalog@127.0.0.1:{port}/postgres"
     try:

@@ -49,15 +49,6 @@ def test_caller_outside_the_policy_is_denied_whether_or_not_the_secret_exists(
     assert vault.reads_since(offset, name) == 0
 
 
-def test_identity_falls_back_to_the_certificate_common_name(
-    vault: Vault, pki: Pki, start_broker: BrokerFactory
-) -> None:
-    stub = start_broker(vault, access={"ops-tool": [API]}).stub(pki.cn_only, pki.ca)
-
-    assert get(stub, API).name == API
-    assert status_of(lambda: get(stub, DATABASE)) == grpc.StatusCode.PERMISSION_DENIED
-
-
 def test_policy_globs_do_not_grant_neighbouring_prefixes(
     vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
@@ -108,6 +99,9 @@ def test_undeclared_secret_is_not_found_and_never_reaches_vault(
         ("/media-catalog/api", "starts with '/'"),
         ("media-catalog/api\n", "control character"),
         ("media\x00catalog", "control character"),
+        ("media\x85catalog", "control character"),  # C1: NEL
+        ("media-catalog\u2028api", "control character"),  # line separator
+        ("media-catalog/\u202eipa", "control character"),  # right-to-left override
         ("media-catalog//api", "empty segment"),
     ],
 )

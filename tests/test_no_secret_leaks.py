@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -35,29 +34,8 @@ from tests.conftest import (
     get,
     secure_channel,
     start_vault,
+    write_config,
 )
-
-
-def _toml(settings: dict[str, object]) -> str:
-    lines: list[str] = []
-
-    def emit(prefix: str, table: dict[str, object]) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        if prefix:
-            lines.append(f"[{prefix}]")
-        for key, value in scalars.items():
-            rendered = (
-                repr(value).replace("'", '"') if not isinstance(value, bool) else str(value).lower()
-            )
-            lines.append(f'"{key}" = {rendered}')
-        for key, value in table.items():
-            if isinstance(value, dict):
-                emit(f'{prefix}."{key}"' if prefix else f'"{key}"', value)
-
-    emit("", settings)
-    text = "\n".join(lines) + "\n"
-    assert tomllib.loads(text) == settings
-    return text
 
 
 def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
@@ -82,7 +60,7 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
     settings["log"]["format"] = "json"
     env_values = {variable_name(DATABASE, key): secrets.token_urlsafe(16) for key in SECRET_KEYS}
     config = tmp_path / "broker.toml"
-    config.write_text(_toml(settings))
+    write_config(config, settings)
     log_path = tmp_path / "broker.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(

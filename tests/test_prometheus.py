@@ -120,15 +120,16 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[RunningBroker], str]]:
         with (tmp_path / "prometheus.log").open("wb") as log:
             processes.append(
                 subprocess.Popen(
-                    [
-                        PROMETHEUS,
-                        f"--config.file={tmp_path / 'prometheus.yml'}",
-                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
-                    ],
+                    die_with_parent(
+                        [
+                            PROMETHEUS,
+                            f"--config.file={tmp_path / 'prometheus.yml'}",
+                            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                            f"--web.listen-address=127.0.0.1:{port}",
+                        ]
+                    ),
                     stdout=subprocess.DEVNULL,
                     stderr=log,
-                    preexec_fn=die_with_parent,
                 )
             )
         return f"http://127.0.0.1:{port}"

@@ -17,6 +17,7 @@ import pytest
 from secretbroker.v1 import broker_pb2
 
 from broker.config import ConfigError
+from broker.dev.pki import CertFiles
 from broker.dev.stack import client_env
 from broker.sources.env import variable_name
 from tests.conftest import (
@@ -245,8 +246,68 @@ def test_flips_are_in_the_audit_trail(vault: Vault, pki: Pki, start_broker: Brok
         ("spiffe://media.local/catalog", "deny"),
     ]
     assert admin[0]["vault_enabled_categories"] == []
-    flips = [r for r in records if r["event"] == "rollback"]
-    assert [sorted(r["categories"]) for r in flips] == [["api", "database"]]
+    flips = [r for r in admin if r.get("changed_categories")]
+    assert [sorted(r["changed_categories"]) for r in flips] == [["api", "database"]]
+    assert flips[0]["secrets"] == [API, DATABASE]
+
+
+def test_a_flip_whose_record_cannot_be_written_changes_nothing_when_audit_is_fail_closed(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    state_file = tmp_path / "override.json"
+    broker = start_broker(
+        vault,
+        environ=ENV_VALUES,
+        audit={"file": "/dev/full", "fail_closed": True},
+        admin={"identities": ["spiffe://media.local/ops"], "state_file": str(state_file)},
+    )
+    admin = broker.admin(pki.ops, pki.ca)
+    before = broker.broker.rollback.status()
+
+    flip = status_of(lambda: set_override(broker, pki, []))
+    clear = status_of(
+        lambda: admin.ClearRollbackOverride(broker_pb2.ClearRollbackOverrideRequest(), timeout=10)
+    )
+    read_state = status_of(
+        lambda: admin.GetRollbackState(broker_pb2.GetRollbackStateRequest(), timeout=10)
+    )
+    denied = status_of(lambda: set_override_as(broker, pki, pki.catalog, []))
+
+    assert (flip, clear, read_state) == (grpc.StatusCode.UNAVAILABLE,) * 3
+    assert denied == grpc.StatusCode.PERMISSION_DENIED  # not UNKNOWN: the refusal stands
+    assert broker.broker.rollback.status() == before
+    assert not state_file.exists()
+
+
+def test_a_flip_that_cannot_be_saved_answers_unavailable_and_changes_nothing(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    state_file = tmp_path / "override.json"
+    broker = start_broker(
+        vault,
+        environ=ENV_VALUES,
+        admin={"identities": ["spiffe://media.local/ops"], "state_file": str(state_file)},
+    )
+    state_file.mkdir()  # a folder where the file should go: the save fails
+    before = broker.broker.rollback.status()
+
+    code = status_of(lambda: set_override(broker, pki, []))
+
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert broker.broker.rollback.status() == before
+    assert get(broker.stub(pki.catalog, pki.ca), DATABASE).source == VAULT
+    assert broker.config.audit.file is not None
+    records = [json.loads(line) for line in broker.config.audit.file.read_text().splitlines()]
+    flips = [r for r in records if r.get("rpc") == "SetRollbackOverride"]
+    assert [r["decision"] for r in flips] == ["allow", "failed"]
+    assert "cannot be saved" in flips[-1]["reason"]
+
+
+def set_override_as(
+    broker: RunningBroker, pki: Pki, client: CertFiles, categories: list[str]
+) -> broker_pb2.RollbackState:
+    request = broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=categories)
+    return broker.admin(client, pki.ca).SetRollbackOverride(request, timeout=10).state
 
 
 def test_ops_cli_flips_and_shows_status(

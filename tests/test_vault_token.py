@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from broker.dev.bootstrap import RoleTTLs
 from broker.dev.pki import write_private
-from tests.conftest import API, BrokerFactory, Pki, Vault, get, start_vault
+from tests.conftest import API, BrokerFactory, Pki, Vault, get, start_vault, status_of
 
 
 def test_short_lived_token_is_renewed_and_replaced_across_max_ttl_while_requests_run(
@@ -52,6 +53,28 @@ def test_revoked_token_is_replaced_by_a_new_login_on_the_next_read(
     assert not answer.stale
     assert session.logins == logins_before + 1
     assert vault.reads_since(offset, API, refused=True) == 1  # the read that found it revoked
+    assert vault.logins_since(offset) == 1
+
+
+def test_reads_the_brokers_policy_refuses_make_no_logins_and_leave_no_tokens(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """A refused read is the broker's policy, not a dead token: 100 of them are INTERNAL, make at
+    most one extra login, and leave the number of live broker tokens in OpenBao unchanged."""
+    refused = "media-catalog/unlisted"
+    private_vault.write(refused, value="x", other="y")
+    broker = start_broker(private_vault, secrets_={API: {}, refused: {"ttl": 0}})
+    stub = broker.stub(pki.catalog, pki.ca)
+    get(stub, API)
+    tokens_before = private_vault.live_broker_tokens()
+    offset = private_vault.audit_offset()
+
+    codes = {status_of(lambda: get(stub, refused)) for _ in range(100)}
+
+    assert codes == {grpc.StatusCode.INTERNAL}
+    assert private_vault.logins_since(offset) <= 1
+    assert private_vault.live_broker_tokens() == tokens_before == 1
+    assert not get(stub, API).stale  # the broker's own token still works
 
 
 @pytest.mark.parametrize("where", ["token_file", "VAULT_TOKEN"])

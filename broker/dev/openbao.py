@@ -9,7 +9,6 @@ the terminal.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -21,7 +20,6 @@ from types import TracebackType
 import requests
 
 START_TIMEOUT = 30.0
-PR_SET_PDEATHSIG = 1
 
 
 def bao_binary() -> str:
@@ -52,10 +50,16 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no pair of free ports on loopback")
 
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the parent dies, so no server is left behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "TERM", "--")
+"""Prefix for a child's argv: util-linux ``setpriv`` asks the kernel to send the child SIGTERM
+when its parent dies, then execs the command, so no server is left behind. This replaces
+``preexec_fn``, which runs Python in the forked child: unsafe while gRPC's threads run (the
+child can deadlock or die before exec). Nothing runs between fork and exec but C code."""
+
+
+def die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` prefixed so the child gets SIGTERM when this process dies."""
+    return [*DIE_WITH_PARENT, *argv]
 
 
 class OpenBaoDevServer:
@@ -81,12 +85,11 @@ class OpenBaoDevServer:
         env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token, "BAO_LOG_LEVEL": "warn"}
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(  # noqa: S603 - fixed argv, our own binary
-                [*argv, f"-dev-listen-address=127.0.0.1:{port}"],
+                die_with_parent([*argv, f"-dev-listen-address=127.0.0.1:{port}"]),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=die_with_parent,
             )
         self._wait_healthy()
 

@@ -20,6 +20,8 @@ DEFAULT_VALIDITY = dt.timedelta(days=30)
 class LeafOptions(TypedDict, total=False):
     uri: str
     """A URI SAN, e.g. a SPIFFE ID: the holder's identity at the broker."""
+    uris: tuple[str, ...]
+    """More URI SANs, after ``uri`` (an X.509-SVID has exactly one: the broker refuses these)."""
     dns_names: tuple[str, ...]
     ip_addresses: tuple[str, ...]
     server: bool
@@ -92,6 +94,7 @@ class DevCA:
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
         if uri is not None:
             sans.append(x509.UniformResourceIdentifier(uri))
+        sans += [x509.UniformResourceIdentifier(more) for more in options.get("uris", ())]
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))

@@ -205,10 +205,9 @@ def client_env(listen: str, ca: Path, client: CertFiles) -> dict[str, str]:
 
 def _start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
-        [sys.executable, "-m", *args],
+        die_with_parent([sys.executable, "-m", *args]),
         stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
-        preexec_fn=die_with_parent,
     )
 
 

@@ -58,8 +58,10 @@ class VaultSource:
         try:
             return call()
         except SourceDenied:
-            # A revoked or expired token looks like any other denial; retry once with a fresh login.
-            self.session.replace_rejected_token(token)
+            # A dead token (revoked, expired) looks like the policy refusing the path; retry
+            # once only when the session found the token dead and replaced it.
+            if not self.session.replace_if_dead(token):
+                raise
             return call()
 
     def _kv(self) -> Any:

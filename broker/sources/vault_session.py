@@ -2,9 +2,18 @@
 
 Behaves like Vault Agent's auto-auth: log in (AppRole, or a given token in dev),
 renew at two thirds of the lease, and log in again when a renewal is refused, when
-the token is revoked, or when Vault grants less than asked because the token's
-max TTL is near. All methods block on network I/O; callers run them off the event
-loop. The lock serialises logins only: reads never wait on it.
+the token is dead (revoked or expired), or when Vault grants less than asked because
+the token's max TTL is near. A token that is replaced is revoked, best effort, so
+logins never pile up live tokens in Vault.
+
+A refused read does not by itself mean the token is dead: the broker's policy may
+simply not cover the path. So a refusal is checked with lookup-self first, at most
+once per RELOGIN_BACKOFF for a token found alive, and a dead token is replaced at
+most once per RELOGIN_BACKOFF: no caller can make the broker log in (and spend
+``secret_id`` uses) by asking for what its policy refuses.
+
+All methods block on network I/O; callers run them off the event loop. The lock
+serialises logins and token checks only: reads never wait on it.
 """
 
 from __future__ import annotations
@@ -19,13 +28,16 @@ from pathlib import Path
 import hvac
 
 from broker.config import AppRoleAuth, TokenAuth, VaultConfig
-from broker.errors import SourceDenied, SourceUnavailable
+from broker.errors import BrokerError, SourceDenied, SourceUnavailable
 from broker.metrics import BrokerMetrics
 from broker.sources.vault_errors import translate_vault_errors
 
 log = logging.getLogger(__name__)
 
 RENEW_AT_FRACTION = 2 / 3
+RELOGIN_BACKOFF = 10.0
+"""Seconds during which a refused token is not checked again when found alive, nor replaced
+again when found dead."""
 
 
 class VaultSession:
@@ -48,6 +60,8 @@ class VaultSession:
         self._lease_seconds = 0.0
         self._expires_at: float | None = None  # None: not logged in, or a token that never expires
         self._renewable = False
+        self._checked_alive: tuple[str, float] | None = None  # token and when lookup-self passed
+        self._replaced_at: float | None = None
         self.logins = 0
         self.renewals = 0
 
@@ -58,9 +72,34 @@ class VaultSession:
             return self._login_if_current(None)
         return token
 
-    def replace_rejected_token(self, rejected: str) -> str:
-        """Vault refused ``rejected``; log in again unless another thread already has."""
-        return self._login_if_current(rejected)
+    def replace_if_dead(self, rejected: str) -> bool:
+        """Vault refused a call made with ``rejected``. True when a retry can help: another
+        thread has replaced the token already, or it was dead and is replaced now. False when
+        the token is alive (the refusal is the broker's policy: no login would help), or when
+        a dead token was replaced less than RELOGIN_BACKOFF ago."""
+        with self._login_lock:
+            if self._token != rejected:
+                return self._token is not None
+            now = self._clock()
+            checked = self._checked_alive
+            if (
+                checked is not None
+                and checked[0] == rejected
+                and now - checked[1] < RELOGIN_BACKOFF
+            ):
+                return False
+            if self._alive(rejected):
+                self._checked_alive = (rejected, now)
+                return False
+            if self._replaced_at is not None and now - self._replaced_at < RELOGIN_BACKOFF:
+                log.warning(
+                    "vault token is dead, and was replaced %.0fs ago; not again yet",
+                    now - self._replaced_at,
+                )
+                return False
+            log.info("vault no longer accepts the broker token; logging in again")
+            self._replace(rejected)
+            return True
 
     @property
     def authenticated(self) -> bool:
@@ -107,12 +146,12 @@ class VaultSession:
                 granted = float(auth["lease_duration"])
         except SourceDenied:
             log.info("vault refused to renew the broker token; logging in again")
-            self._login_if_current(token)
+            self._replace_if_current(token)
             return
         self.renewals += 1
         if granted < requested and isinstance(self._config.auth, AppRoleAuth):
             log.info("vault token nears its max TTL (%.0fs left); logging in again", granted)
-            self._login_if_current(token)
+            self._replace_if_current(token)
             return
         self._set_lease(granted, renewable=bool(auth.get("renewable")))
         log.debug("renewed vault token for %.0fs", granted)
@@ -122,6 +161,48 @@ class VaultSession:
             if self._token is not None and self._token != seen:
                 return self._token  # another thread logged in meanwhile
             return self._login()
+
+    def _replace_if_current(self, old: str) -> None:
+        with self._login_lock:
+            if self._token == old:
+                self._replace(old)
+
+    def _replace(self, old: str) -> None:
+        """Log in, then revoke ``old`` (best effort: a dead token cannot be revoked, and a
+        failed revocation must not fail the login). Holds the login lock."""
+        self._login()
+        self._replaced_at = self._clock()
+        if isinstance(self._config.auth, TokenAuth):
+            return  # a given token is not ours to revoke
+        try:
+            with (
+                self.observe("revoke"),
+                translate_vault_errors("revocation of the old token", self._config.timeout),
+            ):
+                self._client_with(old).auth.token.revoke_self()
+        except BrokerError as exc:
+            log.debug("the replaced vault token was not revoked: %s", exc)
+
+    def _alive(self, token: str) -> bool:
+        """Whether Vault still accepts ``token`` (lookup-self). Raises SourceUnavailable."""
+        try:
+            with (
+                self.observe("lookup"),
+                translate_vault_errors("token lookup", self._config.timeout),
+            ):
+                self._client_with(token).auth.token.lookup_self()
+        except SourceDenied:
+            return False
+        return True
+
+    def _client_with(self, token: str) -> hvac.Client:
+        """A client of its own for one call with ``token``: the shared one keeps the current."""
+        return hvac.Client(
+            url=self._config.address,
+            token=token,
+            timeout=self._config.timeout,
+            verify=str(self._config.ca_file) if self._config.ca_file else True,
+        )
 
     def _login(self) -> str:
         auth = self._config.auth

@@ -36,3 +36,9 @@ path "auth/token/renew-self" {
 path "auth/token/lookup-self" {
   capabilities = ["read"]
 }
+
+# A replaced token (renewal refused, max TTL near, found dead) is revoked, so logins never
+# leave live tokens behind.
+path "auth/token/revoke-self" {
+  capabilities = ["update"]
+}

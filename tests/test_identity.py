@@ -1,0 +1,127 @@
+"""Who a caller is, by the X.509-SVID rule, over real mutual TLS against a real broker: exactly one
+URI SAN, a valid SPIFFE ID in a trusted domain. Certificates that spell an identity any other way
+(a CN, a second URI SAN, a foreign domain) are refused and audited with the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from secretbroker.v1 import broker_pb2
+
+from broker.config import ConfigError, parse_config
+from broker.dev.pki import CertFiles
+from tests.conftest import (
+    API,
+    CATALOG_ID,
+    DATABASE,
+    OPS_ID,
+    BrokerFactory,
+    Pki,
+    RunningBroker,
+    Vault,
+    broker_settings,
+    get,
+    status_of,
+)
+
+
+def issue(pki: Pki, tmp_path: Path, common_name: str, *uris: str) -> CertFiles:
+    """A certificate from the trusted CA, as a careless CA might issue it."""
+    if not uris:
+        return pki.authority.issue_files(tmp_path, "odd", common_name)
+    return pki.authority.issue_files(tmp_path, "odd", common_name, uri=uris[0], uris=uris[1:])
+
+
+def admin_status(broker: RunningBroker, client: CertFiles, pki: Pki) -> grpc.StatusCode:
+    admin = broker.admin(client, pki.ca)
+    return status_of(
+        lambda: admin.GetRollbackState(broker_pb2.GetRollbackStateRequest(), timeout=10)
+    )
+
+
+def denials(broker: RunningBroker) -> list[dict[str, object]]:
+    assert broker.config.audit.file is not None
+    lines = broker.config.audit.file.read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("decision") == "deny"]
+
+
+@pytest.mark.parametrize(
+    ("common_name", "uris", "reason"),
+    [
+        (OPS_ID, (), "no URI SAN"),  # a CN that spells the admin's SPIFFE ID
+        ("ops", (OPS_ID, CATALOG_ID), "2 URI SANs"),
+        ("ops", (CATALOG_ID, OPS_ID), "2 URI SANs"),
+        ("ops", ("spiffe://evil.example/ops",), "trust domain 'evil.example'"),
+        ("ops", ("https://media.local/ops",), "not a valid SPIFFE ID"),
+        ("ops", ("spiffe://media.local/../ops",), "not a valid SPIFFE ID"),
+    ],
+)
+def test_a_certificate_that_is_not_one_valid_svid_is_refused_and_audited(
+    vault: Vault,
+    pki: Pki,
+    tmp_path: Path,
+    start_broker: BrokerFactory,
+    common_name: str,
+    uris: tuple[str, ...],
+    reason: str,
+) -> None:
+    broker = start_broker(vault, access={CATALOG_ID: ["media-catalog/*"], OPS_ID: [API]})
+    odd = issue(pki, tmp_path, common_name, *uris)
+
+    assert admin_status(broker, odd, pki) == grpc.StatusCode.PERMISSION_DENIED
+    assert status_of(lambda: get(broker.stub(odd, pki.ca), API)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    records = denials(broker)
+    assert len(records) == 2
+    assert all(r["identity"] is None and reason in str(r["reason"]) for r in records)
+    real_ops = broker.admin(pki.ops, pki.ca)  # the real ops still is an admin
+    assert real_ops.GetRollbackState(broker_pb2.GetRollbackStateRequest(), timeout=10).state
+
+
+def test_the_cn_fallback_is_off_by_default_and_cn_identities_have_their_own_namespace(
+    vault: Vault, pki: Pki, tmp_path: Path, start_broker: BrokerFactory
+) -> None:
+    off = start_broker(vault)
+    assert status_of(lambda: get(off.stub(pki.cn_only, pki.ca), API)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+
+    on = start_broker(
+        vault,
+        identity={"cn_fallback": True},
+        access={CATALOG_ID: ["media-catalog/*"], "cn:ops-tool": [API]},
+    )
+    stub = on.stub(pki.cn_only, pki.ca)
+    assert get(stub, API).name == API
+    assert status_of(lambda: get(stub, DATABASE)) == grpc.StatusCode.PERMISSION_DENIED
+    spoof = issue(pki, tmp_path, OPS_ID)  # with the fallback on: "cn:spiffe://...", no admin
+    assert admin_status(on, spoof, pki) == grpc.StatusCode.PERMISSION_DENIED
+    assert [r["identity"] for r in denials(on)][-1] == f"cn:{OPS_ID}"
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "problem"),
+    [
+        ({"access": {"ops-tool": [API]}}, "access.ops-tool", "neither a SPIFFE ID"),
+        ({"access": {"cn:ops-tool": [API]}}, "access.cn:ops-tool", "cn_fallback is off"),
+        (
+            {"identity": {"trust_domains": ["other.example"]}},
+            f"access.{CATALOG_ID}",
+            "not in identity.trust_domains",
+        ),
+        ({"admin": {"identities": ["ops"]}}, "admin.identities", "neither a SPIFFE ID"),
+        ({"identity": {"trust_domains": ["Not A Domain"]}}, "identity.trust_domains", "domain"),
+    ],
+)
+def test_identities_in_the_config_must_be_ones_a_certificate_can_have(
+    vault: Vault, pki: Pki, tmp_path: Path, settings: dict[str, object], key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(broker_settings(vault, pki, **settings), tmp_path, environ={})  # type: ignore[arg-type]
+
+    assert caught.value.key == key
+    assert problem in caught.value.problem
