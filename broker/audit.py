@@ -173,13 +173,24 @@ def verify(lines: list[bytes]) -> tuple[int, ChainBreak | None]:
         if recorded_prev != prev and index == 0:
             return 0, ChainBreak(number, "does not start a chain: the file's start was cut")
         if recorded_prev != prev:
+            # Either the record before was edited (its hash changed), or this one was (its
+            # prev changed): the next record's prev tells which, as it holds this one's hash.
             following = _fields(lines[index + 1]) if index + 1 < len(lines) else None
             if following == (seq, prev):  # the next line is the real record this one displaced
                 return index, ChainBreak(
                     number, "was inserted: the next record follows its predecessor"
                 )
-            return index - 1, ChainBreak(
-                number - 1, "was edited: its hash is not the one the next record holds"
+            if following is None:
+                return index - 1, ChainBreak(
+                    number - 1,
+                    "was edited, or the last record after it was: nothing follows to tell which",
+                )
+            if following[1] == line_hash(line):
+                return index - 1, ChainBreak(
+                    number - 1, "was edited: its hash is not the one the next record holds"
+                )
+            return index, ChainBreak(
+                number, "was edited: its prev is not the previous record's hash"
             )
         prev, expected_seq = line_hash(line), seq + 1
     return len(lines), None

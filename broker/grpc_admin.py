@@ -20,6 +20,8 @@ from broker.metrics import BrokerMetrics
 from broker.names import validate_secret_name
 from broker.rollback import Flip, RollbackState, RollbackStatus, Rule
 from broker.rotation import Rotator
+from broker.sources.base import SourceKind
+from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
         admins: frozenset[str],
         secrets_: Mapping[str, SecretSpec],
         rollback: RollbackState,
+        values: SecretValues,
         rotator: Rotator,
         identities: IdentityResolver,
         audit: AuditTrail,
@@ -47,6 +50,7 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
         self._admins = admins
         self._secrets = secrets_
         self._rollback = rollback
+        self._values = values
         self._rotator = rotator
         self._identities = identities
         self._audit = audit
@@ -190,7 +194,17 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
             )
 
     def _state_message(self) -> broker_pb2.RollbackState:
-        return state_message(self._rollback.status())
+        message = state_message(self._rollback.status())
+        for spec in self._secrets.values():
+            missing = self._values.missing_env_variables(spec)
+            if missing:
+                message.missing_env.add(
+                    secret=spec.name,
+                    category=spec.category,
+                    variables=missing,
+                    served_from_env=self._values.source_of(spec) is SourceKind.ENV,
+                )
+        return message
 
 
 def state_message(status: RollbackStatus) -> broker_pb2.RollbackState:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 from broker.config import SecretSpec
 from broker.errors import SourceUnavailable
 from broker.metrics import BrokerMetrics
-from broker.sources.base import RunBlocking
+from broker.sources.base import RunBlocking, SourceKind
 from broker.sources.vault_session import VaultSession
 from broker.values import SecretValues
 
@@ -52,25 +52,44 @@ class Readiness:
         self._secrets = secrets_
         self._values = values
         self._session = session
+        self.probed = False
         self.vault_reachable = False
         self.vault_sealed = False
         self.current = ReadinessReport(False, "starting: vault not probed yet")
         """The probe's last verdict: what /readyz and gRPC health both report."""
 
     def check(self) -> ReadinessReport:
-        if self.vault_reachable and not self.vault_sealed and self._session.authenticated:
-            return ReadinessReport(True, "vault is reachable and the broker is logged in")
-        why = "sealed" if self.vault_sealed else "not reachable or not logged in"
-        unanswerable = sorted(
-            name for name, spec in self._secrets.items() if not self._values.answerable(spec)
-        )
-        if not unanswerable:
+        """Ready when every declared secret can be answered from its current source: from env,
+        its variables are set; from Vault, Vault is usable or a value is cached (max_stale)."""
+        vault = self._vault_problem()
+        unanswerable = []
+        for name, spec in self._secrets.items():
+            if self._values.source_of(spec) is SourceKind.ENV:
+                missing = self._values.missing_env_variables(spec)
+                if missing:
+                    unanswerable.append(f"{name} (env: {', '.join(missing)} not set)")
+            elif vault is not None and not self._values.answerable(spec):
+                unanswerable.append(name)
+        state = vault or "vault is reachable and the broker is logged in"
+        if unanswerable:
             return ReadinessReport(
-                True, f"vault is {why}; every secret is answerable from cache or env"
+                False, f"{state}; no value to serve for: {', '.join(unanswerable)}"
             )
-        return ReadinessReport(
-            False, f"vault is {why}, and no value to serve for: {', '.join(unanswerable)}"
-        )
+        if vault is None:
+            return ReadinessReport(True, state)
+        return ReadinessReport(True, f"{state}; every secret is answerable from cache or env")
+
+    def _vault_problem(self) -> str | None:
+        """Why Vault cannot be used now, or None when it can."""
+        if not self.probed:
+            return "vault not probed yet"
+        if not self.vault_reachable:
+            return "vault is not reachable"
+        if self.vault_sealed:
+            return "vault is sealed"
+        if not self._session.authenticated:
+            return "the broker is not logged in to vault yet"
+        return None
 
 
 async def probe_vault(
@@ -89,6 +108,7 @@ async def probe_vault(
             readiness.vault_reachable, readiness.vault_sealed = True, sealed
         except SourceUnavailable:
             readiness.vault_reachable, readiness.vault_sealed = False, False
+        readiness.probed = True
         metrics.vault_sealed.set(1 if readiness.vault_sealed else 0)
         if readiness.vault_sealed:
             metrics.vault_up.set(0)

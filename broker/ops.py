@@ -116,6 +116,12 @@ def describe(state: broker_pb2.RollbackState) -> str:
             f"override: {json.dumps(list(override.vault_enabled_categories))}"
             f" set by {override.set_by} at {_when(override.set_at)}"
         )
+    for missing in state.missing_env:
+        effect = "reads FAIL now" if missing.served_from_env else "a rollback would fail"
+        lines.append(
+            f"env variables not set for {missing.secret} ({missing.category}, {effect}):"
+            f" {', '.join(missing.variables)}"
+        )
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from broker.config import RotationSpec, SecretSpec
 from broker.errors import BrokerError, NotApplicable, WriteConflict
 from broker.metrics import BrokerMetrics
 from broker.sources.base import RunBlocking, SecretValue, SourceKind
-from broker.sources.vault import VaultSource
+from broker.sources.vault import VaultSource, declared_keys_of
 from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,11 @@ class Rotator:
     def _rotate_blocking(
         self, spec: SecretSpec, rotation: RotationSpec, version: int | None
     ) -> SecretValue:
-        current = self._vault.read(spec, version)
+        """Write the new version with every key Vault holds; return it as served (declared
+        keys only). A value that lacks a declared key is refused before anything is written."""
+        current = self._vault.read_all(spec, version)
+        declared_keys_of(spec, current)
         data = dict(current.data)
         data[rotation.key] = secrets.token_urlsafe(rotation.bytes)
-        return self._vault.write_version(spec, data, expected_version=current.version)
+        written = self._vault.write_version(spec, data, expected_version=current.version)
+        return declared_keys_of(spec, written)

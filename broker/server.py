@@ -40,6 +40,7 @@ from broker.policy import AccessPolicy
 from broker.reader import SecretReader
 from broker.rollback import RollbackState
 from broker.rotation import Rotator
+from broker.sources.base import SourceKind
 from broker.sources.env import EnvSource
 from broker.sources.token_keeper import keep_token_fresh
 from broker.sources.vault import VaultSource
@@ -106,6 +107,7 @@ class Broker:
             config.rollout.previous_versions,
             metrics=self.metrics,
         )
+        self._warn_missing_env(config.categories)
         self.metrics.cache_entries.set_function(lambda: len(self.cache))
         self.metrics.watch_streams.set_function(lambda: len(self.feed))
         self.metrics.follow_rollback(self.rollback.from_vault)
@@ -140,6 +142,7 @@ class Broker:
                 config.admin.identities,
                 config.secrets,
                 self.rollback,
+                self.values,
                 self.rotator,
                 identities,
                 self.audit,
@@ -244,6 +247,22 @@ class Broker:
     def _flipped(self, categories: frozenset[str]) -> None:
         """A committed flip (audited before it was applied) is pushed to watchers."""
         self.feed.publish(s.name for s in self.config.secrets.values() if s.category in categories)
+        self._warn_missing_env(categories)
+
+    def _warn_missing_env(self, categories: frozenset[str]) -> None:
+        """Name the unset variables of secrets in ``categories`` that are served from env: their
+        reads fail (UNAVAILABLE) until the variables are set."""
+        for spec in self.config.secrets.values():
+            if spec.category not in categories or self.values.source_of(spec) is not SourceKind.ENV:
+                continue
+            missing = self.values.missing_env_variables(spec)
+            if missing:
+                log.warning(
+                    "%s is served from environment variables, and %s %s not set: its reads fail",
+                    spec.name,
+                    ", ".join(missing),
+                    "is" if len(missing) == 1 else "are",
+                )
 
 
 _IN_USE = "the address is in use, or not an address of this host"

@@ -30,8 +30,12 @@ class SecretValues:
     def answerable(self, spec: SecretSpec) -> bool:
         """Whether the current value could be served now without asking Vault."""
         if self.source_of(spec) is SourceKind.ENV:
-            return self.env.has(spec)
+            return not self.env.missing(spec)
         return self.cache.answerable(spec.name)
+
+    def missing_env_variables(self, spec: SecretSpec) -> list[str]:
+        """The secret's environment variables that are not set: what a rollback would lack."""
+        return self.env.missing(spec)
 
     def source_of(self, spec: SecretSpec) -> SourceKind:
         return SourceKind.VAULT if self.rollback.from_vault(spec.category) else SourceKind.ENV

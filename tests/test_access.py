@@ -20,13 +20,18 @@ from tests.conftest import (
 
 
 def test_allowed_caller_reads_the_data_written_in_vault(
-    vault: Vault, pki: Pki, start_broker: BrokerFactory
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
-    version = vault.write(DATABASE, url="postgresql://u:p@db/media", password="pw-allowed-read")
-    stub = start_broker(vault).stub(pki.catalog, pki.ca)
+    vault = private_vault  # its value has other keys than the shared one's
+    version = vault.write(
+        DATABASE, url="postgresql://u:p@db/media", password="pw-allowed-read", undeclared="x"
+    )
+    declared = {DATABASE: {"keys": ["url", "password"]}}
+    stub = start_broker(vault, secrets_=declared).stub(pki.catalog, pki.ca)
 
     secret = get(stub, DATABASE)
 
+    # The declared keys only: the same shape an answer from environment variables has.
     assert dict(secret.data) == {"url": "postgresql://u:p@db/media", "password": "pw-allowed-read"}
     assert secret.name == DATABASE
     assert secret.version == version
@@ -47,6 +52,19 @@ def test_caller_outside_the_policy_is_denied_whether_or_not_the_secret_exists(
 
     assert status_of(lambda: get(stub, name)) == grpc.StatusCode.PERMISSION_DENIED
     assert vault.reads_since(offset, name) == 0
+
+
+def test_a_vault_value_without_a_declared_key_is_not_found_naming_the_key(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    declared = {API: {"keys": ["value", "other", "not-in-vault"]}}
+    stub = start_broker(vault, secrets_=declared).stub(pki.catalog, pki.ca)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        get(stub, API)
+
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "lacks the declared key not-in-vault" in (caught.value.details() or "")
 
 
 def test_policy_globs_do_not_grant_neighbouring_prefixes(

@@ -104,8 +104,26 @@ def test_verify_passes_an_intact_trail_and_one_continued_after_a_restart(tmp_pat
             "was inserted",
         ),
         (lambda lines: lines.__setitem__(4, b'{"cut by a cra\n'), 5, "is not an audit record"),
+        (
+            lambda lines: lines.__setitem__(2, lines[2].replace(b'"prev":"', b'"prev":"f')),
+            3,
+            "was edited: its prev is not",
+        ),
+        (
+            lambda lines: lines.__setitem__(5, lines[5].replace(b'"prev":"', b'"prev":"f')),
+            5,
+            "was edited, or the last record after it was",
+        ),
     ],
-    ids=["edited", "deleted", "inserted copy", "inserted forgery", "torn line"],
+    ids=[
+        "edited",
+        "deleted",
+        "inserted copy",
+        "inserted forgery",
+        "torn line",
+        "edited prev",
+        "edited prev of the last",
+    ],
 )
 def test_verify_pinpoints_the_first_tampered_record(
     tmp_path: Path, tamper: Any, line: int, problem: str

@@ -30,6 +30,7 @@ from tests.conftest import (
     RunningBroker,
     Vault,
     Watch,
+    eventually,
     get,
     status_of,
 )
@@ -351,3 +352,46 @@ def test_an_unreadable_override_file_stops_start_up_naming_the_key(
     with pytest.raises(ConfigError) as caught:
         start_broker(vault, admin={"identities": [], "state_file": "override.json"})
     assert caught.value.key == "admin.state_file"
+
+
+def test_ready_means_every_secret_is_answerable_from_its_current_source(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """All rolled back to env, the variables missing: Vault is fine, yet nothing can be served,
+    so the broker is not ready, says which variables are missing, at start-up and in status."""
+    missing_api = {k: v for k, v in ENV_VALUES.items() if not k.startswith("MEDIA_CATALOG_API")}
+    broker = start_broker(vault, environ={"VAULT_ENABLED_SECRETS": "[]", **missing_api})
+
+    eventually(lambda: broker.scrape("/readyz")[0] == 503)
+    reason = broker.scrape("/readyz")[1]
+    assert f"no value to serve for: {API} (env: MEDIA_CATALOG_API_OTHER" in reason
+    assert DATABASE not in reason
+    assert "MEDIA_CATALOG_API_VALUE is not set" not in caplog.text
+    assert "MEDIA_CATALOG_API_OTHER, MEDIA_CATALOG_API_VALUE are not set" in caplog.text
+    state = broker.admin(pki.ops, pki.ca).GetRollbackState(
+        broker_pb2.GetRollbackStateRequest(), timeout=10
+    ).state
+    assert [(m.secret, list(m.variables), m.served_from_env) for m in state.missing_env] == [
+        (API, ["MEDIA_CATALOG_API_OTHER", "MEDIA_CATALOG_API_VALUE"], True)
+    ]
+
+    set_override(broker, pki, ["api"])  # api back to Vault: everything answerable again
+    eventually(lambda: broker.scrape("/readyz")[0] == 200)
+
+
+def test_readiness_says_not_logged_in_when_vault_answers_but_refuses_the_login(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong-secret-id"
+    wrong.write_text("not-the-secret-id")
+    auth = {
+        "method": "approle",
+        "role_id_file": str(vault.approle.role_id_file),
+        "secret_id_file": str(wrong),
+    }
+    broker = start_broker(vault, auth=auth)
+
+    eventually(lambda: not broker.scrape("/readyz")[1].startswith("vault not probed yet"))
+    status, reason = broker.scrape("/readyz")
+    assert status == 503
+    assert reason.startswith("the broker is not logged in to vault yet; no value to serve for")

@@ -44,6 +44,7 @@ def current_version(vault: Vault, path: str = API) -> int:
 def test_rotation_replaces_the_key_keeps_the_others_and_serves_the_new_version(
     private_vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
+    private_vault.write(API, value="v" * 32, other="o" * 16, undeclared="kept in vault")
     broker = start_broker(private_vault, secrets_=ROTATING)
     stub = broker.stub(pki.catalog, pki.ca)
     before = get(stub, API)
@@ -59,6 +60,11 @@ def test_rotation_replaces_the_key_keeps_the_others_and_serves_the_new_version(
     assert after.created_at.ToSeconds() == rotated.created_at.ToSeconds()
     previous = get(stub, API, version=before.version)
     assert dict(previous.data) == dict(before.data)
+    assert set(after.data) == {"value", "other"}  # served: the declared keys only
+    stored = private_vault.admin.secrets.kv.v2.read_secret_version(
+        path=API, mount_point="secret", raise_on_deleted_version=True
+    )["data"]["data"]
+    assert stored["undeclared"] == "kept in vault"  # written back: every key
 
 
 def test_two_brokers_rotating_the_same_version_write_exactly_one(

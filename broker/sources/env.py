@@ -28,12 +28,17 @@ class EnvSource:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = environ
 
-    def has(self, spec: SecretSpec) -> bool:
-        return all(self._environ.get(variable_name(spec.name, key)) for key in spec.keys)
+    def missing(self, spec: SecretSpec) -> list[str]:
+        """The names of the secret's variables that are unset or empty."""
+        return sorted(
+            var
+            for var in (variable_name(spec.name, key) for key in spec.keys)
+            if not self._environ.get(var)
+        )
 
     def read(self, spec: SecretSpec) -> SecretValue:
         names = {key: variable_name(spec.name, key) for key in spec.keys}
-        missing = sorted(var for var in names.values() if not self._environ.get(var))
+        missing = self.missing(spec)
         if missing:
             raise SourceUnavailable(
                 f"secret is served from environment variables, and {', '.join(missing)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from broker.config import SecretSpec, VaultConfig
-from broker.errors import SourceDenied
+from broker.errors import SecretMissingInSource, SourceDenied
 from broker.metrics import BrokerMetrics
 from broker.sources.base import SecretValue, SourceKind
 from broker.sources.vault_errors import translate_vault_errors
@@ -40,6 +41,12 @@ class VaultSource:
         self.session = session or VaultSession(config, metrics=metrics)
 
     def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+        """The secret as served: its declared keys only, the same shape an env-sourced answer
+        has. Raises SecretMissingInSource when Vault's value lacks a declared key."""
+        return declared_keys_of(spec, self.read_all(spec, version))
+
+    def read_all(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+        """Every key Vault holds at the secret's path: what a rotation writes back."""
         return self._with_token(lambda: self._read(spec, version))
 
     def current_version(self, spec: SecretSpec) -> VersionInfo:
@@ -133,3 +140,15 @@ def _timestamp(rfc3339: str) -> float:
     whole, _, fraction = text.partition(".")
     seconds = dt.datetime.fromisoformat(whole).replace(tzinfo=dt.UTC).timestamp()
     return seconds + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+def declared_keys_of(spec: SecretSpec, value: SecretValue) -> SecretValue:
+    missing = [key for key in spec.keys if key not in value.data]
+    if missing:
+        raise SecretMissingInSource(
+            f"vault's value at {spec.path} lacks the declared key"
+            f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+        )
+    if len(value.data) == len(spec.keys):
+        return value
+    return dataclasses.replace(value, data={key: value.data[key] for key in spec.keys})

@@ -368,6 +368,7 @@ class RollbackState(_message.Message):
     RULE_FIELD_NUMBER: _builtins.int
     STARTUP_VARIABLE_FIELD_NUMBER: _builtins.int
     OVERRIDE_FIELD_NUMBER: _builtins.int
+    MISSING_ENV_FIELD_NUMBER: _builtins.int
     rule: Global___RollbackRule.ValueType
     """The rule in force."""
     startup_variable: _builtins.str
@@ -384,6 +385,12 @@ class RollbackState(_message.Message):
     def override(self) -> Global___RollbackOverride:
         """The live override, when one is set (it is in force whenever it is set)."""
 
+    @_builtins.property
+    def missing_env(self) -> _containers.RepeatedCompositeFieldContainer[Global___MissingEnvVariables]:
+        """Declared secrets whose environment variables are not all set in the broker's
+        environment: reads of those served from env fail now; the others would after a flip.
+        """
+
     def __init__(
         self,
         *,
@@ -392,16 +399,49 @@ class RollbackState(_message.Message):
         rule: Global___RollbackRule.ValueType = ...,
         startup_variable: _builtins.str | None = ...,
         override: Global___RollbackOverride | None = ...,
+        missing_env: _abc.Iterable[Global___MissingEnvVariables] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_startup_variable", b"_startup_variable", "override", b"override", "startup_variable", b"startup_variable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_startup_variable", b"_startup_variable", "env_categories", b"env_categories", "override", b"override", "rule", b"rule", "startup_variable", b"startup_variable", "vault_enabled_categories", b"vault_enabled_categories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_startup_variable", b"_startup_variable", "env_categories", b"env_categories", "missing_env", b"missing_env", "override", b"override", "rule", b"rule", "startup_variable", b"startup_variable", "vault_enabled_categories", b"vault_enabled_categories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__startup_variable: _TypeAlias = _typing.Literal["startup_variable"]  # noqa: Y015
     _WhichOneofArgType__startup_variable: _TypeAlias = _typing.Literal["_startup_variable", b"_startup_variable"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__startup_variable) -> _WhichOneofReturnType__startup_variable | None: ...
 
 Global___RollbackState: _TypeAlias = RollbackState  # noqa: Y015
+
+@_typing.final
+class MissingEnvVariables(_message.Message):
+    """MissingEnvVariables names the unset variables of one declared secret; never a value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    SERVED_FROM_ENV_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    category: _builtins.str
+    served_from_env: _builtins.bool
+    """True when the secret's category is served from env now, so its reads fail."""
+    @_builtins.property
+    def variables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        secret: _builtins.str = ...,
+        category: _builtins.str = ...,
+        variables: _abc.Iterable[_builtins.str] | None = ...,
+        served_from_env: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "secret", b"secret", "served_from_env", b"served_from_env", "variables", b"variables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MissingEnvVariables: _TypeAlias = MissingEnvVariables  # noqa: Y015
 
 @_typing.final
 class RollbackOverride(_message.Message):
