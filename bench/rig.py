@@ -128,6 +128,10 @@ listen = "127.0.0.1:0"
 [admin]
 identities = ["{OPS_SPIFFE_ID}"]
 
+[limits]
+# The bench holds 1,000 streams from one identity, plus its Config reader.
+max_watch_streams_per_identity = 2000
+
 [access]
 "{CATALOG_SPIFFE_ID}" = ["bench/*", "media-catalog/*"]
 

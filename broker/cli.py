@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from broker.audit import verify_file
 from broker.config import BrokerConfig, ConfigError, load_config
-from broker.logs import configure_logging
+from broker.logs import NativeStderr, route_native_stderr
 from broker.ops import add_ops_commands, run_ops_command
 
 EXIT_CONFIG_ERROR = 2
@@ -44,12 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         from broker.dev.stack import run_dev_stack
 
         return run_dev_stack(args.dir)
+    json_logs = False
     try:
         config = load_config(args.config, os.environ)
-        configure_logging(config.log_level, config.log_format)
-        asyncio.run(serve(config))
-    except ConfigError as exc:  # from the file, the environment, or the persisted rollback state
-        print(f"config error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
+        json_logs = config.log_format == "json"
+        native = route_native_stderr(config.log_level, config.log_format)
+        asyncio.run(serve(config, native))
+    except ConfigError as exc:  # from the file, the environment, the TLS files, the listeners
+        if json_logs:  # every line on stderr is JSON once the config asked for it
+            logging.getLogger("broker").critical("config error: %s", exc)
+        else:
+            print(f"config error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
         return EXIT_CONFIG_ERROR
     return 0
 
@@ -69,11 +75,12 @@ def verify_audit(path: Path) -> int:
     return 1
 
 
-async def serve(config: BrokerConfig) -> None:
+async def serve(config: BrokerConfig, native: NativeStderr) -> None:
     """Run until SIGINT or SIGTERM, then drain in-flight requests and stop."""
     from broker.server import Broker
 
     broker = Broker(config, environ=os.environ)
+    native.on_handshake_failure = broker.metrics.tls_handshake_failures.inc
     await broker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

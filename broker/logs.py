@@ -2,6 +2,12 @@
 
 ``text``: one human-readable line per record. ``json``: one JSON object per line (time, level,
 logger, message, and the traceback when there is one), for log pipelines.
+
+gRPC's C core writes its own lines straight to file descriptor 2 (absl logging), for example
+one per failed client handshake. ``route_native_stderr`` puts a pipe there: a thread reads
+each line and logs it through Python's logging (logger ``grpc.core``), so every line on
+stderr has the configured format; failed handshakes, which any client can cause at will,
+become at most one record per HANDSHAKE_LOG_INTERVAL, with a count.
 """
 
 from __future__ import annotations
@@ -9,11 +15,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import re
 import sys
+import threading
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 QUIET_LIBRARIES = ("urllib3", "hvac", "grpc")
+HANDSHAKE_LOG_INTERVAL = 60.0
+"""Seconds between two log records about failed client handshakes."""
+NATIVE_LOGGER = "grpc.core"
+# absl's prefix: severity, date and time, thread id, file:line, then "] " and the message.
+_ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([^\]]*)\] ?(.*)$")
+_ABSL_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,8 +47,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document)
 
 
-def configure_logging(level: str, fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         JsonFormatter()
         if fmt == "json"
@@ -43,6 +59,59 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(level)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    logging.getLogger(NATIVE_LOGGER).setLevel(root.level)
+
+
+class NativeStderr:
+    """Lines native code writes to fd 2, turned into log records (see the module docstring)."""
+
+    def __init__(self, read_fd: int) -> None:
+        self._lines = os.fdopen(read_fd, "rb")
+        self._log = logging.getLogger(NATIVE_LOGGER)
+        self._handshakes = Throttle(HANDSHAKE_LOG_INTERVAL)
+        self.on_handshake_failure: Callable[[], None] = lambda: None
+        """Called for every failed handshake, throttled or not (the broker counts them)."""
+        self._thread = threading.Thread(target=self._pump, name="native-stderr", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for raw in self._lines:
+            self.line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+
+    def line(self, text: str) -> None:
+        if not text.strip():
+            return
+        match = _ABSL_LINE.match(text)
+        level, where, message = (
+            (_ABSL_LEVELS[match.group(1)], match.group(2), match.group(3))
+            if match
+            else (logging.WARNING, "", text)
+        )
+        if "Handshake failed" in message:
+            self.on_handshake_failure()
+            held_back = self._handshakes.allow("handshake")
+            if held_back is None:
+                return
+            self._log.warning(
+                "a client's TLS handshake failed (%d more since the last such line): %s",
+                held_back,
+                message[:300],
+            )
+            return
+        self._log.log(level, "%s%s", f"{where}: " if where else "", message[:2000])
+
+
+def route_native_stderr(level: str, fmt: str) -> NativeStderr:
+    """Configure logging to a copy of stderr, and put a pipe on fd 2 whose lines are logged.
+    Python's own ``sys.stderr`` moves to the copy too: only native code writes to the pipe."""
+    sys.stderr.flush()
+    real_stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    sys.stderr = real_stderr
+    configure_logging(level, fmt, real_stderr)
+    return NativeStderr(read_fd)
 
 
 class Throttle:

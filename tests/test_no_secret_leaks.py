@@ -37,6 +37,8 @@ from tests.conftest import (
     write_config,
 )
 
+HANDSHAKES = 5
+
 
 def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
     tmp_path: Path, pki: Pki, capfd: pytest.CaptureFixture[str]
@@ -79,6 +81,9 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
                 get(stub, name)
         with pytest.raises(grpc.RpcError):
             get(intruder, DATABASE)
+        for _ in range(HANDSHAKES):  # no client certificate: refused in the TLS handshake
+            with pytest.raises(grpc.RpcError):
+                get(broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, None)), API, 5)
         admin = broker_pb2_grpc.SecretBrokerAdminStub(secure_channel(port, pki.ca, pki.ops))
         watch = Watch(stub, [DATABASE, API])
         served += [watch.next(), watch.next()]
@@ -120,14 +125,18 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
     assert '"rpc":"RotateSecret"' in audit
     assert exit_code == 0, "SIGTERM stops the broker cleanly"
     assert "broker stopped" in logs
-    records = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in logs.splitlines()]  # every line, gRPC core's too
     assert len(records) > 10, "log.format = json writes one JSON object per line"
+    handshakes = [r for r in records if "handshake failed" in r["message"]]
+    assert len(handshakes) == 1, "failed handshakes: one record per interval, not one each"
+    assert handshakes[0]["logger"] == "grpc.core"
+    assert f"secretbroker_tls_handshake_failures_total {HANDSHAKES}.0" in scraped
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert "logged in to vault" in logs
     assert "serving 'media-catalog/database' stale" in logs
     assert any(
         r["level"] == "WARNING"
-        and r["logger"] == "broker.grpc_service"
+        and r["logger"] == "broker.grpc_common"
         and r["message"].startswith(
             "GetSecret by 'spiffe://media.local/catalog' failed: UNAVAILABLE"
         )

@@ -368,9 +368,11 @@ def test_ready_means_every_secret_is_answerable_from_its_current_source(
     assert DATABASE not in reason
     assert "MEDIA_CATALOG_API_VALUE is not set" not in caplog.text
     assert "MEDIA_CATALOG_API_OTHER, MEDIA_CATALOG_API_VALUE are not set" in caplog.text
-    state = broker.admin(pki.ops, pki.ca).GetRollbackState(
-        broker_pb2.GetRollbackStateRequest(), timeout=10
-    ).state
+    state = (
+        broker.admin(pki.ops, pki.ca)
+        .GetRollbackState(broker_pb2.GetRollbackStateRequest(), timeout=10)
+        .state
+    )
     assert [(m.secret, list(m.variables), m.served_from_env) for m in state.missing_env] == [
         (API, ["MEDIA_CATALOG_API_OTHER", "MEDIA_CATALOG_API_VALUE"], True)
     ]

@@ -159,3 +159,44 @@ def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_an
     while len(broker.broker.feed) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(broker.broker.feed) == 0, "cancelled streams unsubscribed"
+
+
+def test_one_identity_is_capped_in_streams_and_names_per_watch(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past a cap: RESOURCE_EXHAUSTED naming it, counted, logged once per identity per interval;
+    a stream closed frees its place."""
+    broker = start_broker(
+        vault, limits={"max_watch_streams_per_identity": 2, "max_watch_names": 2}
+    )
+    stub = broker.stub(pki.catalog, pki.ca)
+    watches = [Watch(stub, [DATABASE]) for _ in range(2)]
+    for watch in watches:
+        watch.next()
+
+    refusals = []
+    for names in ([DATABASE], [DATABASE], [DATABASE, API, "media-catalog/x"]):
+        with pytest.raises(grpc.RpcError) as caught:
+            Watch(stub, names).next()
+        refusals.append((caught.value.code(), caught.value.details() or ""))
+
+    assert [code for code, _ in refusals] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
+    assert "limits.max_watch_streams_per_identity is 2" in refusals[0][1]
+    assert "the request lists 3 names; limits.max_watch_names is 2" in refusals[2][1]
+    _, metrics = broker.scrape()
+    assert 'secretbroker_limit_refusals_total{limit="watch_streams_per_identity"} 2.0' in metrics
+    assert 'secretbroker_limit_refusals_total{limit="watch_names"} 1.0' in metrics
+    assert caplog.text.count("limits.max_watch_streams_per_identity") == 1
+    assert get(stub, API).name == API, "GetSecret is not capped"
+
+    watches[0].cancel()
+    replacement = Watch(stub, [DATABASE])
+    for _ in range(100):  # the broker notices the cancel on its next turn
+        try:
+            assert replacement.next().name == DATABASE
+            break
+        except grpc.RpcError:
+            time.sleep(0.05)
+            replacement = Watch(stub, [DATABASE])
+    else:
+        pytest.fail("a closed stream did not free its place")
