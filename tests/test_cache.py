@@ -40,7 +40,7 @@ def test_expired_entry_is_read_again_and_picks_up_a_new_version(
 ) -> None:
     stub = start_broker(vault, secrets_={API: {"ttl": 0}}).stub(pki.catalog, pki.ca)
     first = get(stub, API)
-    new_version = vault.write(API, value="rotated-by-ops")
+    new_version = vault.write(API, value="rotated-by-ops", other="o")
 
     second = get(stub, API)
 

@@ -32,12 +32,18 @@ from tests.conftest import (
 
 
 def test_config_properties_come_from_vault_through_the_broker(
-    vault: Vault, pki: Pki, start_broker: BrokerFactory
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
+    vault = private_vault  # holds the catalog's own keys, not the shared test shape
     vault.write(DATABASE, url="sqlite:///catalog.db", password="pw")
     vault.write(API, jwt_secret="jwt-key-from-vault")
     vault.write(EXTERNAL, tmdb_api_key="tmdb-key-from-vault")
-    broker = start_broker(vault, secrets_={DATABASE: {"ttl": 0}, API: {"ttl": 0}, EXTERNAL: {}})
+    declared = {
+        DATABASE: {"ttl": 0, "keys": ["url", "password"]},
+        API: {"ttl": 0, "keys": ["jwt_secret"]},
+        EXTERNAL: {"keys": ["tmdb_api_key"]},
+    }
+    broker = start_broker(vault, secrets_=declared)
 
     with client_for(pki, broker.port) as client:
         config = Config(client)
@@ -51,10 +57,10 @@ def test_config_properties_come_from_vault_through_the_broker(
 
 
 def test_missing_key_fails_closed_naming_the_key(
-    vault: Vault, pki: Pki, start_broker: BrokerFactory
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
-    vault.write(EXTERNAL, sentry_dsn="not-the-key-config-needs")
-    broker = start_broker(vault, secrets_={EXTERNAL: {"ttl": 0}})
+    private_vault.write(EXTERNAL, sentry_dsn="not-the-key-config-needs")
+    broker = start_broker(private_vault, secrets_={EXTERNAL: {"ttl": 0, "keys": ["sentry_dsn"]}})
 
     with (
         client_for(pki, broker.port) as client,

@@ -61,10 +61,10 @@ class Caller:
         channel = self._channels[method.startswith(ADMIN)]
         try:
             if method == STREAM:
-                for _ in channel.unary_stream(method)(request, timeout=10):
+                for _ in channel.unary_stream(method, None, None)(request, timeout=10):
                     break  # a first value: the stream works; the test ends it
                 return grpc.StatusCode.OK, ""
-            channel.unary_unary(method)(request, timeout=10)
+            channel.unary_unary(method, None, None)(request, timeout=10)
             return grpc.StatusCode.OK, ""
         except grpc.RpcError as exc:
             return exc.code(), exc.details() or ""

@@ -166,9 +166,7 @@ def test_one_identity_is_capped_in_streams_and_names_per_watch(
 ) -> None:
     """Past a cap: RESOURCE_EXHAUSTED naming it, counted, logged once per identity per interval;
     a stream closed frees its place."""
-    broker = start_broker(
-        vault, limits={"max_watch_streams_per_identity": 2, "max_watch_names": 2}
-    )
+    broker = start_broker(vault, limits={"max_watch_streams_per_identity": 2, "max_watch_names": 2})
     stub = broker.stub(pki.catalog, pki.ca)
     watches = [Watch(stub, [DATABASE]) for _ in range(2)]
     for watch in watches:
