@@ -18,7 +18,7 @@ $(BUF):
 
 ## Run the dev stack: OpenBao, the broker over mTLS, the catalog reading through it. Ctrl-C stops it.
 dev: $(BIN)/python
-	$(BIN)/python -m broker dev
+	$(BIN)/python -m devstack
 
 ## Every check CI runs: generated code fresh, buf lint, ruff, mypy --strict, then the test suite.
 test: system-tools proto-check buf-lint lint typecheck
@@ -28,14 +28,14 @@ test: system-tools proto-check buf-lint lint typecheck
 system-tools:
 	@.ci/check-system-tools
 
-## Regenerate the Python code from proto/.
+## Regenerate the Python code from proto/ into secretbroker/v1/.
 proto: $(BIN)/python
 	$(BIN)/python proto/generate.py
 
 ## Fail when the checked-in generated code differs from a fresh generation.
 proto-check: proto
-	@git diff --exit-code --stat -- proto || (echo "generated code in proto/ is stale: run 'make proto' and commit" && exit 1)
-	@test -z "$$(git status --porcelain --untracked-files=all -- proto)" || (git status --short -- proto; echo "untracked generated files in proto/" && exit 1)
+	@git diff --exit-code --stat -- secretbroker/v1 || (echo "generated code in secretbroker/v1/ is stale: run 'make proto' and commit" && exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- secretbroker/v1)" || (git status --short -- secretbroker/v1; echo "untracked generated files in secretbroker/v1/" && exit 1)
 
 buf-lint: $(BUF)
 	$(BUF) lint

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secretbroker.v1 import broker_pb2
-
 from bench.floor import METHOD as FLOOR_METHOD
 from bench.report import draw_latency_chart, render_table
 from bench.rig import COLD, FLIP, GET_SECRET, HOT, ROTATING, Rig, running_rig
+from secretbroker.v1 import broker_pb2
 
 OUT = Path(__file__).parent / "out"
 
@@ -48,8 +47,10 @@ def worker(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         capture_output=True,
         text=True,
         timeout=600,
-        check=True,
+        check=False,
     )
+    if result.returncode != 0:
+        raise RuntimeError(f"the {kind} worker failed:\n{result.stderr[-3000:]}")
     answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return answer
 

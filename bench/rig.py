@@ -13,35 +13,37 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import hvac
-from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
-from broker.dev.bootstrap import AppRoleFiles, create_broker_approle, ensure_kv2_mount
-from broker.dev.openbao import OpenBaoDevServer, bao_binary, die_with_parent, free_port_pair
-from broker.dev.pki import CertFiles
-from broker.dev.stack import (
+from broker.config import load_config
+from broker.vault_policy import vault_policy
+from devstack.bootstrap import (
+    BROKER_POLICY,
+    AppRoleFiles,
+    create_broker_approle,
+    ensure_kv2_mount,
+    write_policy,
+)
+from devstack.broker_config import approle_auth, broker_document, write_broker_config
+from devstack.openbao import OpenBaoDevServer, bao_binary, die_with_parent, free_port_pair
+from devstack.pki import CertFiles
+from devstack.stack import (
     CATALOG_SPIFFE_ID,
     OPS_SPIFFE_ID,
     DevCertificates,
     issue_dev_certificates,
 )
+from secretbroker.client import BrokerClientConfig, secure_channel
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 GET_SECRET = "/secretbroker.v1.SecretBroker/GetSecret"  # noqa: S105 - a method name
 HOT = "bench/s0000"
 COLD = "bench/cold"
 ROTATING = "bench/api"
 FLIP = "bench/flip"
-
-BENCH_POLICY = """
-path "secret/data/bench/*" { capabilities = ["read", "create", "update"] }
-path "secret/metadata/bench/*" { capabilities = ["read"] }
-path "secret/data/media-catalog/*" { capabilities = ["read"] }
-path "secret/metadata/media-catalog/*" { capabilities = ["read"] }
-path "auth/token/renew-self" { capabilities = ["update"] }
-path "auth/token/lookup-self" { capabilities = ["read"] }
-"""
 
 
 @dataclass
@@ -72,12 +74,7 @@ class Rig:
         return broker_pb2_grpc.SecretBrokerStub(self._channel(self.certs.catalog))
 
     def _channel(self, client: CertFiles) -> grpc.Channel:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.certs.ca.read_bytes(),
-            private_key=client.key.read_bytes(),
-            certificate_chain=client.cert.read_bytes(),
-        )
-        return grpc.secure_channel(self.broker_addr, credentials)
+        return secure_channel(client_config(self.broker_addr, self.certs.ca, client))
 
     def broker_rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.broker.pid}/status").read_text().splitlines():
@@ -86,83 +83,43 @@ class Rig:
         raise RuntimeError("no VmRSS for the broker process")
 
 
-def _broker_toml(
-    rig_dir: Path,
+def _broker_config(
+    path: Path,
     listen: str,
     vault: str,
     approle: AppRoleFiles,
     certs: DevCertificates,
     bulk: list[str],
-) -> str:
-    secrets_toml = "\n".join(
-        f'[secrets."{name}"]\nkeys = ["value"]\ncategory = "bulk"' for name in bulk
+) -> Path:
+    """The broker as deployed: its real config, mTLS, the audit trail on a file."""
+    value = {"keys": ["value"]}
+    secrets_: dict[str, dict[str, Any]] = {
+        ROTATING: {**value, "category": "api", "rotation": {"key": "value", "period": "7d"}},
+        COLD: {**value, "category": "cold", "ttl": 0},
+        FLIP: {**value, "category": "flip"},
+        "media-catalog/database": {"keys": ["url"], "category": "database"},
+        "media-catalog/api": {"keys": ["jwt_secret"], "category": "jwt"},
+        "media-catalog/external": {"keys": ["tmdb_api_key"], "category": "external"},
+        **{name: {**value, "category": "bulk"} for name in bulk},
+    }
+    document = broker_document(
+        listen=listen,
+        server=certs.broker,
+        client_ca=certs.ca,
+        vault_address=vault,
+        auth=approle_auth(approle.role_id_file, approle.secret_id_file),
+        secrets=secrets_,
+        access={CATALOG_SPIFFE_ID: ["bench/*", "media-catalog/*"]},
+        vault={"timeout": "5s"},
+        cache={"default_ttl": "1h"},
+        log={"level": "WARNING"},
+        audit={"file": str(path.parent / "audit.jsonl")},
+        metrics={"listen": "127.0.0.1:0"},
+        admin={"identities": [OPS_SPIFFE_ID]},
+        # The bench holds 1,000 streams from one identity, plus its Config reader.
+        limits={"max_watch_streams_per_identity": 2000},
     )
-    return f"""
-[server]
-listen = "{listen}"
-cert_file = "{certs.broker.cert}"
-key_file = "{certs.broker.key}"
-client_ca_file = "{certs.ca}"
-
-[vault]
-address = "{vault}"
-timeout = "5s"
-
-[vault.auth]
-method = "approle"
-role_id_file = "{approle.role_id_file}"
-secret_id_file = "{approle.secret_id_file}"
-
-[cache]
-default_ttl = "1h"
-
-[log]
-level = "WARNING"
-
-[audit]
-file = "{rig_dir / "audit.jsonl"}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
-[admin]
-identities = ["{OPS_SPIFFE_ID}"]
-
-[limits]
-# The bench holds 1,000 streams from one identity, plus its Config reader.
-max_watch_streams_per_identity = 2000
-
-[access]
-"{CATALOG_SPIFFE_ID}" = ["bench/*", "media-catalog/*"]
-
-[secrets."{ROTATING}"]
-keys = ["value"]
-category = "api"
-rotation = {{ key = "value", period = "7d" }}
-
-[secrets."{COLD}"]
-keys = ["value"]
-category = "cold"
-ttl = 0
-
-[secrets."{FLIP}"]
-keys = ["value"]
-category = "flip"
-
-[secrets."media-catalog/database"]
-keys = ["url"]
-category = "database"
-
-[secrets."media-catalog/api"]
-keys = ["jwt_secret"]
-category = "jwt"
-
-[secrets."media-catalog/external"]
-keys = ["tmdb_api_key"]
-category = "external"
-
-{secrets_toml}
-"""
+    return write_broker_config(path, document)
 
 
 def _wait_ready_line(process: subprocess.Popen[bytes], what: str) -> None:
@@ -171,8 +128,12 @@ def _wait_ready_line(process: subprocess.Popen[bytes], what: str) -> None:
         raise RuntimeError(f"{what} did not start (exit code {process.poll()})")
 
 
-def _wait_channel(target: str, credentials: grpc.ChannelCredentials) -> None:
-    with grpc.secure_channel(target, credentials) as channel:
+def client_config(target: str, ca: Path, client: CertFiles) -> BrokerClientConfig:
+    return BrokerClientConfig(target=target, ca_file=ca, cert_file=client.cert, key_file=client.key)
+
+
+def _wait_channel(config: BrokerClientConfig) -> None:
+    with secure_channel(config) as channel:
         grpc.channel_ready_future(channel).result(timeout=60)
 
 
@@ -185,8 +146,7 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
     try:
         admin = hvac.Client(url=bao.address, token=bao.root_token, timeout=30)
         ensure_kv2_mount(admin, "secret")
-        admin.sys.create_or_update_policy(name="bench", policy=BENCH_POLICY)
-        approle = create_broker_approle(admin, ["bench"], workdir / "approle")
+        approle = create_broker_approle(admin, [BROKER_POLICY], workdir / "approle")
         bulk = [f"bench/s{i:04d}" for i in range(bulk_secrets)]
         for path in [*bulk, ROTATING, COLD, FLIP]:
             admin.secrets.kv.v2.create_or_update_secret(
@@ -204,8 +164,10 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
         admin.adapter.close()
         certs = issue_dev_certificates(workdir / "certs")
         broker_addr = f"127.0.0.1:{free_port_pair()}"
-        config = workdir / "broker.toml"
-        config.write_text(_broker_toml(workdir, broker_addr, bao.address, approle, certs, bulk))
+        config = _broker_config(
+            workdir / "broker.toml", broker_addr, bao.address, approle, certs, bulk
+        )
+        write_policy(admin, vault_policy(load_config(config, {})))
         env_for_flip = {"BENCH_FLIP_VALUE": secrets.token_urlsafe(32)}
         broker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             die_with_parent([sys.executable, "-m", "broker", "serve", "--config", str(config)]),
@@ -213,13 +175,9 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
             env={**os.environ, **env_for_flip},
         )
         processes.append(broker)
-        client_credentials = grpc.ssl_channel_credentials(
-            root_certificates=certs.ca.read_bytes(),
-            private_key=certs.catalog.key.read_bytes(),
-            certificate_chain=certs.catalog.cert.read_bytes(),
-        )
-        _wait_channel(broker_addr, client_credentials)
-        with grpc.secure_channel(broker_addr, client_credentials) as channel:
+        catalog = client_config(broker_addr, certs.ca, certs.catalog)
+        _wait_channel(catalog)
+        with secure_channel(catalog) as channel:
             request = broker_pb2.GetSecretRequest(name=HOT).SerializeToString()
             payload = channel.unary_unary(GET_SECRET, None, None)(request, timeout=30)
         floor_addr = f"127.0.0.1:{free_port_pair()}"
@@ -307,7 +265,8 @@ def _start_proxy(
             stderr=subprocess.STDOUT,
         )
     address = f"http://{listen}"
-    client = hvac.Client(url=address, timeout=5)
+    # No token of its own (not even ~/.vault-token, which dev servers write): the proxy's.
+    client = hvac.Client(url=address, token="", timeout=5)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -315,10 +274,11 @@ def _start_proxy(
                 path=HOT, mount_point="secret", raise_on_deleted_version=True
             )
             break
-        except Exception:
+        except Exception as exc:
             if proxy.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"bao proxy did not come up; see {workdir / 'proxy.log'}"
+                    f"bao proxy did not come up ({type(exc).__name__}: {exc});"
+                    f" see {workdir / 'proxy.log'}"
                 ) from None
             time.sleep(0.2)
     client.adapter.close()

@@ -21,20 +21,30 @@ from typing import Any
 import grpc
 import hvac
 
+from secretbroker.client import (
+    BrokerClientConfig,
+    LiveSecrets,
+    SecretsClient,
+    secure_aio_channel,
+    secure_channel,
+)
+
 Args = dict[str, Any]
 
 
-def _credentials(args: Args) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(args["ca"]).read_bytes(),
-        private_key=Path(args["key"]).read_bytes(),
-        certificate_chain=Path(args["cert"]).read_bytes(),
+def _config(args: Args) -> BrokerClientConfig:
+    """The SDK's client settings, from what the rig passes to a worker process."""
+    return BrokerClientConfig(
+        target=args["target"],
+        ca_file=Path(args["ca"]),
+        cert_file=Path(args["cert"]),
+        key_file=Path(args["key"]),
     )
 
 
 def _raw_call(args: Args) -> Callable[[], bytes]:
     """One unary call with raw bytes each way: the client's cost is the same for every server."""
-    channel = grpc.secure_channel(args["target"], _credentials(args))
+    channel = secure_channel(_config(args))
     grpc.channel_ready_future(channel).result(timeout=30)
     call = channel.unary_unary(args["method"], None, None)  # raw bytes both ways
     request = bytes.fromhex(args["request"])
@@ -70,7 +80,7 @@ def throughput(args: Args) -> Args:
 
 def vault(args: Args) -> Args:
     """A direct KV v2 read with hvac, as the ADR's VaultClient does on every uncached call."""
-    client = hvac.Client(url=args["address"], timeout=30)
+    client = hvac.Client(url=args["address"], token="", timeout=30)  # no ambient token
     if args.get("approle"):
         role_id, secret_id = (Path(p).read_text().strip() for p in args["approle"])
         client.auth.approle.login(role_id=role_id, secret_id=secret_id)
@@ -86,16 +96,8 @@ def vault(args: Args) -> Args:
 def config(args: Args) -> Args:
     """``Config.jwt_secret_key`` on a catalog whose values LiveSecrets keeps current."""
     from catalog.config import CONFIG_SECRETS, Config
-    from catalog.secrets import BrokerClientConfig, LiveSecrets, SecretsClient
 
-    client = SecretsClient(
-        BrokerClientConfig(
-            target=args["target"],
-            ca_file=Path(args["ca"]),
-            cert_file=Path(args["cert"]),
-            key_file=Path(args["key"]),
-        )
-    )
+    client = SecretsClient(_config(args))
     live = LiveSecrets(client, CONFIG_SECRETS)
     live.wait_ready(timeout=30)
     settings = Config(live)
@@ -111,7 +113,7 @@ def streams(args: Args) -> Args:
     from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
     async def run() -> Args:
-        channels = [grpc.aio.secure_channel(args["target"], _credentials(args)) for _ in range(4)]
+        channels = [secure_aio_channel(_config(args)) for _ in range(4)]
         stubs = [broker_pb2_grpc.SecretBrokerStub(c) for c in channels]
         request = broker_pb2.WatchSecretsRequest(names=[args["name"]])
         calls = [stubs[i % 4].WatchSecrets(request) for i in range(args["streams"])]

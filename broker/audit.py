@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from broker.errors import AuditUnavailable
+from broker.lru import BoundedLru
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class AuditTrail:
         self.fail_closed = fail_closed
         self._on_failure = on_failure
         self._lock = threading.Lock()
-        self._allowed_names: dict[tuple[str, str | None, str], str] = {}
+        self._allowed_names: BoundedLru[tuple[str, str | None, str], str] = BoundedLru(10_000)
         self._seq, self.head = _tail(path) if path is not None else (0, GENESIS)
         # Unbuffered: each record is one write(2), so nothing waits in a buffer to be lost.
         self._file: IO[bytes] = (
@@ -77,11 +78,12 @@ class AuditTrail:
         key = (rpc, identity, secret)
         names = self._allowed_names.get(key)
         if names is None:
-            if len(self._allowed_names) > 10_000:
-                self._allowed_names.clear()
-            names = self._allowed_names[key] = _encode(
-                {"rpc": rpc, "identity": identity, "secret": secret, "decision": "allow"}
-            )[1:-1]
+            names = self._allowed_names.put(
+                key,
+                _encode({"rpc": rpc, "identity": identity, "secret": secret, "decision": "allow"})[
+                    1:-1
+                ],
+            )
         self._append(
             f'"time":{time.time()!r},"event":"access",{names},"version":{int(version)},'
             f'"source":{_encode(source)},"stale":{"true" if stale else "false"}'

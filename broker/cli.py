@@ -1,5 +1,5 @@
-"""Command line: ``python -m broker serve --config broker.toml``, ``python -m broker dev``, and
-the operator commands ``status``, ``rollback`` and ``rotate`` (broker/ops.py)."""
+"""Command line: ``python -m broker serve --config broker.toml``, ``vault-policy``, ``audit
+verify``, and the operator commands ``status``, ``rollback`` and ``rotate`` (broker/ops.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from broker.audit import verify_file
 from broker.config import BrokerConfig, ConfigError, load_config
 from broker.logs import NativeStderr, route_native_stderr
 from broker.ops import add_ops_commands, run_ops_command
+from broker.vault_policy import vault_policy
 
 EXIT_CONFIG_ERROR = 2
 
@@ -24,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="run the broker")
     serve_cmd.add_argument("--config", type=Path, required=True, help="path to broker.toml")
-    dev = commands.add_parser("dev", help="run the local dev stack: OpenBao, broker, catalog demo")
-    dev.add_argument(
-        "--dir", type=Path, default=Path(".dev-stack"), help="state folder (default: .dev-stack)"
+    policy_cmd = commands.add_parser(
+        "vault-policy", help="print the least-privilege Vault policy for a broker config"
     )
+    policy_cmd.add_argument("--config", type=Path, required=True, help="path to broker.toml")
     add_ops_commands(commands)
     audit = commands.add_parser("audit", help="check an audit trail file")
     audit_actions = audit.add_subparsers(dest="action", required=True)
@@ -41,22 +42,30 @@ def main(argv: list[str] | None = None) -> int:
         return verify_audit(args.file)
     if args.command in ("status", "rollback", "rotate"):
         return run_ops_command(args)
-    if args.command == "dev":
-        from broker.dev.stack import run_dev_stack
-
-        return run_dev_stack(args.dir)
+    if args.command == "vault-policy":
+        try:
+            print(vault_policy(load_config(args.config, os.environ)), end="")  # noqa: T201
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)  # noqa: T201
+            return EXIT_CONFIG_ERROR
+        return 0
     json_logs = False
+    native: NativeStderr | None = None
     try:
         config = load_config(args.config, os.environ)
         json_logs = config.log_format == "json"
         native = route_native_stderr(config.log_level, config.log_format)
         asyncio.run(serve(config, native))
     except ConfigError as exc:  # from the file, the environment, the TLS files, the listeners
+        if native is not None:
+            native.close()  # gRPC core's own lines about it first
         if json_logs:  # every line on stderr is JSON once the config asked for it
             logging.getLogger("broker").critical("config error: %s", exc)
         else:
             print(f"config error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
         return EXIT_CONFIG_ERROR
+    if native is not None:
+        native.close()
     return 0
 
 

@@ -8,8 +8,6 @@ import logging
 from collections.abc import Mapping
 from typing import TypeVar
 
-from secretbroker.v1 import broker_pb2, broker_pb2_grpc
-
 from broker.audit import AuditTrail
 from broker.config import SecretSpec
 from broker.errors import AccessDenied, AuditUnavailable, BrokerError, SecretNotDeclared
@@ -22,6 +20,7 @@ from broker.rollback import Flip, RollbackState, RollbackStatus, Rule
 from broker.rotation import Rotator
 from broker.sources.base import SourceKind
 from broker.values import SecretValues
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

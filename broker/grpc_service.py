@@ -7,18 +7,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from secretbroker.v1 import broker_pb2, broker_pb2_grpc
-
 from broker.audit import AuditTrail
 from broker.cache import CachedSecret
 from broker.errors import AuditUnavailable, BrokerError
 from broker.grpc_common import Context, Unparsable, abort, parsed, timestamp
 from broker.grpc_status import status_for
 from broker.identity import IdentityResolver
+from broker.lru import BoundedLru
 from broker.metrics import BrokerMetrics
 from broker.reader import SecretReader
 from broker.sources.base import SecretValue, SourceKind
 from broker.watch import Watcher
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +109,17 @@ class ResponseCache:
     MAX_ENTRIES = 4096
 
     def __init__(self) -> None:
-        self._built: dict[
+        self._built: BoundedLru[
             tuple[str, int, bool], tuple[SecretValue, broker_pb2.GetSecretResponse]
-        ] = {}
+        ] = BoundedLru(self.MAX_ENTRIES)
 
     def response(self, name: str, cached: CachedSecret) -> broker_pb2.GetSecretResponse:
         key = (name, id(cached.value), cached.stale)
         hit = self._built.get(key)
         if hit is not None and hit[0] is cached.value:
             return hit[1]
-        if len(self._built) >= self.MAX_ENTRIES:
-            self._built.clear()  # values replaced by new reads leave entries behind; start over
         response = broker_pb2.GetSecretResponse(secret=secret_message(name, cached))
-        self._built[key] = (cached.value, response)
+        self._built.put(key, (cached.value, response))
         return response
 
 

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from broker.errors import AccessDenied
+from broker.lru import BoundedLru
 from broker.names import quoted
 
 CN_PREFIX = "cn:"
@@ -56,8 +57,7 @@ class IdentityResolver:
     ) -> None:
         self._trust_domains = frozenset(trust_domains)
         self._cn_fallback = cn_fallback
-        self._by_pem: dict[bytes, str | AccessDenied] = {}
-        self._max_entries = max_entries
+        self._by_pem: BoundedLru[bytes, str | AccessDenied] = BoundedLru(max_entries)
 
     def identity(self, auth_context: Mapping[str, Iterable[bytes]]) -> str:
         """The caller's identity; raises AccessDenied (naming why) when it has none we accept."""
@@ -70,9 +70,7 @@ class IdentityResolver:
                 found = self.from_certificate(x509.load_pem_x509_certificate(pem))
             except AccessDenied as exc:
                 found = exc
-            if len(self._by_pem) >= self._max_entries:
-                self._by_pem.clear()
-            self._by_pem[pem] = found
+            self._by_pem.put(pem, found)
         if isinstance(found, AccessDenied):
             raise AccessDenied(str(found))
         return found

@@ -65,7 +65,8 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
 class NativeStderr:
     """Lines native code writes to fd 2, turned into log records (see the module docstring)."""
 
-    def __init__(self, read_fd: int) -> None:
+    def __init__(self, read_fd: int, real_stderr: TextIO) -> None:
+        self._real_stderr = real_stderr
         self._lines = os.fdopen(read_fd, "rb")
         self._log = logging.getLogger(NATIVE_LOGGER)
         self._handshakes = Throttle(HANDSHAKE_LOG_INTERVAL)
@@ -73,6 +74,12 @@ class NativeStderr:
         """Called for every failed handshake, throttled or not (the broker counts them)."""
         self._thread = threading.Thread(target=self._pump, name="native-stderr", daemon=True)
         self._thread.start()
+
+    def close(self) -> None:
+        """Put the real stderr back on fd 2 and log what is left in the pipe: called before
+        the process's last words, so they come after every line native code wrote."""
+        os.dup2(self._real_stderr.fileno(), 2)  # closes the pipe's only write end: EOF
+        self._thread.join(timeout=5)
 
     def _pump(self) -> None:
         for raw in self._lines:
@@ -111,7 +118,7 @@ def route_native_stderr(level: str, fmt: str) -> NativeStderr:
     os.close(write_fd)
     sys.stderr = real_stderr
     configure_logging(level, fmt, real_stderr)
-    return NativeStderr(read_fd)
+    return NativeStderr(read_fd, real_stderr)
 
 
 class Throttle:

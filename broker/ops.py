@@ -16,10 +16,11 @@ import datetime as dt
 import json
 import os
 import sys
-from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from secretbroker.client import ENV_PREFIX, BrokerClientConfig, ClientConfigError, secure_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 EXIT_FAILED = 1
@@ -30,19 +31,15 @@ _RULES = {
     broker_pb2.ROLLBACK_RULE_STARTUP_VARIABLE: "VAULT_ENABLED_SECRETS, read at start-up",
     broker_pb2.ROLLBACK_RULE_OVERRIDE: "live override (wins until `rollback clear`)",
 }
-_CONNECTION = {
-    "addr": "SECRETBROKER_ADDR",
-    "ca_file": "SECRETBROKER_CA_FILE",
-    "cert_file": "SECRETBROKER_CERT_FILE",
-    "key_file": "SECRETBROKER_KEY_FILE",
-    "server_name": "SECRETBROKER_SERVER_NAME",
-}
+_CONNECTION = ("addr", "ca_file", "cert_file", "key_file", "server_name")
+"""Flags that override the SECRETBROKER_* variable of the same name."""
 
 
 def add_ops_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     connection = argparse.ArgumentParser(add_help=False)
     group = connection.add_argument_group("connection (default: the SECRETBROKER_* variables)")
-    for option, variable in _CONNECTION.items():
+    for option in _CONNECTION:
+        variable = ENV_PREFIX + option.upper()
         group.add_argument(f"--{option.replace('_', '-')}", default=None, help=f"${variable}")
     commands.add_parser(
         "status", parents=[connection], help="show where each category is served from, and why"
@@ -66,8 +63,9 @@ def add_ops_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 def run_ops_command(args: argparse.Namespace) -> int:
     try:
-        channel = _channel(args)
-    except ValueError as exc:
+        overrides = {option.upper(): getattr(args, option) for option in _CONNECTION}
+        channel = secure_channel(BrokerClientConfig.from_env(os.environ, overrides))
+    except ClientConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
         return EXIT_USAGE
     admin = broker_pb2_grpc.SecretBrokerAdminStub(channel)
@@ -137,33 +135,3 @@ def _categories(raw: str) -> list[str] | None:
 
 def _when(stamp: Timestamp) -> str:
     return stamp.ToDatetime(tzinfo=dt.UTC).isoformat(timespec="seconds")
-
-
-def _setting(args: argparse.Namespace, option: str) -> str | None:
-    value: str | None = getattr(args, option) or os.environ.get(_CONNECTION[option])
-    return value
-
-
-def _required(args: argparse.Namespace, option: str) -> str:
-    value = _setting(args, option)
-    if not value:
-        raise ValueError(f"--{option.replace('_', '-')} or {_CONNECTION[option]} is required")
-    return value
-
-
-def _file(args: argparse.Namespace, option: str) -> bytes:
-    path = Path(_required(args, option))
-    if not path.is_file():
-        raise ValueError(f"--{option.replace('_', '-')}: file not found: {path}")
-    return path.read_bytes()
-
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_file(args, "ca_file"),
-        private_key=_file(args, "key_file"),
-        certificate_chain=_file(args, "cert_file"),
-    )
-    server_name = _setting(args, "server_name")
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(_required(args, "addr"), credentials, options=options)

@@ -19,11 +19,16 @@ from collections.abc import Mapping
 from broker.cache import CachedSecret
 from broker.config import SecretSpec
 from broker.errors import AccessDenied, SecretNotDeclared
+from broker.lru import BoundedLru
 from broker.names import quoted, validate_secret_name
 from broker.policy import AccessPolicy
 from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
+
+MAX_GRANTS = 10_000
+"""Remembered grants; identities x declared secrets, bounded all the same (identities are
+as many as the CA issues)."""
 
 
 class SecretReader:
@@ -33,7 +38,7 @@ class SecretReader:
         self._secrets = secrets
         self._policy = policy
         self._values = values
-        self._granted: dict[tuple[str | None, str], SecretSpec] = {}
+        self._granted: BoundedLru[tuple[str | None, str], SecretSpec] = BoundedLru(MAX_GRANTS)
 
     def authorize(self, identity: str | None, name: str) -> SecretSpec:
         """The declared secret ``name``, if ``identity`` may read it; raises otherwise."""
@@ -47,8 +52,7 @@ class SecretReader:
         spec = self._secrets.get(name)
         if spec is None:
             raise SecretNotDeclared("secret is not declared by this broker")
-        self._granted[(identity, name)] = spec
-        return spec
+        return self._granted.put((identity, name), spec)
 
     async def read(
         self, identity: str | None, name: str, version: int | None = None

@@ -107,7 +107,7 @@ class Rotator:
 
     def _written(self, spec: SecretSpec, written: SecretValue) -> None:
         self._count(spec, "rotated", written.created_at)
-        self._values.cache.put(spec, written)
+        self._values.written(spec, written)
         self._feed.publish([spec.name])
         log.info("rotated %r: version %d", spec.name, written.version)
 

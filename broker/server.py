@@ -23,7 +23,6 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # public as grpc_health.v1.health.aio
 from prometheus_client import CollectorRegistry
-from secretbroker.v1 import broker_pb2_grpc
 
 from broker.audit import AuditTrail
 from broker.cache import SecretCache
@@ -47,6 +46,7 @@ from broker.sources.vault import VaultSource
 from broker.tls import load_server_tls
 from broker.values import SecretValues
 from broker.watch import Watcher, poll_watched_versions
+from secretbroker.v1 import broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from broker.config import SecretSpec
 from broker.errors import InvalidRequest, NotApplicable, VersionOutOfRange
 from broker.metrics import BrokerMetrics
 from broker.rollback import RollbackState
-from broker.sources.base import SourceKind
+from broker.sources.base import SecretValue, SourceKind
 from broker.sources.env import EnvSource
 
 
@@ -21,46 +21,59 @@ class SecretValues:
         previous_versions: int,
         metrics: BrokerMetrics | None = None,
     ) -> None:
-        self.cache = cache
-        self.env = env
+        self._cache = cache
+        self._env = env
         self._metrics = metrics
-        self.rollback = rollback
+        self._rollback = rollback
         self._previous_versions = previous_versions
 
     def answerable(self, spec: SecretSpec) -> bool:
         """Whether the current value could be served now without asking Vault."""
         if self.source_of(spec) is SourceKind.ENV:
-            return not self.env.missing(spec)
-        return self.cache.answerable(spec.name)
+            return not self._env.missing(spec)
+        return self._cache.answerable(spec.name)
+
+    def cached_version(self, spec: SecretSpec) -> int | None:
+        """The version of the cached current value, fresh or not, if one is cached."""
+        value = self._cache.current(spec.name)
+        return value.version if value is not None else None
+
+    def written(self, spec: SecretSpec, value: SecretValue) -> None:
+        """The broker wrote ``value`` as the current version (a rotation): serve it from now."""
+        self._cache.put(spec, value)
+
+    def outdated(self, spec: SecretSpec) -> None:
+        """Vault holds a newer version than the cached one: read it on the next request."""
+        self._cache.invalidate(spec.name)
 
     def missing_env_variables(self, spec: SecretSpec) -> list[str]:
         """The secret's environment variables that are not set: what a rollback would lack."""
-        return self.env.missing(spec)
+        return self._env.missing(spec)
 
     def source_of(self, spec: SecretSpec) -> SourceKind:
-        return SourceKind.VAULT if self.rollback.from_vault(spec.category) else SourceKind.ENV
+        return SourceKind.VAULT if self._rollback.from_vault(spec.category) else SourceKind.ENV
 
     def fresh(self, spec: SecretSpec) -> CachedSecret | None:
         """A fresh cached Vault value, or None: the common case, answered without awaiting."""
-        return self.cache.fresh(spec) if self.rollback.from_vault(spec.category) else None
+        return self._cache.fresh(spec) if self._rollback.from_vault(spec.category) else None
 
     async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
         if version is not None and version <= 0:
             raise InvalidRequest("version must be a positive number")
-        if not self.rollback.from_vault(spec.category):
+        if not self._rollback.from_vault(spec.category):
             if version is not None:
                 raise NotApplicable(
                     "secret is served from environment variables, which keep no versions"
                 )
-            value = self.env.read(spec)
+            value = self._env.read(spec)
             if self._metrics is not None:
                 self._metrics.secret_read(spec.name, value.version, value.fetched_at)
             return CachedSecret(value, stale=False, from_cache=False)
-        current = await self.cache.get(spec)
+        current = await self._cache.get(spec)
         if version is None or version == current.value.version:
             return current
         newest = current.value.version
         oldest = max(1, newest - self._previous_versions)
         if not oldest <= version < newest:
             raise VersionOutOfRange(f"readable versions are {oldest} to {newest}")
-        return await self.cache.get(spec, version)
+        return await self._cache.get(spec, version)

@@ -137,8 +137,8 @@ async def poll_watched_versions(
             except BrokerError as exc:
                 log.debug("version poll of %r failed: %s", name, exc)
                 continue
-            cached = values.cache.current(name)
-            if cached is None or cached.version != info.version:
+            cached = values.cached_version(spec)
+            if cached != info.version:
                 log.info("%r has a new version in vault: %d", name, info.version)
-                values.cache.invalidate(name)
+                values.outdated(spec)
                 feed.publish([name])

@@ -16,7 +16,7 @@ from types import FrameType
 
 from catalog.auth import DEFAULT_GRACE, DEFAULT_LIFETIME, TokenAuthority
 from catalog.config import CONFIG_SECRETS, DATABASE_URL, JWT_SECRET_KEY, TMDB_API_KEY, Config
-from catalog.secrets import (
+from secretbroker.client import (
     BrokerClientConfig,
     ClientConfigError,
     LiveSecrets,

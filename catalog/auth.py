@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import jwt
 
 from catalog.config import JWT_SECRET_KEY
-from catalog.secrets import Secret, SecretUnavailable
+from secretbroker.client import Secret, SecretUnavailable
 
 ALGORITHM = "HS256"
 DEFAULT_GRACE = 3600.0

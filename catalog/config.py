@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from catalog.secrets import SecretLookup
+from secretbroker.client import SecretLookup
 
 
 class MissingSecretKey(Exception):

@@ -21,7 +21,7 @@ from typing import Any
 from catalog.auth import InvalidToken, TokenAuthority, WeakSigningKey
 from catalog.config import CONFIG_SECRETS, Config, MissingSecretKey
 from catalog.database import Cursor, DatabaseUnavailable, DatabaseUrlError, transaction
-from catalog.secrets import SecretLookup, SecretUnavailable
+from secretbroker.client import SecretLookup, SecretUnavailable
 
 log = logging.getLogger(__name__)
 

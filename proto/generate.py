@@ -1,9 +1,10 @@
-"""Regenerate the Python code for proto/secretbroker/**.proto, next to each .proto file.
+"""Regenerate the Python code for proto/secretbroker/**.proto into the package secretbroker/.
 
 The proto path mirrors the import path (proto/secretbroker/v1/broker.proto is the
-module secretbroker.v1.broker_pb2), so generated files import each other without
-rewriting. Run from anywhere: ``python proto/generate.py``. CI runs it and fails when
-``git status --porcelain proto`` shows a difference (the drift check).
+module secretbroker.v1.broker_pb2, written to secretbroker/v1/), so generated files
+import each other without rewriting, beside the hand-written client SDK
+(secretbroker/client/). Run from anywhere: ``python proto/generate.py``. CI runs it and
+fails when ``git status --porcelain secretbroker/v1`` shows a difference (the drift check).
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
+OUT_ROOT = PROTO_ROOT.parent
 
 
 def main() -> int:
     sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     well_known = str(resources.files("grpc_tools") / "_proto")
-    for package_dir in {PROTO_ROOT / Path(s).parent for s in sources}:
+    for package_dir in {OUT_ROOT / Path(s).parent for s in sources}:
         for parent in [package_dir, *package_dir.parents]:
-            if parent == PROTO_ROOT:
+            if parent == OUT_ROOT:
                 break
+            parent.mkdir(parents=True, exist_ok=True)
             (parent / "__init__.py").touch()
             (parent / "py.typed").touch()
     scripts = Path(sys.executable).parent  # mypy-protobuf's plugins sit beside this interpreter
@@ -33,10 +36,10 @@ def main() -> int:
         f"--plugin=protoc-gen-mypy_grpc={scripts / 'protoc-gen-mypy_grpc'}",
         f"--proto_path={PROTO_ROOT}",
         f"--proto_path={well_known}",
-        f"--python_out={PROTO_ROOT}",
-        f"--mypy_out={PROTO_ROOT}",
-        f"--grpc_python_out={PROTO_ROOT}",
-        f"--mypy_grpc_out={PROTO_ROOT}",
+        f"--python_out={OUT_ROOT}",
+        f"--mypy_out={OUT_ROOT}",
+        f"--grpc_python_out={OUT_ROOT}",
+        f"--mypy_grpc_out={OUT_ROOT}",
         *sources,
     ]
     return int(protoc.main(args))

@@ -22,22 +22,27 @@ from typing import Any, TypeVar
 import grpc
 import hvac
 import pytest
-import tomli_w
-from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 from broker.config import BrokerConfig, parse_config
-from broker.dev.bootstrap import (
+from broker.server import Broker
+from devstack.bootstrap import (
     AppRoleFiles,
     RoleTTLs,
     create_broker_approle,
     ensure_kv2_mount,
-    write_policies,
+    write_policy,
 )
-from broker.dev.openbao import OpenBaoDevServer
-from broker.dev.pki import CertFiles, DevCA, issue_loopback_server
-from broker.server import Broker
-from catalog.retry import RetryPolicy
-from catalog.secrets import BrokerClientConfig, SecretsClient
+from devstack.broker_config import approle_auth, broker_document, write_broker_config
+from devstack.openbao import OpenBaoDevServer
+from devstack.pki import CertFiles, DevCA, issue_loopback_server
+from secretbroker.client import (
+    BrokerClientConfig,
+    RetryPolicy,
+    SecretsClient,
+    channel_credentials,
+)
+from secretbroker.client import secure_channel as sdk_secure_channel
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 T = TypeVar("T")
 
@@ -45,6 +50,7 @@ CATALOG_ID = "spiffe://media.local/catalog"
 INTRUDER_ID = "spiffe://media.local/intruder"
 OPS_ID = "spiffe://media.local/ops"
 KV_MOUNT = "secret"
+DEPLOY_POLICY = Path(__file__).parents[1] / "deploy" / "vault" / "policies" / "secretbroker.hcl"
 DATABASE = "media-catalog/database"
 API = "media-catalog/api"
 EXTERNAL = "media-catalog/external"
@@ -176,8 +182,13 @@ def start_vault(workdir: Path, ttls: RoleTTLs | None = None) -> Vault:
     server.start()
     admin = hvac.Client(url=server.address, token=server.root_token, timeout=5)
     ensure_kv2_mount(admin, KV_MOUNT)
+    # The deploy kit's policy, as an operator would load it (it is derived from the example
+    # config: tests/test_config.py keeps the two equal).
     approle = create_broker_approle(
-        admin, write_policies(admin), workdir / "approle", ttls or RoleTTLs()
+        admin,
+        write_policy(admin, DEPLOY_POLICY.read_text()),
+        workdir / "approle",
+        ttls or RoleTTLs(),
     )
     vault = Vault(server, admin, approle, audit_log)
     for path in (DATABASE, API, EXTERNAL):
@@ -200,6 +211,9 @@ def private_vault(tmp_path: Path) -> Iterator[Vault]:
     started.server.stop()
 
 
+DEFAULT_SECRETS: Mapping[str, Mapping[str, Any]] = {DATABASE: {}, API: {}}
+
+
 def broker_settings(
     vault: Vault,
     pki: Pki,
@@ -219,47 +233,34 @@ def broker_settings(
     limits: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The broker's TOML document as a dict: what a user would write. Admin is OPS_ID."""
-    return {
-        "identity": dict(identity or {}),
-        "limits": dict(limits or {}),
-        "admin": dict(admin if admin is not None else {"identities": [OPS_ID]}),
-        "rollout": dict(rollout or {}),
-        "audit": dict(audit or {"file": "audit.jsonl"}),
-        "metrics": dict(metrics or {"listen": "127.0.0.1:0", "vault_probe_interval": "1s"}),
-        "server": {
-            "listen": listen,
-            "cert_file": str(pki.server.cert),
-            "key_file": str(pki.server.key),
-            "client_ca_file": str(pki.ca),
-        },
-        "vault": {
-            "address": vault.address,
-            "timeout": timeout,
-            "auth": dict(
-                auth
-                or {
-                    "method": "approle",
-                    "role_id_file": str(vault.approle.role_id_file),
-                    "secret_id_file": str(vault.approle.secret_id_file),
-                }
-            ),
-        },
-        "cache": dict(cache or {}),
-        "secrets": {
+    return broker_document(
+        listen=listen,
+        server=pki.server,
+        client_ca=pki.ca,
+        vault_address=vault.address,
+        auth=auth or approle_auth(vault.approle.role_id_file, vault.approle.secret_id_file),
+        secrets={
             name: {"keys": list(SECRET_KEYS), **spec}
             for name, spec in (
                 secrets_ if secrets_ is not None else {DATABASE: {}, API: {}}
             ).items()
         },
-        "access": dict(access if access is not None else {CATALOG_ID: ["media-catalog/*"]}),
-        "log": {"level": log_level},
-    }
+        access=access if access is not None else {CATALOG_ID: ["media-catalog/*"]},
+        vault={"timeout": timeout},
+        identity=identity or {},
+        limits=limits or {},
+        admin=admin if admin is not None else {"identities": [OPS_ID]},
+        rollout=rollout or {},
+        audit=audit or {"file": "audit.jsonl"},
+        metrics=metrics or {"listen": "127.0.0.1:0", "vault_probe_interval": "1s"},
+        cache=cache or {},
+        log={"level": log_level},
+    )
 
 
 def write_config(path: Path, settings: Mapping[str, Any]) -> Path:
     """Write ``settings`` (from broker_settings) as the TOML file a user would hand to serve."""
-    path.write_bytes(tomli_w.dumps(settings).encode())
-    return path
+    return write_broker_config(path, settings)
 
 
 def serve(
@@ -322,13 +323,23 @@ class RunningBroker:
         return broker_pb2_grpc.SecretBrokerAdminStub(secure_channel(self.port, ca, client))
 
 
-def secure_channel(port: int, ca: Path, client: CertFiles | None) -> grpc.Channel:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=client.key.read_bytes() if client else None,
-        certificate_chain=client.cert.read_bytes() if client else None,
+def client_config(
+    port: int, ca: Path, client: CertFiles, retry: RetryPolicy | None = None
+) -> BrokerClientConfig:
+    return BrokerClientConfig(
+        target=f"127.0.0.1:{port}",
+        ca_file=ca,
+        cert_file=client.cert,
+        key_file=client.key,
+        retry=retry or RetryPolicy(),
     )
-    return grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
+def secure_channel(port: int, ca: Path, client: CertFiles | None) -> grpc.Channel:
+    """The SDK's channel as ``client``; with None, a channel that presents no certificate."""
+    if client is None:
+        return grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(ca))
+    return sdk_secure_channel(client_config(port, ca, client))
 
 
 BrokerFactory = Callable[..., RunningBroker]
@@ -355,14 +366,7 @@ def start_broker(pki: Pki, tmp_path: Path) -> Iterator[BrokerFactory]:
 
 
 def client_for(pki: Pki, port: int, retry: RetryPolicy | None = None) -> SecretsClient:
-    config = BrokerClientConfig(
-        target=f"127.0.0.1:{port}",
-        ca_file=pki.ca,
-        cert_file=pki.catalog.cert,
-        key_file=pki.catalog.key,
-        retry=retry or RetryPolicy(),
-    )
-    return SecretsClient(config)
+    return SecretsClient(client_config(port, pki.ca, pki.catalog, retry))
 
 
 def get(

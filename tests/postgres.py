@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from broker.dev.openbao import die_with_parent, free_port_pair
+from devstack.openbao import die_with_parent, free_port_pair
 
 
 def postgres_bindir() -> Path:

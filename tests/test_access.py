@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from secretbroker.v1 import broker_pb2
 
+from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
     CATALOG_ID,

@@ -12,9 +12,9 @@ from typing import Any
 
 import grpc
 import pytest
-from secretbroker.v1 import broker_pb2
 
 from broker.audit import AuditTrail
+from secretbroker.v1 import broker_pb2
 from tests.conftest import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, get, status_of
 
 

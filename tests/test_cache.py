@@ -5,7 +5,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from secretbroker.v1 import broker_pb2
-
 from tests.conftest import API, BrokerFactory, Pki, Vault, get
 
 

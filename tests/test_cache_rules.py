@@ -11,6 +11,7 @@ import pytest
 from broker.cache import SecretCache
 from broker.config import CacheConfig, SecretSpec
 from broker.errors import SecretMissingInSource, SourceDenied, SourceUnavailable
+from broker.lru import BoundedLru
 from broker.sources.base import SecretValue, SourceKind
 
 SPEC = SecretSpec(name="app/db", path="app/db", category="db", ttl=10)
@@ -121,3 +122,13 @@ def test_a_read_in_flight_does_not_undo_a_rotation_or_an_invalidation(
 
     assert asyncio.run(scenario()).version == 1, "its own caller still gets what it read"
     assert cache.current(SPEC.name) == (rotated if newer_knowledge == "put" else None)
+
+
+def test_the_bounded_memo_keeps_the_most_recently_used() -> None:
+    memo: BoundedLru[str, int] = BoundedLru(2)
+    memo.put("a", 1)
+    memo.put("b", 2)
+    assert memo.get("a") == 1  # "a" is now the most recently used
+    memo.put("c", 3)
+
+    assert (memo.get("a"), memo.get("b"), memo.get("c"), len(memo)) == (1, None, 3, 2)

@@ -9,12 +9,13 @@ import grpc
 import pytest
 
 from broker.config import parse_config
-from broker.dev.openbao import free_port_pair
 from catalog.config import Config, MissingSecretKey
-from catalog.retry import RetryPolicy
-from catalog.secrets import (
+from devstack.openbao import free_port_pair
+from secretbroker.client import (
+    Backoff,
     BrokerClientConfig,
     ClientConfigError,
+    RetryPolicy,
     SecretSource,
     SecretUnavailable,
 )
@@ -101,7 +102,7 @@ def test_client_retries_unavailable_until_the_broker_comes_up(
 
 def test_client_gives_up_after_its_overall_deadline(pki: Pki) -> None:
     port = free_port_pair()  # nothing listens
-    policy = RetryPolicy(max_attempts=100, initial_backoff=0.05, overall_deadline=1.0)
+    policy = RetryPolicy(max_attempts=100, backoff=Backoff(initial=0.05), overall_deadline=1.0)
     with client_for(pki, port, retry=policy) as client, pytest.raises(SecretUnavailable) as caught:
         client.get_secret(DATABASE)
     assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

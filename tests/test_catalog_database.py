@@ -14,8 +14,8 @@ import pytest
 
 from catalog.auth import TokenAuthority
 from catalog.config import DATABASE_URL, JWT_SECRET_KEY
-from catalog.secrets import Secret, SecretSource
 from catalog.service import CatalogApp, HttpError
+from secretbroker.client import Secret, SecretSource
 from tests.postgres import running_postgres
 
 

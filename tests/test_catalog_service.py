@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from secretbroker.v1 import broker_pb2
 
-from broker.dev.openbao import free_port_pair
-from broker.dev.stack import client_env
 from broker.sources.env import variable_name
+from devstack.openbao import free_port_pair
+from devstack.stack import client_env
+from secretbroker.v1 import broker_pb2
 from tests.conftest import API, DATABASE, EXTERNAL, BrokerFactory, Pki, RunningBroker, Vault
 
 CATALOG_SECRETS = {

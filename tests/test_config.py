@@ -197,9 +197,11 @@ def test_load_config_rejects_invalid_toml(tmp_path: Path) -> None:
         load_config(path, environ={})
 
 
-def test_example_config_in_deploy_is_valid(tmp_path: Path) -> None:
-    """deploy/broker.example.toml documents every key; copied beside its files, it loads."""
-    example = Path(__file__).parents[1] / "deploy" / "broker.example.toml"
+DEPLOY = Path(__file__).parents[1] / "deploy"
+
+
+def example_config(tmp_path: Path) -> Path:
+    """deploy/broker.example.toml copied beside stand-ins for the files it names."""
     for name in (
         "certs/broker.pem",
         "certs/broker-key.pem",
@@ -209,9 +211,13 @@ def test_example_config_in_deploy_is_valid(tmp_path: Path) -> None:
     ):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("x")
-    (tmp_path / "broker.toml").write_text(example.read_text())
+    (tmp_path / "broker.toml").write_text((DEPLOY / "broker.example.toml").read_text())
+    return tmp_path / "broker.toml"
 
-    config = load_config(tmp_path / "broker.toml", environ={})
+
+def test_example_config_in_deploy_is_valid(tmp_path: Path) -> None:
+    """deploy/broker.example.toml documents every key; copied beside its files, it loads."""
+    config = load_config(example_config(tmp_path), environ={})
 
     assert config.server.cert_file == tmp_path / "certs/broker.pem"
     assert set(config.secrets) == {
@@ -233,3 +239,19 @@ def test_serve_with_invalid_config_exits_naming_the_key(files: Path) -> None:
     )
     assert result.returncode == 2
     assert "config error: server.cert_file: missing" in result.stderr
+
+
+def test_the_deploy_vault_policy_is_the_one_derived_from_the_example_config(
+    tmp_path: Path,
+) -> None:
+    """deploy/vault/policies/secretbroker.hcl is what `python -m broker vault-policy` prints for
+    the example config: the policy follows [secrets] instead of being kept equal by hand."""
+    printed = subprocess.run(
+        [sys.executable, "-m", "broker", "vault-policy", "--config", str(example_config(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+
+    assert printed == (DEPLOY / "vault" / "policies" / "secretbroker.hcl").read_text()

@@ -1,5 +1,5 @@
-"""`python -m broker dev` as a new user runs it: up, readable through the broker, Ctrl-C leaves
-nothing behind, and it runs again."""
+"""`python -m devstack` (`make dev`) as a new user runs it: up, readable through the broker,
+Ctrl-C leaves nothing behind, and it runs again."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import hvac
 
-from broker.dev.pki import CertFiles
-from broker.dev.stack import client_env
+from devstack.pki import CertFiles
+from devstack.stack import client_env
 from tests.conftest import eventually
 
 READY_LINE = "Press Ctrl-C to stop everything."
@@ -40,7 +40,7 @@ def _processes_mentioning(marker: str) -> list[int]:
 
 def _run_until_ready(state_dir: Path) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "broker", "dev", "--dir", str(state_dir)],
+        [sys.executable, "-m", "devstack", "--dir", str(state_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -185,7 +185,7 @@ def _roll_api_back_and_forth(ops_env: dict[str, str], healthz: str) -> str:
 
 def _read_as_broker(address: str, state_dir: Path) -> list[str]:
     """The seeded values, read with the broker's own AppRole from the state folder."""
-    client = hvac.Client(url=address, timeout=5)
+    client = hvac.Client(url=address, token="", timeout=5)
     client.auth.approle.login(
         role_id=(state_dir / "approle" / "role_id").read_text(),
         secret_id=(state_dir / "approle" / "secret_id").read_text(),

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from secretbroker.v1 import broker_pb2
 
 from broker.config import ConfigError, parse_config
-from broker.dev.pki import CertFiles
+from devstack.pki import CertFiles
+from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
     CATALOG_ID,

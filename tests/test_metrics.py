@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from secretbroker.v1 import broker_pb2
 
-from broker.dev.bootstrap import RoleTTLs
+from devstack.bootstrap import RoleTTLs
+from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
     DATABASE,

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
-from broker.dev.bootstrap import RoleTTLs
-from broker.dev.openbao import free_port_pair
 from broker.sources.env import variable_name
+from devstack.bootstrap import RoleTTLs
+from devstack.openbao import free_port_pair
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import (
     API,
     DATABASE,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.dev.openbao import die_with_parent, free_port_pair
+from devstack.openbao import die_with_parent, free_port_pair
 from tests.conftest import (
     API,
     DATABASE,

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from catalog.retry import RetryInterceptor, RetryPolicy
+from secretbroker.client import Backoff, RetryInterceptor, RetryPolicy
 
 METHOD = "/secretbroker.v1.SecretBroker/GetSecret"
 
@@ -70,7 +70,7 @@ def test_other_methods_are_not_retried() -> None:
 
 
 def test_backoff_is_jittered_and_capped() -> None:
-    policy = RetryPolicy(initial_backoff=0.1, max_backoff=0.5, multiplier=2)
-    waits = [policy.backoff(retry) for retry in range(10) for _ in range(20)]
+    policy = RetryPolicy(backoff=Backoff(initial=0.1, maximum=0.5, multiplier=2))
+    waits = [policy.backoff.delay(retry) for retry in range(10) for _ in range(20)]
     assert all(0 <= w <= 0.5 for w in waits)
     assert len(set(waits)) > 1

@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 import pytest
-from secretbroker.v1 import broker_pb2
 
 from broker.config import SecretSpec
 from broker.sources.base import SecretValue
+from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
     DATABASE,

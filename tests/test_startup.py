@@ -7,8 +7,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from secretbroker.v1 import broker_pb2
 
+from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     OPS_ID,
     BrokerFactory,

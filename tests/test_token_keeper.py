@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
 
 from broker.errors import SourceUnavailable
-from broker.sources.token_keeper import MIN_REFRESH_INTERVAL, RETRY_MAX, keep_token_fresh
+from broker.sources.token_keeper import (
+    MIN_REFRESH_INTERVAL,
+    RETRY_BACKOFF,
+    RETRY_MAX,
+    keep_token_fresh,
+)
+from secretbroker.client import Backoff
 
 T = TypeVar("T")
 
@@ -38,7 +45,7 @@ async def run_inline(call: Callable[[], T]) -> T:
     return call()
 
 
-def run(session: FakeSession, max_sleeps: int = 8) -> list[float]:
+def run(session: FakeSession, max_sleeps: int = 8, backoff: Backoff = RETRY_BACKOFF) -> list[float]:
     sleeps: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -47,7 +54,7 @@ def run(session: FakeSession, max_sleeps: int = 8) -> list[float]:
             raise Stop
 
     with pytest.raises(Stop):
-        asyncio.run(keep_token_fresh(session, run_inline, sleep))
+        asyncio.run(keep_token_fresh(session, run_inline, sleep, backoff))
     return sleeps
 
 
@@ -64,10 +71,18 @@ def test_a_token_that_cannot_be_extended_is_not_refreshed_in_a_tight_loop() -> N
 
 def test_failures_back_off_exponentially_up_to_the_cap() -> None:
     session = FakeSession([0.0], failures=100)
-    sleeps = run(session, max_sleeps=16)
+    longest = dataclasses.replace(RETRY_BACKOFF, draw=lambda low, high: high)  # each wait's cap
+    sleeps = run(session, max_sleeps=16, backoff=longest)
     backoffs = sleeps[1::2]  # refresh pause, then failure backoff, alternately
     assert backoffs[:4] == [1.0, 2.0, 4.0, 8.0]
     assert max(backoffs) == RETRY_MAX
+
+
+def test_failure_backoff_is_jittered_below_its_cap() -> None:
+    sleeps = run(FakeSession([0.0], failures=100), max_sleeps=40)
+    backoffs = sleeps[1::2]
+    assert all(0 <= pause <= RETRY_BACKOFF.cap(n) for n, pause in enumerate(backoffs))
+    assert len(set(backoffs)) == len(backoffs), "drawn, not fixed: replicas do not retry in step"
 
 
 def test_a_token_that_never_expires_needs_no_keeper() -> None:

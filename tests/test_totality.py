@@ -13,8 +13,8 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from secretbroker.v1 import broker_pb2
 
+from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
     OPS_ID,

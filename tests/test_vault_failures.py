@@ -8,8 +8,8 @@ import time
 
 import grpc
 import pytest
-from secretbroker.v1 import broker_pb2
 
+from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
     DATABASE,

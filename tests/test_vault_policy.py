@@ -13,7 +13,7 @@ from tests.conftest import API, DATABASE, EXTERNAL, KV_MOUNT, Vault
 
 @pytest.fixture
 def as_broker(vault: Vault) -> hvac.Client:
-    client = hvac.Client(url=vault.address, timeout=5)
+    client = hvac.Client(url=vault.address, token="", timeout=5)
     client.auth.approle.login(
         role_id=vault.approle.role_id_file.read_text(),
         secret_id=vault.approle.secret_id_file.read_text(),

@@ -9,9 +9,20 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.dev.bootstrap import RoleTTLs
-from broker.dev.pki import write_private
-from tests.conftest import API, BrokerFactory, Pki, Vault, get, start_vault, status_of
+from broker.config import parse_config
+from broker.sources.vault_session import VaultSession
+from devstack.bootstrap import RoleTTLs
+from devstack.pki import write_private
+from tests.conftest import (
+    API,
+    BrokerFactory,
+    Pki,
+    Vault,
+    broker_settings,
+    get,
+    start_vault,
+    status_of,
+)
 
 
 def test_short_lived_token_is_renewed_and_replaced_across_max_ttl_while_requests_run(
@@ -96,3 +107,20 @@ def test_token_auth_reads_with_a_token_from_a_file_or_the_environment(
 
     assert get(broker.stub(pki.catalog, pki.ca), API).name == API
     assert broker.broker.vault.session.logins == 1
+
+
+def test_the_broker_holds_no_vault_token_it_did_not_log_in_for(
+    tmp_path: Path, vault: Vault, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hvac picks up VAULT_TOKEN or ~/.vault-token for a client made without a token (and dev
+    servers write that file): the broker must use no credential but its own login."""
+    (tmp_path / ".vault-token").write_text("ambient-token-from-the-home-folder")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("VAULT_TOKEN", "ambient-token-from-the-environment")
+    config = parse_config(broker_settings(vault, pki), tmp_path, environ={})
+
+    session = VaultSession(config.vault)
+
+    assert not session.client.token
+    assert session.token() != "ambient-token-from-the-environment"
+    assert session.client.token == session.token()

@@ -9,8 +9,9 @@ import time
 
 import grpc
 import pytest
-from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
+from secretbroker.client import secure_aio_channel
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 from tests.conftest import (
     API,
     DATABASE,
@@ -19,6 +20,7 @@ from tests.conftest import (
     Pki,
     Vault,
     Watch,
+    client_config,
     get,
 )
 
@@ -98,18 +100,11 @@ def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_an
     private_vault: Vault, pki: Pki, start_broker: BrokerFactory, measure: Measure
 ) -> None:
     broker = start_broker(private_vault, secrets_=ROTATING, log_level="INFO")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=pki.ca.read_bytes(),
-        private_key=pki.catalog.key.read_bytes(),
-        certificate_chain=pki.catalog.cert.read_bytes(),
-    )
+    config = client_config(broker.port, pki.ca, pki.catalog)
     admin = broker.admin(pki.ops, pki.ca)
 
     async def scenario() -> tuple[set[int], int]:
-        channels = [
-            grpc.aio.secure_channel(f"127.0.0.1:{broker.port}", credentials)
-            for _ in range(CHANNELS)
-        ]
+        channels = [secure_aio_channel(config) for _ in range(CHANNELS)]
         stubs = [broker_pb2_grpc.SecretBrokerStub(channel) for channel in channels]
         calls = [
             stubs[i % CHANNELS].WatchSecrets(

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from broker.errors import BrokerError
 from broker.sources.base import RunBlocking
+from secretbroker.client import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +17,9 @@ MIN_REFRESH_INTERVAL = 1.0
 """Seconds between two refreshes at least, so a token that cannot be extended (a non-renewable
 dev token about to expire) is retried calmly instead of in a tight loop against Vault."""
 RETRY_MAX = 30.0
+RETRY_BACKOFF = Backoff(initial=1.0, maximum=RETRY_MAX)
+"""Waits after failed refreshes: full jitter, so replicas that lost Vault together do not all
+log in again in step when it returns."""
 
 
 class RefreshableSession(Protocol):
@@ -28,12 +32,13 @@ async def keep_token_fresh(
     session: RefreshableSession,
     run_blocking: RunBlocking,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    backoff: Backoff = RETRY_BACKOFF,
 ) -> None:
     """Log in at once, then renew or replace the token before expiry, backing off while Vault fails.
 
     Returns when the token never expires; runs until cancelled otherwise.
     """
-    backoff = 1.0
+    failures = 0
     first = True
     while True:
         delay = session.seconds_until_renewal()
@@ -44,8 +49,9 @@ async def keep_token_fresh(
         first = False
         try:
             await run_blocking(session.renew_or_login)
-            backoff = 1.0
+            failures = 0
         except BrokerError as exc:
-            log.warning("vault token refresh failed, retrying in %.0fs: %s", backoff, exc)
-            await sleep(backoff)
-            backoff = min(backoff * 2, RETRY_MAX)
+            pause = backoff.delay(failures)
+            log.warning("vault token refresh failed, retrying in %.1fs: %s", pause, exc)
+            await sleep(pause)
+            failures += 1

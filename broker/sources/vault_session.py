@@ -50,11 +50,7 @@ class VaultSession:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self.client = hvac.Client(
-            url=config.address,
-            timeout=config.timeout,
-            verify=str(config.ca_file) if config.ca_file else True,
-        )
+        self.client = self._client_with("")
         self._login_lock = threading.Lock()
         self._token: str | None = None
         self._lease_seconds = 0.0
@@ -196,7 +192,9 @@ class VaultSession:
         return True
 
     def _client_with(self, token: str) -> hvac.Client:
-        """A client of its own for one call with ``token``: the shared one keeps the current."""
+        """A client holding ``token`` and no other: hvac would otherwise pick up VAULT_TOKEN or
+        ~/.vault-token (which a dev server writes) for a client made without one, and the
+        broker uses no credential but its own login."""
         return hvac.Client(
             url=self._config.address,
             token=token,

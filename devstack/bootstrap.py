@@ -1,8 +1,8 @@
 """Bootstrap a Vault (OpenBao) the way production is bootstrapped, with an admin token.
 
-KV v2 mount, the broker's policies from ``deploy/vault/policies/*.hcl``, an AppRole
-role for the broker whose token carries only those policies, and its role_id and
-secret_id written to files (mode 0600) the way Vault Agent reads them.
+KV v2 mount, the broker's policy (derived from its config: ``broker/vault_policy.py``),
+an AppRole role for the broker whose token carries only that policy, and its role_id
+and secret_id written to files (mode 0600) the way Vault Agent reads them.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import hvac
 
-from broker.dev.pki import write_private
+from devstack.pki import write_private
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-POLICY_DIR = REPO_ROOT / "deploy" / "vault" / "policies"
 BROKER_ROLE = "secretbroker"
+BROKER_POLICY = "secretbroker"
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,10 @@ def ensure_kv2_mount(client: hvac.Client, mount: str) -> None:
         raise RuntimeError(f"mount {mount}/ exists and is not KV version 2")
 
 
-def write_policies(client: hvac.Client, policy_dir: Path = POLICY_DIR) -> list[str]:
-    names = []
-    for path in sorted(policy_dir.glob("*.hcl")):
-        client.sys.create_or_update_policy(name=path.stem, policy=path.read_text())
-        names.append(path.stem)
-    if not names:
-        raise RuntimeError(f"no policy found in {policy_dir}")
-    return names
+def write_policy(client: hvac.Client, policy: str, name: str = BROKER_POLICY) -> list[str]:
+    """Store ``policy`` (HCL) under ``name``; returns the names to bind to the broker's role."""
+    client.sys.create_or_update_policy(name=name, policy=policy)
+    return [name]
 
 
 def create_broker_approle(

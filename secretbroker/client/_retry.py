@@ -1,11 +1,10 @@
-"""Retries as a policy: which calls (idempotent methods, retryable codes) and when (backoff).
+"""Retries as a policy: which calls (idempotent methods, retryable codes) and when (Backoff).
 
 Applied by an interceptor so no call site loops by hand.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,23 +12,19 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 
+from secretbroker.client._backoff import Backoff
+
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 5
-    initial_backoff: float = 0.1
-    """Seconds; the cap of the first wait. Each wait is drawn uniformly below its cap (jitter)."""
-    max_backoff: float = 2.0
-    multiplier: float = 2.0
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.1, maximum=2.0))
+    """The waits between attempts."""
     overall_deadline: float = 10.0
     """Seconds for all attempts of one call together, waits included."""
     retryable_codes: frozenset[grpc.StatusCode] = field(default=RETRYABLE_CODES)
-
-    def backoff(self, retry: int) -> float:
-        cap = min(self.max_backoff, self.initial_backoff * self.multiplier**retry)
-        return random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
 
 
 class _CallDetails(NamedTuple):
@@ -82,7 +77,7 @@ class RetryInterceptor(_UnaryUnaryInterceptor):
             )
             if outcome.code() not in policy.retryable_codes or retry + 1 >= policy.max_attempts:
                 return outcome
-            pause = policy.backoff(retry)
+            pause = policy.backoff.delay(retry)
             if time.monotonic() + pause >= give_up_at:
                 return outcome
             self._sleep(pause)

@@ -1,5 +1,6 @@
-"""``python -m broker dev``: OpenBao, bootstrapped like production, a broker over mTLS, and the
-catalog reading its Config through it. Ctrl-C stops everything; re-running starts afresh."""
+"""``python -m devstack`` (``make dev``): OpenBao, bootstrapped like production, a broker over
+mTLS, and the catalog reading its Config through it. Ctrl-C stops everything; re-running starts
+afresh."""
 
 from __future__ import annotations
 
@@ -16,25 +17,31 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import hvac
 
-from broker.dev.bootstrap import (
+from broker.config import load_config
+from broker.logs import configure_logging
+from broker.sources.env import variable_name
+from broker.vault_policy import vault_policy
+from catalog.config import Config
+from devstack.bootstrap import (
+    BROKER_POLICY,
+    AppRoleFiles,
     create_broker_approle,
     dev_secret_values,
     ensure_kv2_mount,
     random_token,
     seed_secrets,
-    write_policies,
+    write_policy,
 )
-from broker.dev.openbao import OpenBaoDevServer, die_with_parent, free_port_pair
-from broker.dev.pki import CertFiles, DevCA, issue_loopback_server
-from broker.logs import configure_logging
-from broker.sources.env import variable_name
-from catalog.config import Config
-from catalog.secrets import BrokerClientConfig, SecretsClient
+from devstack.broker_config import approle_auth, broker_document, write_broker_config
+from devstack.openbao import OpenBaoDevServer, die_with_parent, free_port_pair
+from devstack.pki import CertFiles, DevCA, issue_loopback_server
+from secretbroker.client import ENV_PREFIX, BrokerClientConfig, SecretsClient
 
-log = logging.getLogger("broker.dev")
+log = logging.getLogger("devstack")
 
 KV_MOUNT = "secret"
 BROKER_SPIFFE_ID = "spiffe://media.local/broker"
@@ -60,61 +67,46 @@ def issue_dev_certificates(directory: Path) -> DevCertificates:
     )
 
 
-def broker_toml(
+DEV_SECRETS: dict[str, dict[str, Any]] = {
+    "media-catalog/database": {"keys": ["url", "password"]},
+    "media-catalog/api": {
+        "keys": ["jwt_secret", "session_secret"],
+        "ttl": "1m",
+        "rotation": {"key": "jwt_secret", "period": "7d"},
+    },
+    "media-catalog/external": {"keys": ["tmdb_api_key"]},
+}
+
+
+def dev_broker_config(
+    path: Path,
     listen: str,
     vault_addr: str,
     certs: DevCertificates,
-    role_dir: Path,
+    role: AppRoleFiles,
     state_dir: Path,
     metrics_listen: str,
-) -> str:
-    return f"""\
-# Written by `python -m broker dev`; see deploy/broker.example.toml for every key.
-[server]
-listen = "{listen}"
-cert_file = "{certs.broker.cert}"
-key_file = "{certs.broker.key}"
-client_ca_file = "{certs.ca}"
-
-[vault]
-address = "{vault_addr}"
-mount = "{KV_MOUNT}"
-timeout = "2s"
-
-[vault.auth]
-method = "approle"
-role_id_file = "{role_dir / "role_id"}"
-secret_id_file = "{role_dir / "secret_id"}"
-
-[cache]
-default_ttl = "5m"
-max_stale = "1h"
-
-[audit]
-file = "{state_dir / "audit.jsonl"}"
-
-[metrics]
-listen = "{metrics_listen}"
-
-[admin]
-identities = ["{OPS_SPIFFE_ID}"]
-state_file = "{state_dir / "rollback-override.json"}"
-
-[rollout]
-watch_poll_interval = "2s"
-
-[secrets."media-catalog/database"]
-keys = ["url", "password"]
-[secrets."media-catalog/api"]
-keys = ["jwt_secret", "session_secret"]
-ttl = "1m"
-rotation = {{ key = "jwt_secret", period = "7d" }}
-[secrets."media-catalog/external"]
-keys = ["tmdb_api_key"]
-
-[access]
-"{CATALOG_SPIFFE_ID}" = ["media-catalog/*"]
-"""
+) -> Path:
+    document = broker_document(
+        listen=listen,
+        server=certs.broker,
+        client_ca=certs.ca,
+        vault_address=vault_addr,
+        auth=approle_auth(role.role_id_file, role.secret_id_file),
+        secrets=DEV_SECRETS,
+        access={CATALOG_SPIFFE_ID: ["media-catalog/*"]},
+        vault={"mount": KV_MOUNT, "timeout": "2s"},
+        cache={"default_ttl": "5m", "max_stale": "1h"},
+        audit={"file": str(state_dir / "audit.jsonl")},
+        metrics={"listen": metrics_listen},
+        admin={
+            "identities": [OPS_SPIFFE_ID],
+            "state_file": str(state_dir / "rollback-override.json"),
+        },
+        rollout={"watch_poll_interval": "2s"},
+    )
+    header = "Written by `python -m devstack`; see deploy/broker.example.toml for every key."
+    return write_broker_config(path, document, header)
 
 
 class _Stop(Exception):
@@ -130,7 +122,9 @@ def run_dev_stack(state_dir: Path) -> int:
     state_dir = state_dir.resolve()
     shutil.rmtree(state_dir, ignore_errors=True)
     state_dir.mkdir(mode=0o700, parents=True)
+    # Both stop the stack, even when started with SIGINT ignored (a background job, nohup).
     signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
     bao = OpenBaoDevServer(state_dir / "openbao", root_token=secrets.token_hex(16))
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
@@ -138,19 +132,18 @@ def run_dev_stack(state_dir: Path) -> int:
         log.info("OpenBao dev server at %s (its log: %s)", bao.address, bao.log_path)
         admin = hvac.Client(url=bao.address, token=bao.root_token, timeout=5)
         ensure_kv2_mount(admin, KV_MOUNT)
-        role = create_broker_approle(admin, write_policies(admin), state_dir / "approle")
+        role = create_broker_approle(admin, [BROKER_POLICY], state_dir / "approle")
         database_url = f"sqlite:///{state_dir / 'media-catalog.db'}"
         seed_secrets(admin, KV_MOUNT, dev_secret_values(database_url))
-        admin.adapter.close()
         certs = issue_dev_certificates(state_dir / "certs")
         listen = f"127.0.0.1:{free_port_pair()}"
-        config_path = state_dir / "broker.toml"
         metrics_listen = f"127.0.0.1:{free_port_pair()}"
-        config_path.write_text(
-            broker_toml(
-                listen, bao.address, certs, role.role_id_file.parent, state_dir, metrics_listen
-            )
+        config_path = dev_broker_config(
+            state_dir / "broker.toml", listen, bao.address, certs, role, state_dir, metrics_listen
         )
+        # The broker's Vault policy, derived from the config it runs with.
+        write_policy(admin, vault_policy(load_config(config_path, {})))
+        admin.adapter.close()
         children["broker"] = _start(
             "broker", "serve", "--config", str(config_path), env=rollback_environment(database_url)
         )
@@ -196,10 +189,10 @@ def rollback_environment(database_url: str) -> dict[str, str]:
 def client_env(listen: str, ca: Path, client: CertFiles) -> dict[str, str]:
     """The SECRETBROKER_* settings a client with certificate ``client`` uses."""
     return {
-        "SECRETBROKER_ADDR": listen,
-        "SECRETBROKER_CA_FILE": str(ca),
-        "SECRETBROKER_CERT_FILE": str(client.cert),
-        "SECRETBROKER_KEY_FILE": str(client.key),
+        f"{ENV_PREFIX}ADDR": listen,
+        f"{ENV_PREFIX}CA_FILE": str(ca),
+        f"{ENV_PREFIX}CERT_FILE": str(client.cert),
+        f"{ENV_PREFIX}KEY_FILE": str(client.key),
     }
 
 
@@ -277,9 +270,7 @@ Press Ctrl-C to stop everything."""
 
 def _show_catalog_config(listen: str, certs: DevCertificates) -> None:
     """Read the catalog's Config through the broker, as the catalog would; say what came back."""
-    client_config = BrokerClientConfig(
-        target=listen, ca_file=certs.ca, cert_file=certs.catalog.cert, key_file=certs.catalog.key
-    )
+    client_config = BrokerClientConfig.from_env(client_env(listen, certs.ca, certs.catalog))
     with contextlib.closing(SecretsClient(client_config)) as client:
         client.wait_until_connected(timeout=30)
         config = Config(client)

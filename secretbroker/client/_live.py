@@ -1,0 +1,111 @@
+"""LiveSecrets: a few secrets held in memory, kept current by a WatchSecrets stream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import grpc
+
+from secretbroker.client._backoff import Backoff
+from secretbroker.client._client import (
+    Secret,
+    SecretsClient,
+    SecretUnavailable,
+    secret_from_message,
+)
+from secretbroker.v1 import broker_pb2
+
+log = logging.getLogger(__name__)
+
+RESUME_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+
+
+class LiveSecrets:
+    """The current values of ``names``, kept up to date by a WatchSecrets stream.
+
+    ``get_secret`` is a dictionary lookup. When the stream breaks (broker restart,
+    network), the last good values keep being served while a background thread
+    resumes the stream with backoff; resuming re-sends the current values, so a
+    change missed meanwhile arrives then.
+    """
+
+    def __init__(
+        self, client: SecretsClient, names: Sequence[str], backoff: Backoff = RESUME_BACKOFF
+    ) -> None:
+        self._client = client
+        self._names = list(dict.fromkeys(names))
+        self._backoff = backoff
+        self._values: dict[str, Secret] = {}
+        self._complete = threading.Event()
+        self._closed = threading.Event()
+        self._call: grpc.CallIterator[broker_pb2.WatchSecretsResponse] | None = None
+        self._last_error: SecretUnavailable | None = None
+        self.connected = False
+        """Whether the stream is open and has delivered since it last (re)opened."""
+        self._thread = threading.Thread(target=self._follow, name="secrets-watch", daemon=True)
+        self._thread.start()
+
+    def get_secret(self, name: str) -> Secret:
+        secret = self._values.get(name)
+        if secret is None:
+            error = self._last_error
+            if name not in self._names:
+                raise KeyError(f"{name!r} is not among the watched secrets")
+            raise error or SecretUnavailable(
+                name, grpc.StatusCode.UNAVAILABLE, "no value received from the broker yet"
+            )
+        return secret
+
+    @property
+    def last_error(self) -> SecretUnavailable | None:
+        """Why the stream last broke (or was refused), if it ever did."""
+        return self._last_error
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until every name has a value; raise the last error, or TimeoutError."""
+        if not self._complete.wait(timeout):
+            if self._last_error is not None:
+                raise self._last_error
+            raise TimeoutError("no values from the broker yet")
+
+    def close(self) -> None:
+        self._closed.set()
+        call = self._call
+        if call is not None:
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+        self._thread.join(timeout=10)
+
+    def _follow(self) -> None:
+        attempt = 0
+        while not self._closed.is_set():
+            try:
+                self._call = self._client.watch(self._names)
+                for response in self._call:
+                    self._store(secret_from_message(response.secret))
+                    self.connected = True
+                    attempt = 0
+            except grpc.RpcError as exc:
+                if self._closed.is_set():
+                    return
+                code = exc.code()
+                names = ",".join(self._names)
+                self._last_error = SecretUnavailable(names, code, exc.details() or "")
+                log.warning("secrets watch broke (%s); resuming with backoff", code.name)
+            else:
+                log.warning("secrets watch ended by the broker; resuming")
+            self.connected = False
+            self._closed.wait(self._backoff.delay(attempt))
+            attempt += 1
+
+    def _store(self, secret: Secret) -> None:
+        previous = self._values.get(secret.name)
+        self._values[secret.name] = secret
+        if len(self._values) == len(self._names):
+            self._complete.set()
+        if previous is not None and (previous.version, previous.data) != (
+            secret.version,
+            secret.data,
+        ):
+            log.info("secret %r changed: version %d", secret.name, secret.version)
