@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.floor import METHOD as FLOOR_METHOD
 from bench.report import draw_latency_chart, render_table
-from bench.rig import COLD, FLIP, GET_SECRET, HOT, ROTATING, Rig, running_rig
+from bench.rig import COLD, EXPIRING, FLIP, GET_SECRET, HOT, ROTATING, Rig, running_rig
 from secretbroker.v1 import broker_pb2
 
 OUT = Path(__file__).parent / "out"
@@ -31,14 +31,21 @@ OUT = Path(__file__).parent / "out"
 class Sizes:
     bulk_secrets: int
     calls: int
+    """Calls per latency measurement (per round for the floor, the broker and hvac)."""
     config_calls: int
     throughput_seconds: float
+    """Per round and server."""
     throughput_clients: int
     streams: int
+    rounds: int
+    """Alternating rounds of floor, broker (and hvac): ratios are medians over rounds."""
+    expiring_ttl: float
+    expiring_seconds: float
+    """Reads of a secret of TTL ``expiring_ttl`` against pure hits, call for call."""
 
 
-FULL = Sizes(1000, 3000, 200_000, 3.0, 3, 1000)
-QUICK = Sizes(20, 100, 2000, 0.5, 2, 50)
+FULL = Sizes(1000, 1000, 200_000, 1.0, 3, 1000, rounds=10, expiring_ttl=0.5, expiring_seconds=10)
+QUICK = Sizes(20, 50, 2000, 0.2, 2, 50, rounds=2, expiring_ttl=0.1, expiring_seconds=0.5)
 
 
 def worker(kind: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -88,18 +95,9 @@ def measure(rig: Rig, sizes: Sizes) -> dict[str, Any]:
     results["rss_cached_bytes"] = rig.broker_rss_bytes()
     results["cached_secrets"] = len(rig.bulk)
 
-    samples: dict[str, list[float]] = {}
-    samples["floor"] = worker(
-        "latency", grpc_args(rig, rig.floor_addr, FLOOR_METHOD, HOT, sizes.calls)
-    )["us"]
-    samples["broker cached"] = worker(
-        "latency", grpc_args(rig, rig.broker_addr, GET_SECRET, HOT, sizes.calls)
-    )["us"]
+    samples: dict[str, list[float]] = {"floor": [], "broker cached": [], "hvac direct": []}
+    results["rounds"] = ab_rounds(rig, sizes, samples)
     vault_args = {"path": HOT, "count": sizes.calls}
-    approle = [str(rig.approle.role_id_file), str(rig.approle.secret_id_file)]
-    samples["hvac direct"] = worker(
-        "vault", {**vault_args, "address": rig.bao.address, "approle": approle}
-    )["us"]
     samples["bao proxy"] = worker("vault", {**vault_args, "address": rig.proxy_addr})["us"]
     samples["broker cold"] = worker(
         "latency", grpc_args(rig, rig.broker_addr, GET_SECRET, COLD, max(100, sizes.calls // 3))
@@ -107,15 +105,85 @@ def measure(rig: Rig, sizes: Sizes) -> dict[str, Any]:
     samples["catalog Config read"] = worker(
         "config", {**rig.client_args(rig.broker_addr), "count": sizes.config_calls}
     )["us"]
+    results["ttl_expiries"] = ttl_expiries(rig, sizes, samples)
     results["latency_us"] = {name: percentiles(values) for name, values in samples.items()}
     results["throughput_clients"] = sizes.throughput_clients
+    per_round = results["rounds"]["per_round"]
     results["throughput_rps"] = {
-        "floor": throughput(rig, rig.floor_addr, FLOOR_METHOD, sizes),
-        "broker cached": throughput(rig, rig.broker_addr, GET_SECRET, sizes),
+        name: statistics.median(r[f"{name} rps"] for r in per_round)
+        for name in ("floor", "broker cached")
     }
     results.update(watch_fan_out(rig, sizes, samples))
     results["rollback_flip_ms"] = rollback_flip(rig)
     return {"results": results, "samples": samples}
+
+
+RATIOS = {
+    "cached p50 / floor p50": ("broker cached p50", "floor p50"),
+    "cached throughput / floor": ("broker cached rps", "floor rps"),
+    "hvac direct p50 / cached p50": ("hvac direct p50", "broker cached p50"),
+}
+
+
+def ab_rounds(rig: Rig, sizes: Sizes, samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Floor, broker and hvac in alternating rounds (ABAB...), so slow drift of a shared machine
+    falls on all of them alike; each ratio is the median over rounds, with its IQR."""
+    approle = [str(rig.approle.role_id_file), str(rig.approle.secret_id_file)]
+    hvac_args = {"path": HOT, "count": sizes.calls, "address": rig.bao.address, "approle": approle}
+    per_round = []
+    for _ in range(sizes.rounds):
+        measured: dict[str, float] = {}
+        for name, kind, args in (
+            ("floor", "latency", grpc_args(rig, rig.floor_addr, FLOOR_METHOD, HOT, sizes.calls)),
+            (
+                "broker cached",
+                "latency",
+                grpc_args(rig, rig.broker_addr, GET_SECRET, HOT, sizes.calls),
+            ),
+            ("hvac direct", "vault", hvac_args),
+        ):
+            values = worker(kind, args)["us"]
+            samples[name] += values
+            measured[f"{name} p50"] = percentiles(values)["p50"]
+        measured["floor rps"] = throughput(rig, rig.floor_addr, FLOOR_METHOD, sizes)
+        measured["broker cached rps"] = throughput(rig, rig.broker_addr, GET_SECRET, sizes)
+        per_round.append(measured)
+    ratios = {}
+    for ratio, (numerator, denominator) in RATIOS.items():
+        values = [r[numerator] / r[denominator] for r in per_round]
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        ratios[ratio] = {
+            "median": statistics.median(values),
+            "iqr": [quartiles[0], quartiles[2]],
+            "per_round": values,
+        }
+    return {"count": sizes.rounds, "ratios": ratios, "per_round": per_round}
+
+
+def ttl_expiries(rig: Rig, sizes: Sizes, samples: dict[str, list[float]]) -> dict[str, Any]:
+    """p99.9 of reads of a secret whose TTL expires about 20 times in the window, against pure
+    hits, call for call in one client: what refresh-ahead is for."""
+    args = {
+        **grpc_args(rig, rig.broker_addr, GET_SECRET, EXPIRING, 0),
+        "other_request": broker_pb2.GetSecretRequest(name=HOT).SerializeToString().hex(),
+        "seconds": sizes.expiring_seconds,
+    }
+    measured = worker("alternating", args)
+    samples["broker, TTL expiring"] = measured["us"]
+    expiring, hits = percentile(measured["us"], 0.999), percentile(measured["other_us"], 0.999)
+    return {
+        "ttl_seconds": sizes.expiring_ttl,
+        "expiries": sizes.expiring_seconds / sizes.expiring_ttl,
+        "p999_expiring_us": expiring,
+        "p999_hits_us": hits,
+        "ratio": expiring / hits,
+        "calls": len(measured["us"]),
+    }
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def watch_fan_out(rig: Rig, sizes: Sizes, samples: dict[str, list[float]]) -> dict[str, Any]:
@@ -175,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="secretbroker-bench-") as workdir,
-        running_rig(Path(workdir), sizes.bulk_secrets) as rig,
+        running_rig(Path(workdir), sizes.bulk_secrets, sizes.expiring_ttl) as rig,
     ):
         measured = measure(rig, sizes)
     results = measured["results"]

@@ -44,6 +44,8 @@ HOT = "bench/s0000"
 COLD = "bench/cold"
 ROTATING = "bench/api"
 FLIP = "bench/flip"
+EXPIRING = "bench/expiring"
+"""A secret whose TTL expires many times during the run: refresh-ahead keeps its reads hits."""
 
 
 @dataclass
@@ -90,6 +92,7 @@ def _broker_config(
     approle: AppRoleFiles,
     certs: DevCertificates,
     bulk: list[str],
+    expiring_ttl: float,
 ) -> Path:
     """The broker as deployed: its real config, mTLS, the audit trail on a file."""
     value = {"keys": ["value"]}
@@ -97,6 +100,7 @@ def _broker_config(
         ROTATING: {**value, "category": "api", "rotation": {"key": "value", "period": "7d"}},
         COLD: {**value, "category": "cold", "ttl": 0},
         FLIP: {**value, "category": "flip"},
+        EXPIRING: {**value, "category": "bulk", "ttl": expiring_ttl},
         "media-catalog/database": {"keys": ["url"], "category": "database"},
         "media-catalog/api": {"keys": ["jwt_secret"], "category": "jwt"},
         "media-catalog/external": {"keys": ["tmdb_api_key"], "category": "external"},
@@ -138,7 +142,7 @@ def _wait_channel(config: BrokerClientConfig) -> None:
 
 
 @contextlib.contextmanager
-def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
+def running_rig(workdir: Path, bulk_secrets: int, expiring_ttl: float) -> Iterator[Rig]:
     workdir.mkdir(parents=True, exist_ok=True)
     bao = OpenBaoDevServer(workdir / "openbao", root_token=secrets.token_hex(16))
     processes: list[subprocess.Popen[bytes]] = []
@@ -148,7 +152,7 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
         ensure_kv2_mount(admin, "secret")
         approle = create_broker_approle(admin, [BROKER_POLICY], workdir / "approle")
         bulk = [f"bench/s{i:04d}" for i in range(bulk_secrets)]
-        for path in [*bulk, ROTATING, COLD, FLIP]:
+        for path in [*bulk, ROTATING, COLD, FLIP, EXPIRING]:
             admin.secrets.kv.v2.create_or_update_secret(
                 path=path, secret={"value": secrets.token_urlsafe(32)}, mount_point="secret"
             )
@@ -165,7 +169,7 @@ def running_rig(workdir: Path, bulk_secrets: int) -> Iterator[Rig]:
         certs = issue_dev_certificates(workdir / "certs")
         broker_addr = f"127.0.0.1:{free_port_pair()}"
         config = _broker_config(
-            workdir / "broker.toml", broker_addr, bao.address, approle, certs, bulk
+            workdir / "broker.toml", broker_addr, bao.address, approle, certs, bulk, expiring_ttl
         )
         write_policy(admin, vault_policy(load_config(config, {})))
         env_for_flip = {"BENCH_FLIP_VALUE": secrets.token_urlsafe(32)}

@@ -67,6 +67,25 @@ def latency(args: Args) -> Args:
     return {"us": _timed(_raw_call(args), args.get("warmup", 200), args["count"])}
 
 
+def alternating(args: Args) -> Args:
+    """Two requests to one server, call for call, for ``seconds``: the same conditions for both,
+    e.g. a secret whose TTL keeps expiring against one that is always a hit."""
+    first = _raw_call(args)
+    second = _raw_call({**args, "request": args["other_request"]})
+    for _ in range(args.get("warmup", 200)):
+        first()
+        second()
+    samples: tuple[list[float], list[float]] = ([], [])
+    clock = time.perf_counter_ns
+    deadline = time.monotonic() + args["seconds"]
+    while time.monotonic() < deadline:
+        for call, into in ((first, samples[0]), (second, samples[1])):
+            started = clock()
+            call()
+            into.append((clock() - started) / 1000)
+    return {"us": samples[0], "other_us": samples[1]}
+
+
 def throughput(args: Args) -> Args:
     call = _raw_call(args)
     for _ in range(100):
@@ -143,6 +162,7 @@ def streams(args: Args) -> Args:
 
 WORKERS: dict[str, Callable[[Args], Args]] = {
     "latency": latency,
+    "alternating": alternating,
     "throughput": throughput,
     "vault": vault,
     "config": config,

@@ -1,8 +1,15 @@
-"""In-memory cache of secret values: per-secret TTL, coalesced misses, stale-if-error.
+"""In-memory cache of secret values: per-secret TTL, refresh-ahead, coalesced misses,
+stale-if-error.
 
 Runs on the event loop. A fresh hit is a dictionary lookup with no lock and no
-await. A miss or an expired entry starts one source read in the Vault I/O thread
-pool; every request for the same secret meanwhile awaits that same read. When the
+await. A hit in the last part of its TTL (a fraction drawn per value between
+REFRESH_AHEAD_FRACTION, so replicas do not refresh in step) starts one background read
+of the current value and is answered from the cache meanwhile: a secret read steadily
+never makes a request wait for Vault, and costs about one Vault read per TTL.
+
+A miss or an expired entry starts one source read in the Vault I/O thread pool;
+every request for the same secret meanwhile awaits that same read (a background
+refresh in flight included). When the
 source is unavailable, the last good value is served flagged stale until
 ``max_stale`` past its TTL; after a failed refresh, further requests get the stale
 value at once for ``error_backoff`` seconds instead of each waiting on a dead Vault.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -35,6 +43,10 @@ log = logging.getLogger(__name__)
 
 _Key = tuple[str, int | None]
 
+REFRESH_AHEAD_FRACTION = (0.1, 0.2)
+"""A current value is refreshed in the background when read in this last fraction of its TTL;
+the fraction is drawn per value."""
+
 
 @dataclass(frozen=True)
 class CachedSecret:
@@ -49,6 +61,8 @@ class _Entry:
     value: SecretValue
     fresh_until: float
     stale_until: float
+    refresh_at: float
+    """From then on, a hit starts the background refresh (once per value)."""
     retry_after: float = 0.0
 
 
@@ -91,12 +105,19 @@ class SecretCache:
         self._entries.pop((name, None), None)
 
     def fresh(self, spec: SecretSpec, version: int | None = None) -> CachedSecret | None:
-        """The value if it is fresh, else None: a hit without a coroutine."""
+        """The value if it is fresh, else None: a hit without a coroutine. A hit late in the
+        TTL of a current value starts its background refresh (see the module docstring)."""
         entry = self._entries.get((spec.name, version))
-        if entry is not None and self._clock() < entry.fresh_until:
-            self._count("hit")
-            return CachedSecret(entry.value, stale=False)
-        return None
+        if entry is None:
+            return None
+        now = self._clock()
+        if now >= entry.fresh_until:
+            return None
+        if now >= entry.refresh_at:
+            entry.refresh_at = entry.fresh_until  # once per value; a failure waits for expiry
+            self._start((spec.name, version), spec)
+        self._count("hit")
+        return CachedSecret(entry.value, stale=False)
 
     async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
         hit = self.fresh(spec, version)
@@ -138,12 +159,15 @@ class SecretCache:
         Shielded: a caller that gives up (deadline, cancellation) does not cancel
         the read the others are waiting for.
         """
+        return asyncio.shield(self._start(key, spec))
+
+    def _start(self, key: _Key, spec: SecretSpec) -> asyncio.Future[SecretValue]:
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.ensure_future(self._load(key, spec))
             self._inflight[key] = future
             future.add_done_callback(lambda done: self._settle(key, done))
-        return asyncio.shield(future)
+        return future
 
     def _settle(self, key: _Key, done: asyncio.Future[SecretValue]) -> None:
         self._inflight.pop(key, None)
@@ -165,6 +189,12 @@ class SecretCache:
         if key[1] is None and self._metrics is not None:
             self._metrics.secret_read(spec.name, value.version, value.fetched_at)
         now = self._clock()
+        fresh_until = now + spec.ttl
+        # Versions other than the current one never change: nothing to refresh ahead.
+        ahead = random.uniform(*REFRESH_AHEAD_FRACTION) if key[1] is None else 0.0  # noqa: S311
         self._entries[key] = _Entry(
-            value, fresh_until=now + spec.ttl, stale_until=now + spec.ttl + self._config.max_stale
+            value,
+            fresh_until=fresh_until,
+            stale_until=fresh_until + self._config.max_stale,
+            refresh_at=fresh_until - spec.ttl * ahead,
         )

@@ -40,7 +40,6 @@ RPC_METHODS = (
     "ClearRollbackOverride",
     "RotateSecret",
 )
-STATUS_CODES = tuple(code.name for code in grpc.StatusCode)
 CACHE_RESULTS = ("hit", "miss", "stale")
 VAULT_OPERATIONS = ("login", "renew", "lookup", "revoke", "read", "metadata", "write", "health")
 VAULT_OUTCOMES = ("ok", "unavailable", "denied", "missing", "conflict", "error")
@@ -197,8 +196,6 @@ class BrokerMetrics:
             self.grpc_duration.labels(method)
             self.access_denied.labels(method)
             self.unparsable_requests.labels(method)
-        for result in CACHE_RESULTS:
-            self.cache_lookups.labels(result)
         for limit in LIMITS:
             self.limit_refusals.labels(limit)
         for operation in VAULT_OPERATIONS:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 import hvac
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.config import BrokerConfig, parse_config
 from broker.server import Broker
@@ -333,6 +334,28 @@ def client_config(
         key_file=client.key,
         retry=retry or RetryPolicy(),
     )
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(broker: RunningBroker) -> Samples:
+    """Every sample of a scrape of the broker's /metrics, by name and labels."""
+    status, text = broker.scrape()
+    assert status == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric(broker: RunningBroker, name: str, **labels: str) -> float:
+    """One sample of a scrape; a series that is not there fails the test (never reads as 0)."""
+    found = samples(broker)
+    key = (name, frozenset(labels.items()))
+    assert key in found, f"the scrape has no series {name}{labels}"
+    return found[key]
 
 
 def secure_channel(port: int, ca: Path, client: CertFiles | None) -> grpc.Channel:

@@ -27,6 +27,7 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
         "bao proxy",
         "broker cold",
         "catalog Config read",
+        "broker, TTL expiring",
     }
     assert all(p["n"] > 0 and p["p50"] > 0 for p in results["latency_us"].values())
     assert results["watch_received"] == results["watch_streams"], "every stream got the rotation"
@@ -34,3 +35,10 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
     assert results["rollback_flip_ms"] > 0
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     assert "cached p50 / floor p50" in result.stdout
+    rounds = results["rounds"]
+    assert rounds["count"] == len(rounds["per_round"]) >= 2, "floor and broker alternate in rounds"
+    for ratio in rounds["ratios"].values():
+        low, high = ratio["iqr"]
+        assert low <= ratio["median"] <= high
+    assert results["ttl_expiries"]["expiries"] >= 5
+    assert results["ttl_expiries"]["p999_hits_us"] > 0

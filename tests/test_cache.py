@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from secretbroker.v1 import broker_pb2
-from tests.conftest import API, BrokerFactory, Pki, Vault, get
+from tests.conftest import API, BrokerFactory, Measure, Pki, Vault, get
 
 
 def test_cache_hits_do_not_touch_vault(vault: Vault, pki: Pki, start_broker: BrokerFactory) -> None:
@@ -45,3 +47,30 @@ def test_expired_entry_is_read_again_and_picks_up_a_new_version(
 
     assert second.version == new_version > first.version
     assert second.data["value"] == "rotated-by-ops"
+
+
+def test_steady_reads_never_wait_for_vault_and_cost_about_one_read_per_ttl(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, measure: Measure
+) -> None:
+    """Refresh-ahead: read continuously across 5 TTL periods; after the first miss, every answer
+    comes from the cache (the broker's audit trail says so: no request waited on a Vault read),
+    while OpenBao's audit log shows the background refreshes, about one per TTL."""
+    ttl = 1.0
+    broker = start_broker(vault, secrets_={API: {"ttl": f"{ttl}s"}})
+    stub = broker.stub(pki.catalog, pki.ca)
+    get(stub, API)  # the first read is a miss
+    assert broker.config.audit.file is not None
+    trail_offset = len(broker.config.audit.file.read_text().splitlines())
+    vault_offset = vault.audit_offset()
+
+    deadline = time.monotonic() + 5 * ttl
+    while time.monotonic() < deadline:
+        get(stub, API)
+        time.sleep(0.02)
+
+    records = [json.loads(line) for line in broker.config.audit.file.read_text().splitlines()]
+    sources = {record["source"] for record in records[trail_offset:]}
+    assert sources == {"cache"}, "a request waited on Vault"
+    reads = vault.reads_since(vault_offset, API)
+    measure("Vault reads over 5 TTL periods of continuous reads", reads)
+    assert 4 <= reads <= 8, f"{reads} Vault reads in 5 TTL periods"

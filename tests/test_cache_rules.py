@@ -52,11 +52,36 @@ def get(cache: SecretCache) -> tuple[int, bool]:
 def test_fresh_within_ttl_then_read_again(parts: tuple[SecretCache, FakeSource, Clock]) -> None:
     cache, source, clock = parts
     assert get(cache) == (1, False)
-    clock.now += 9.9
+    clock.now += 7.9  # before the refresh-ahead window (the last 10-20% of the TTL)
     assert get(cache) == (1, False)
-    clock.now += 0.2
+    clock.now += 2.2
     assert get(cache) == (2, False)
     assert source.reads == 2
+
+
+def test_a_hit_late_in_the_ttl_refreshes_in_the_background_once(
+    parts: tuple[SecretCache, FakeSource, Clock],
+) -> None:
+    cache, source, clock = parts
+
+    async def scenario() -> list[tuple[int, bool]]:
+        first = await cache.get(SPEC)
+        clock.now += 9.0  # inside the window whatever fraction was drawn (10-20% of 10 s)
+        late = [cache.fresh(SPEC) for _ in range(50)]  # answered at once, from the cache
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if source.reads == 2:
+                break
+        refreshed = cache.fresh(SPEC)
+        assert refreshed is not None
+        return [(c.value.version, c.from_cache) for c in [first, *late, refreshed] if c]
+
+    answers = asyncio.run(scenario())
+
+    assert answers[0] == (1, False)
+    assert set(answers[1:-1]) == {(1, True)}, "nobody waited for the refresh"
+    assert answers[-1] == (2, True), "the refreshed value is served from then on"
+    assert source.reads == 2, "one background read for 50 late hits"
 
 
 def test_unavailable_source_serves_stale_within_max_stale_with_backoff(

@@ -14,7 +14,6 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.bootstrap import RoleTTLs
 from secretbroker.v1 import broker_pb2
@@ -24,30 +23,17 @@ from tests.conftest import (
     EXTERNAL,
     BrokerFactory,
     Pki,
-    RunningBroker,
     Vault,
     eventually,
     get,
+    metric,
+    samples,
     secure_channel,
     start_vault,
 )
 
 PROMTOOL = shutil.which("promtool") or "promtool"  # Debian package prometheus; .ci/run installs it
 FAST_PROBE = {"listen": "127.0.0.1:0", "vault_probe_interval": "100ms"}
-
-
-def samples(broker: RunningBroker) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    status, text = broker.scrape()
-    assert status == 200
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(broker: RunningBroker, name: str, **labels: str) -> float:
-    return samples(broker).get((name, frozenset(labels.items())), 0.0)
 
 
 def test_requests_hits_misses_and_denials_are_counted(
@@ -60,23 +46,23 @@ def test_requests_hits_misses_and_denials_are_counted(
     with pytest.raises(grpc.RpcError):
         get(broker.stub(pki.intruder, pki.ca), DATABASE)
 
-    assert value(broker, "secretbroker_cache_lookups_total", result="miss") == 1
-    assert value(broker, "secretbroker_cache_lookups_total", result="hit") == 1
-    assert value(broker, "secretbroker_grpc_requests_total", method="GetSecret", code="OK") == 2
+    assert metric(broker, "secretbroker_cache_lookups_total", result="miss") == 1
+    assert metric(broker, "secretbroker_cache_lookups_total", result="hit") == 1
+    assert metric(broker, "secretbroker_grpc_requests_total", method="GetSecret", code="OK") == 2
     assert (
-        value(
+        metric(
             broker, "secretbroker_grpc_requests_total", method="GetSecret", code="PERMISSION_DENIED"
         )
         == 1
     )
-    assert value(broker, "secretbroker_access_denied_total", method="GetSecret") == 1
+    assert metric(broker, "secretbroker_access_denied_total", method="GetSecret") == 1
     assert (
-        value(broker, "secretbroker_grpc_request_duration_seconds_count", method="GetSecret") == 3
+        metric(broker, "secretbroker_grpc_request_duration_seconds_count", method="GetSecret") == 3
     )
-    assert value(broker, "secretbroker_vault_requests_total", operation="read", outcome="ok") == 1
-    assert value(broker, "secretbroker_secret_version", secret=DATABASE) >= 1
-    assert value(broker, "secretbroker_cache_entries") == 1
-    assert value(broker, "process_resident_memory_bytes") > 0
+    assert metric(broker, "secretbroker_vault_requests_total", operation="read", outcome="ok") == 1
+    assert metric(broker, "secretbroker_secret_version", secret=DATABASE) >= 1
+    assert metric(broker, "secretbroker_cache_entries") == 1
+    assert metric(broker, "process_resident_memory_bytes") > 0
 
 
 def test_vault_up_goes_to_0_and_back_and_stale_serving_is_counted(
@@ -87,17 +73,17 @@ def test_vault_up_goes_to_0_and_back_and_stale_serving_is_counted(
     )
     stub = broker.stub(pki.catalog, pki.ca)
     get(stub, DATABASE)
-    eventually(lambda: value(broker, "secretbroker_vault_up") == 1)
+    eventually(lambda: metric(broker, "secretbroker_vault_up") == 1)
 
     private_vault.server.pause()
     try:
-        eventually(lambda: value(broker, "secretbroker_vault_up") == 0)
+        eventually(lambda: metric(broker, "secretbroker_vault_up") == 0)
         time.sleep(0.3)
         assert get(stub, DATABASE, timeout=15).stale
-        assert value(broker, "secretbroker_cache_lookups_total", result="stale") >= 1
+        assert metric(broker, "secretbroker_cache_lookups_total", result="stale") >= 1
     finally:
         private_vault.server.resume()
-    eventually(lambda: value(broker, "secretbroker_vault_up") == 1)
+    eventually(lambda: metric(broker, "secretbroker_vault_up") == 1)
 
 
 def test_token_expiry_moves_forward_after_renewal(
@@ -109,13 +95,14 @@ def test_token_expiry_moves_forward_after_renewal(
     try:
         broker = start_broker(vault)
         get(broker.stub(pki.catalog, pki.ca), DATABASE)
-        first = value(broker, "secretbroker_vault_token_expiry_timestamp_seconds")
+        first = metric(broker, "secretbroker_vault_token_expiry_timestamp_seconds")
         assert time.time() < first <= time.time() + 3.5
         eventually(
-            lambda: value(broker, "secretbroker_vault_token_expiry_timestamp_seconds") > first
+            lambda: metric(broker, "secretbroker_vault_token_expiry_timestamp_seconds") > first
         )
         assert (
-            value(broker, "secretbroker_vault_requests_total", operation="renew", outcome="ok") >= 1
+            metric(broker, "secretbroker_vault_requests_total", operation="renew", outcome="ok")
+            >= 1
         )
     finally:
         vault.server.stop()
@@ -128,26 +115,26 @@ def test_rollback_and_rotation_gauges(
         private_vault, secrets_={DATABASE: {}, API: {"rotation": {"key": "value", "period": "1d"}}}
     )
     admin = broker.admin(pki.ops, pki.ca)
-    assert value(broker, "secretbroker_vault_enabled", category="api") == 1
+    assert metric(broker, "secretbroker_vault_enabled", category="api") == 1
     admin.SetRollbackOverride(
         broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=["database"]), timeout=10
     )
-    assert value(broker, "secretbroker_vault_enabled", category="api") == 0
-    assert value(broker, "secretbroker_vault_enabled", category="database") == 1
+    assert metric(broker, "secretbroker_vault_enabled", category="api") == 0
+    assert metric(broker, "secretbroker_vault_enabled", category="database") == 1
     admin.ClearRollbackOverride(broker_pb2.ClearRollbackOverrideRequest(), timeout=10)
 
     rotated = admin.RotateSecret(broker_pb2.RotateSecretRequest(name=API), timeout=30)
-    assert value(broker, "secretbroker_rotations_total", secret=API, result="rotated") == 1
-    assert value(broker, "secretbroker_rotation_timestamp_seconds", secret=API) == pytest.approx(
+    assert metric(broker, "secretbroker_rotations_total", secret=API, result="rotated") == 1
+    assert metric(broker, "secretbroker_rotation_timestamp_seconds", secret=API) == pytest.approx(
         rotated.created_at.ToNanoseconds() / 1e9, abs=0.001
     )
-    assert value(broker, "secretbroker_rotation_period_seconds", secret=API) == 86400
-    assert value(broker, "secretbroker_secret_version", secret=API) == rotated.version
+    assert metric(broker, "secretbroker_rotation_period_seconds", secret=API) == 86400
+    assert metric(broker, "secretbroker_secret_version", secret=API) == rotated.version
     watch = broker.stub(pki.catalog, pki.ca).WatchSecrets(
         broker_pb2.WatchSecretsRequest(names=[API]), timeout=30
     )
     next(iter(watch))
-    assert value(broker, "secretbroker_watch_streams") == 1
+    assert metric(broker, "secretbroker_watch_streams") == 1
     watch.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
 
 

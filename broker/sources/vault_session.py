@@ -58,8 +58,6 @@ class VaultSession:
         self._renewable = False
         self._checked_alive: tuple[str, float] | None = None  # token and when lookup-self passed
         self._replaced_at: float | None = None
-        self.logins = 0
-        self.renewals = 0
 
     def token(self) -> str:
         """The current token, logging in first when there is none."""
@@ -144,7 +142,6 @@ class VaultSession:
             log.info("vault refused to renew the broker token; logging in again")
             self._replace_if_current(token)
             return
-        self.renewals += 1
         if granted < requested and isinstance(self._config.auth, AppRoleAuth):
             log.info("vault token nears its max TTL (%.0fs left); logging in again", granted)
             self._replace_if_current(token)
@@ -223,7 +220,6 @@ class VaultSession:
         self.client.token = token
         self._token = token
         self._set_lease(lease, renewable)
-        self.logins += 1
         log.info(
             "logged in to vault (%s); token lease %s",
             "approle" if isinstance(auth, AppRoleAuth) else "token",
