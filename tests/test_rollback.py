@@ -43,10 +43,11 @@ ENV = broker_pb2.SOURCE_ENV
 
 
 def set_override(
-    broker: RunningBroker, pki: Pki, categories: list[str]
+    broker: RunningBroker, pki: Pki, categories: list[str], client: CertFiles | None = None
 ) -> broker_pb2.RollbackState:
+    """SetRollbackOverride as ``client`` (ops by default)."""
     request = broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=categories)
-    return broker.admin(pki.ops, pki.ca).SetRollbackOverride(request, timeout=10).state
+    return broker.admin(client or pki.ops, pki.ca).SetRollbackOverride(request, timeout=10).state
 
 
 def test_variable_name_follows_the_convention() -> None:
@@ -272,7 +273,7 @@ def test_a_flip_whose_record_cannot_be_written_changes_nothing_when_audit_is_fai
     read_state = status_of(
         lambda: admin.GetRollbackState(broker_pb2.GetRollbackStateRequest(), timeout=10)
     )
-    denied = status_of(lambda: set_override_as(broker, pki, pki.catalog, []))
+    denied = status_of(lambda: set_override(broker, pki, [], client=pki.catalog))
 
     assert (flip, clear, read_state) == (grpc.StatusCode.UNAVAILABLE,) * 3
     assert denied == grpc.StatusCode.PERMISSION_DENIED  # not UNKNOWN: the refusal stands
@@ -302,13 +303,6 @@ def test_a_flip_that_cannot_be_saved_answers_unavailable_and_changes_nothing(
     flips = [r for r in records if r.get("rpc") == "SetRollbackOverride"]
     assert [r["decision"] for r in flips] == ["allow", "failed"]
     assert "cannot be saved" in flips[-1]["reason"]
-
-
-def set_override_as(
-    broker: RunningBroker, pki: Pki, client: CertFiles, categories: list[str]
-) -> broker_pb2.RollbackState:
-    request = broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=categories)
-    return broker.admin(client, pki.ca).SetRollbackOverride(request, timeout=10).state
 
 
 def test_ops_cli_flips_and_shows_status(

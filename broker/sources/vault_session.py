@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import hvac
@@ -171,8 +171,9 @@ class VaultSession:
             with (
                 self.observe("revoke"),
                 translate_vault_errors("revocation of the old token", self._config.timeout),
+                self._one_call_client(old) as client,
             ):
-                self._client_with(old).auth.token.revoke_self()
+                client.auth.token.revoke_self()
         except BrokerError as exc:
             log.debug("the replaced vault token was not revoked: %s", exc)
 
@@ -182,11 +183,21 @@ class VaultSession:
             with (
                 self.observe("lookup"),
                 translate_vault_errors("token lookup", self._config.timeout),
+                self._one_call_client(token) as client,
             ):
-                self._client_with(token).auth.token.lookup_self()
+                client.auth.token.lookup_self()
         except SourceDenied:
             return False
         return True
+
+    @contextmanager
+    def _one_call_client(self, token: str) -> Iterator[hvac.Client]:
+        """A client for a call with a token other than the current one; closed after it."""
+        client = self._client_with(token)
+        try:
+            yield client
+        finally:
+            client.adapter.close()
 
     def _client_with(self, token: str) -> hvac.Client:
         """A client holding ``token`` and no other: hvac would otherwise pick up VAULT_TOKEN or
