@@ -16,6 +16,7 @@ from devstack.pki import write_private
 from tests.conftest import (
     API,
     BrokerFactory,
+    Measure,
     Pki,
     Vault,
     broker_settings,
@@ -67,7 +68,7 @@ def test_revoked_token_is_replaced_by_a_new_login_on_the_next_read(
 
 
 def test_reads_the_brokers_policy_refuses_make_no_logins_and_leave_no_tokens(
-    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory, measure: Measure
 ) -> None:
     """A refused read is the broker's policy, not a dead token: 100 of them are INTERNAL, make at
     most one extra login, and leave the number of live broker tokens in OpenBao unchanged."""
@@ -82,6 +83,7 @@ def test_reads_the_brokers_policy_refuses_make_no_logins_and_leave_no_tokens(
     codes = {status_of(lambda: get(stub, refused)) for _ in range(100)}
 
     assert codes == {grpc.StatusCode.INTERNAL}
+    measure("AppRole logins during 100 refused reads", private_vault.logins_since(offset))
     assert private_vault.logins_since(offset) <= 1
     assert private_vault.live_broker_tokens() == tokens_before == 1
     assert not get(stub, API).stale  # the broker's own token still works
