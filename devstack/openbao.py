@@ -52,9 +52,10 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
 
 DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "TERM", "--")
 """Prefix for a child's argv: util-linux ``setpriv`` asks the kernel to send the child SIGTERM
-when its parent dies, then execs the command, so no server is left behind. This replaces
-``preexec_fn``, which runs Python in the forked child: unsafe while gRPC's threads run (the
-child can deadlock or die before exec). Nothing runs between fork and exec but C code."""
+when its parent dies, then execs the command, so no server is left behind. Nothing runs
+between fork and exec but C code: a Python callback in the forked child is unsafe while
+gRPC's threads run (the child can deadlock or die before exec). Note that a change of user
+clears the death signal: put this prefix after any command that changes user."""
 
 
 def die_with_parent(argv: list[str]) -> list[str]:
