@@ -83,7 +83,14 @@ class OpenBaoDevServer:
             argv.append(f"-config={config_path}")
         port = free_port_pair()
         self.address = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "BAO_DEV_ROOT_TOKEN_ID": self.root_token, "BAO_LOG_LEVEL": "warn"}
+        env = {
+            **os.environ,
+            "BAO_DEV_ROOT_TOKEN_ID": self.root_token,
+            "BAO_LOG_LEVEL": "warn",
+            # A dev server writes its root token to ~/.vault-token: keep it in the work folder,
+            # out of the user's home (where hvac and the bao CLI would pick it up).
+            "HOME": str(self.workdir),
+        }
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(  # noqa: S603 - fixed argv, our own binary
                 die_with_parent([*argv, f"-dev-listen-address=127.0.0.1:{port}"]),

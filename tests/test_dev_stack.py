@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hvac
+import pytest
 
+from devstack.openbao import OpenBaoDevServer
 from devstack.pki import CertFiles
 from devstack.stack import client_env
 from tests.conftest import eventually
@@ -198,3 +201,21 @@ def _read_as_broker(address: str, state_dir: Path) -> list[str]:
         values.extend(data.values())
     client.adapter.close()
     return values
+
+
+def test_an_openbao_dev_server_keeps_its_root_token_out_of_the_users_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dev server writes its root token to ~/.vault-token, where hvac and the bao CLI pick it
+    up for any client without a token: it must land in the server's own work folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    server = OpenBaoDevServer(tmp_path / "openbao", root_token=secrets.token_hex(16))
+    server.start()
+    try:
+        eventually(lambda: (tmp_path / "openbao" / ".vault-token").exists())
+    finally:
+        server.stop()
+
+    assert not (home / ".vault-token").exists()
