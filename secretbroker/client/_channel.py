@@ -45,8 +45,22 @@ def secure_aio_channel(config: BrokerClientConfig) -> grpc.aio.Channel:
 def _channel_args(
     config: BrokerClientConfig,
 ) -> tuple[str, grpc.ChannelCredentials, list[tuple[str, str | int]]]:
+    target = channel_target(config.target)
     options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
-    if config.server_name:
-        options.append(("grpc.ssl_target_name_override", config.server_name))
+    server_name = config.server_name or _address_list_host(target)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
     credentials = channel_credentials(config.ca_file, config.cert_file, config.key_file)
-    return channel_target(config.target), credentials, options
+    return target, credentials, options
+
+
+def _address_list_host(target: str) -> str | None:
+    """For "ipv4:a:1,b:2", the name to check in the brokers' certificates: gRPC would check
+    the whole list, which no certificate names. It is the first address's host (loopback in
+    dev); brokers on several hosts should share a name in their certificates and give it as
+    server_name (SECRETBROKER_SERVER_NAME)."""
+    scheme, _, addresses = target.partition(":")
+    if scheme not in ("ipv4", "ipv6"):
+        return None
+    host = addresses.split(",")[0].rpartition(":")[0]
+    return host.strip("[]")
