@@ -53,6 +53,13 @@ def test_defaults_and_relative_paths(files: Path) -> None:
     )
     api = config.secrets["media-catalog/api"]
     assert (api.path, api.category, api.ttl) == ("mc/jwt", "jwt", 60.0)
+    # The documented defaults of the new tables (deploy/broker.example.toml, README).
+    assert (config.limits.max_watch_streams_per_identity, config.limits.max_watch_names) == (
+        1000,
+        100,
+    )
+    assert config.identity.trust_domains == {"media.local"}  # from the IDs [access] names
+    assert config.identity.cn_fallback is False
 
 
 def test_vault_addr_overrides_the_file(files: Path) -> None:
