@@ -1,42 +1,39 @@
 """The audit trail: one JSON Lines record per access decision and per admin action.
 
-Never a value. Records are numbered (``seq``) and each carries ``prev``, the SHA-256
-of the previous record's line, so ``python -m broker audit verify FILE`` finds the
-first edited, inserted or deleted record. Every record is flushed as it is
-written: a crash loses at most the record in flight. Appending to an existing file
-continues its chain. The chain proves the file was not edited in place; anchoring
-its head elsewhere (``head``, logged at shutdown) also catches a rewritten tail.
+Never a value. Records are numbered (``seq``) and each carries ``prev``, the link to
+the previous record's line (broker/audit_chain.py): its HMAC under the audit key when
+one is configured, so nobody without the key can recompute the chain, else its SHA-256.
+``python -m broker audit verify`` finds the first edited, inserted or deleted record.
+Every record is flushed as it is written: a crash loses at most the record in flight.
+Appending to an existing file continues its chain; ``reopen`` (on SIGHUP, after a log
+rotator moved the file away) continues it in a new file. Files are created 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from broker.audit_chain import ChainKey, genesis, link
 from broker.errors import AuditUnavailable
 from broker.lru import BoundedLru
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
+FILE_MODE = 0o600
 MAX_FIELD_CHARS = 300
 """Longer strings (only a caller's invalid input can be) are cut, so no record can bloat."""
 
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-
-
-def line_hash(line: bytes) -> str:
-    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
 
 
 class AuditTrail:
@@ -48,17 +45,40 @@ class AuditTrail:
         *,
         fail_closed: bool = False,
         on_failure: Callable[[], None] = lambda: None,
+        key: ChainKey | None = None,
+        mode: int = FILE_MODE,
     ) -> None:
         self.path = path
         self.fail_closed = fail_closed
         self._on_failure = on_failure
+        self._key = key
+        self._mode = mode
         self._lock = threading.Lock()
         self._allowed_names: BoundedLru[tuple[str, str | None, str], str] = BoundedLru(10_000)
-        self._seq, self.head = _tail(path) if path is not None else (0, GENESIS)
-        # Unbuffered: each record is one write(2), so nothing waits in a buffer to be lost.
-        self._file: IO[bytes] = (
-            path.open("ab", buffering=0) if path is not None else sys.stdout.buffer
-        )
+        self._seq, self.head = _tail(path, key) if path is not None else (0, genesis(key))
+        self._file: IO[bytes] = self._open(path) if path is not None else sys.stdout.buffer
+
+    def _open(self, path: Path) -> IO[bytes]:
+        """Append, unbuffered (each record is one write(2), so nothing waits in a buffer to be
+        lost), creating the file with the trail's mode."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self._mode)
+        return os.fdopen(fd, "ab", buffering=0)
+
+    def reopen(self) -> None:
+        """Open the path anew (a rotator moved the old file away): the chain goes on in the
+        new file, from the record after the last one written."""
+        if self.path is None:
+            return
+        with self._lock:
+            try:
+                replacement = self._open(self.path)
+            except OSError as exc:
+                log.error("cannot reopen the audit trail: %s", exc.strerror)
+                return
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = replacement
+        log.info("audit trail reopened at record %d", self._seq + 1)
 
     def record(self, event: str, **fields: Any) -> None:
         """Append one record. Raises AuditUnavailable only when audit is fail-closed."""
@@ -102,7 +122,7 @@ class AuditTrail:
                     raise AuditUnavailable("the audit trail cannot be written") from None
                 return
             self._seq += 1
-            self.head = line_hash(line)
+            self.head = link(line, self._key)
 
     def close(self) -> None:
         log.info("audit trail head: record %d, sha256 %s", self._seq, self.head)
@@ -111,17 +131,17 @@ class AuditTrail:
                 self._file.close()
 
 
-def _tail(path: Path) -> tuple[int, str]:
-    """Sequence number and hash of the last record, so appending continues the chain."""
+def _tail(path: Path, key: ChainKey | None) -> tuple[int, str]:
+    """Sequence number and link of the last record, so appending continues the chain."""
     last = _last_line(path)
     if not last:
-        return 0, GENESIS
+        return 0, genesis(key)
     try:
         seq = int(json.loads(last)["seq"])
     except (ValueError, KeyError, TypeError):
         log.error("the audit trail's last line is not a record; continuing its chain after it")
         seq = 0
-    return seq, line_hash(last)
+    return seq, link(last, key)
 
 
 def _last_line(path: Path) -> bytes:
@@ -141,63 +161,3 @@ def _last_line(path: Path) -> bytes:
             if b"\n" in body:
                 return body.rsplit(b"\n", 1)[1]
         return tail.rstrip(b"\n")
-
-
-@dataclass(frozen=True)
-class ChainBreak:
-    line: int
-    problem: str
-
-
-def _fields(line: bytes) -> tuple[int, str] | None:
-    try:
-        record = json.loads(line)
-        return int(record["seq"]), str(record["prev"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def verify(lines: list[bytes]) -> tuple[int, ChainBreak | None]:
-    """Walk the chain; return how many records check out and the first break, if any.
-    Line numbers count non-empty lines from 1."""
-    prev, expected_seq = GENESIS, 1
-    for index, line in enumerate(lines):
-        number = index + 1
-        fields = _fields(line)
-        if fields is None:
-            return index, ChainBreak(number, "is not an audit record (edited, or cut by a crash)")
-        seq, recorded_prev = fields
-        if seq > expected_seq:
-            missing = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}-{seq - 1}"
-            return index, ChainBreak(number, f"follows a gap: record {missing} was deleted")
-        if seq < expected_seq:
-            return index, ChainBreak(number, f"repeats record number {seq}: it was inserted")
-        if recorded_prev != prev and index == 0:
-            return 0, ChainBreak(number, "does not start a chain: the file's start was cut")
-        if recorded_prev != prev:
-            # Either the record before was edited (its hash changed), or this one was (its
-            # prev changed): the next record's prev tells which, as it holds this one's hash.
-            following = _fields(lines[index + 1]) if index + 1 < len(lines) else None
-            if following == (seq, prev):  # the next line is the real record this one displaced
-                return index, ChainBreak(
-                    number, "was inserted: the next record follows its predecessor"
-                )
-            if following is None:
-                return index - 1, ChainBreak(
-                    number - 1,
-                    "was edited, or the last record after it was: nothing follows to tell which",
-                )
-            if following[1] == line_hash(line):
-                return index - 1, ChainBreak(
-                    number - 1, "was edited: its hash is not the one the next record holds"
-                )
-            return index, ChainBreak(
-                number, "was edited: its prev is not the previous record's hash"
-            )
-        prev, expected_seq = line_hash(line), seq + 1
-    return len(lines), None
-
-
-def verify_file(path: Path) -> tuple[int, ChainBreak | None]:
-    with path.open("rb") as file:
-        return verify([line for line in file if line.strip()])

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from broker.audit import verify_file
+from broker.audit_chain import KeyFileError, load_key, verify_files
 from broker.config import BrokerConfig, ConfigError, load_config
 from broker.logs import NativeStderr, route_native_stderr
 from broker.ops import add_ops_commands, run_ops_command
@@ -35,11 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     verify_cmd = audit_actions.add_parser(
         "verify", help="check the hash chain; report the first edited, inserted or deleted record"
     )
-    verify_cmd.add_argument("file", type=Path)
+    verify_cmd.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        metavar="PATH",
+        help="trail files, or folders of them (rotated files chain on, in the order of their seq)",
+    )
+    verify_cmd.add_argument(
+        "--key-file",
+        type=Path,
+        action="append",
+        default=[],
+        help="an audit key the trail is chained with (repeat it for a trail across key rotations)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "audit":
-        return verify_audit(args.file)
+        return verify_audit(args.paths, args.key_file)
     if args.command in ("status", "rollback", "rotate"):
         return run_ops_command(args)
     if args.command == "vault-policy":
@@ -69,18 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def verify_audit(path: Path) -> int:
+def verify_audit(paths: list[Path], key_files: list[Path]) -> int:
     try:
-        checked, broken = verify_file(path)
+        keys = [load_key(path) for path in key_files]
+        checked, broken = verify_files(paths, keys)
+    except KeyFileError as exc:
+        print(f"error: --key-file: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG_ERROR
     except OSError as exc:
-        print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)  # noqa: T201
         return EXIT_CONFIG_ERROR
     if broken is None:
         print(f"ok: {checked} records, the chain is intact")  # noqa: T201
         return 0
-    print(  # noqa: T201
-        f"{path}:{broken.line}: {broken.problem} ({checked} records before it check out)"
-    )
+    print(f"{broken.where}: {broken.problem} ({checked} records before it check out)")  # noqa: T201
     return 1
 
 
@@ -95,5 +110,6 @@ async def serve(config: BrokerConfig, native: NativeStderr) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, broker.audit.reopen)  # after a log rotator's move
     await stop.wait()
     await broker.stop()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.audit_chain import ChainKey, KeyFileError, load_key
 from broker.errors import InvalidSecretName
 from broker.identity import CN_PREFIX, spiffe_trust_domain
 from broker.names import quoted_list, validate_secret_name
@@ -162,6 +163,10 @@ class AuditConfig:
     """JSON Lines file the audit trail is appended to; None: standard output."""
     fail_closed: bool = False
     """Refuse to serve when a record cannot be written."""
+    key: ChainKey | None = field(default=None, repr=False)
+    """The key the records are chained with (HMAC), from audit.key_file; None: unkeyed."""
+    file_mode: int = 0o600
+    """Mode of a trail file the broker creates."""
 
 
 @dataclass(frozen=True)
@@ -556,9 +561,20 @@ def _parse_rotation(entry: _Table, keys: tuple[str, ...]) -> RotationSpec | None
 def _parse_audit(table: _Table) -> AuditConfig:
     to_stdout = table.string("file", "-") == "-"
     fail_closed = table.boolean("fail_closed", AuditConfig.fail_closed)
+    key = None
+    if table.has("key_file"):
+        try:
+            key = load_key(table.path("key_file"))
+        except KeyFileError as exc:
+            raise ConfigError("audit.key_file", str(exc)) from None
+    mode_text = table.string("file_mode", "0600")
+    if not re.fullmatch(r"0?[0-7]{3}", mode_text) or int(mode_text, 8) & 0o077 & ~0o044:
+        raise ConfigError("audit.file_mode", 'must be an octal mode like "0600" or "0640"')
     config = AuditConfig(
         file=None if to_stdout else table.path("file", must_exist=False),
         fail_closed=fail_closed,
+        key=key,
+        file_mode=int(mode_text, 8),
     )
     table.reject_unknown()
     return config

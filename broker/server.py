@@ -94,6 +94,8 @@ class Broker:
                 config.audit.file,
                 fail_closed=config.audit.fail_closed,
                 on_failure=self.metrics.audit_failures.inc,
+                key=config.audit.key,
+                mode=config.audit.file_mode,
             )
         except OSError as exc:
             raise ConfigError(

@@ -35,7 +35,7 @@ from devstack.bootstrap import (
 )
 from devstack.broker_config import approle_auth, broker_document, write_broker_config
 from devstack.openbao import OpenBaoDevServer
-from devstack.pki import CertFiles, DevCA, issue_loopback_server
+from devstack.pki import CertFiles, DevCA, issue_loopback_server, write_private
 from secretbroker.client import (
     BrokerClientConfig,
     RetryPolicy,
@@ -51,7 +51,8 @@ CATALOG_ID = "spiffe://media.local/catalog"
 INTRUDER_ID = "spiffe://media.local/intruder"
 OPS_ID = "spiffe://media.local/ops"
 KV_MOUNT = "secret"
-DEPLOY_POLICY = Path(__file__).parents[1] / "deploy" / "vault" / "policies" / "secretbroker.hcl"
+DEPLOY = Path(__file__).parents[1] / "deploy"
+DEPLOY_POLICY = DEPLOY / "vault" / "policies" / "secretbroker.hcl"
 DATABASE = "media-catalog/database"
 API = "media-catalog/api"
 EXTERNAL = "media-catalog/external"
@@ -257,6 +258,24 @@ def broker_settings(
         cache=cache or {},
         log={"level": log_level},
     )
+
+
+def example_config(folder: Path) -> Path:
+    """deploy/broker.example.toml copied into ``folder`` beside stand-ins for the files it names
+    (an audit key of the right length and mode among them)."""
+    for name in (
+        "certs/broker.pem",
+        "certs/broker-key.pem",
+        "certs/clients-ca.pem",
+        "approle/role_id",
+        "approle/secret_id",
+    ):
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text("x")
+    (folder / "secrets").mkdir(exist_ok=True)
+    write_private(folder / "secrets/audit.key", secrets.token_hex(32).encode())
+    (folder / "broker.toml").write_text((DEPLOY / "broker.example.toml").read_text())
+    return folder / "broker.toml"
 
 
 def write_config(path: Path, settings: Mapping[str, Any]) -> Path:

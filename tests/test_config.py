@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from broker.config import AppRoleAuth, ConfigError, TokenAuth, load_config, parse_config
+from tests.conftest import DEPLOY, example_config
 
 
 @pytest.fixture
@@ -204,29 +205,13 @@ def test_load_config_rejects_invalid_toml(tmp_path: Path) -> None:
         load_config(path, environ={})
 
 
-DEPLOY = Path(__file__).parents[1] / "deploy"
-
-
-def example_config(tmp_path: Path) -> Path:
-    """deploy/broker.example.toml copied beside stand-ins for the files it names."""
-    for name in (
-        "certs/broker.pem",
-        "certs/broker-key.pem",
-        "certs/clients-ca.pem",
-        "approle/role_id",
-        "approle/secret_id",
-    ):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text("x")
-    (tmp_path / "broker.toml").write_text((DEPLOY / "broker.example.toml").read_text())
-    return tmp_path / "broker.toml"
-
-
 def test_example_config_in_deploy_is_valid(tmp_path: Path) -> None:
     """deploy/broker.example.toml documents every key; copied beside its files, it loads."""
     config = load_config(example_config(tmp_path), environ={})
 
     assert config.server.cert_file == tmp_path / "certs/broker.pem"
+    assert config.audit.key is not None
+    assert config.audit.file_mode == 0o600
     assert set(config.secrets) == {
         "media-catalog/database",
         "media-catalog/api",

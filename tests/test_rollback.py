@@ -31,6 +31,7 @@ from tests.conftest import (
     Vault,
     Watch,
     eventually,
+    example_config,
     get,
     status_of,
 )
@@ -105,16 +106,8 @@ def test_missing_variables_are_named_never_valued(
 
 
 def test_malformed_startup_variable_stops_serve_with_the_key(tmp_path: Path) -> None:
-    example = Path(__file__).parents[1] / "deploy" / "broker.example.toml"
-    for name in ("certs/broker.pem", "certs/broker-key.pem", "certs/clients-ca.pem"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text("x")
-    for name in ("approle/role_id", "approle/secret_id"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text("x")
-    (tmp_path / "broker.toml").write_text(example.read_text())
     result = subprocess.run(
-        [sys.executable, "-m", "broker", "serve", "--config", str(tmp_path / "broker.toml")],
+        [sys.executable, "-m", "broker", "serve", "--config", str(example_config(tmp_path))],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,0 +1,182 @@
+"""A keyed audit trail: records chained with an HMAC under a key read from a 0600 file, so
+nobody without the key can recompute the chain; across key rotations and rotated files; old
+unkeyed trails still verify. Trail files are created 0600."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.audit import AuditTrail
+from broker.audit_chain import line_hash, load_key
+from broker.config import ConfigError, parse_config
+from devstack.pki import write_private
+from secretbroker.v1 import broker_pb2_grpc
+from tests.conftest import (
+    API,
+    Pki,
+    Vault,
+    broker_settings,
+    eventually,
+    get,
+    secure_channel,
+    write_config,
+)
+
+
+def key_file(path: Path) -> Path:
+    write_private(path, secrets.token_hex(32).encode())
+    return path
+
+
+def verify(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", "audit", "verify", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def write(trail: AuditTrail, count: int, start: int = 0) -> None:
+    for n in range(start, start + count):
+        trail.record("access", rpc="GetSecret", identity="spiffe://x", secret=f"s/{n}")
+
+
+def test_a_keyed_trail_verifies_only_with_its_key_and_resists_a_recomputed_chain(
+    tmp_path: Path,
+) -> None:
+    key, other = key_file(tmp_path / "audit.key"), key_file(tmp_path / "other.key")
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(path, key=load_key(key))
+    write(trail, 5)
+    trail.close()
+    lines = path.read_bytes().splitlines(keepends=True)
+
+    assert all(json.loads(line)["prev"].startswith("hmac:") for line in lines)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert verify(path, "--key-file", key).stdout.strip() == "ok: 5 records, the chain is intact"
+    assert "give that key" in verify(path).stdout
+    assert "give that key" in verify(path, "--key-file", other).stdout
+    # Someone without the key edits record 3 and recomputes every link after it: as plain
+    # hashes, or as keyed-looking links they cannot compute.
+    kid = load_key(key).kid
+    for relink, line_number, problem in (
+        (line_hash, 4, "has an unkeyed link after keyed ones"),
+        (lambda line: f"hmac:{kid}:{line_hash(line)}", 4, "was edited"),
+    ):
+        forged = [*lines[:2], lines[2].replace(b"s/2", b"s/X")]
+        for line in lines[3:]:
+            record = json.loads(line)
+            record["prev"] = relink(forged[-1])
+            forged.append(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        path.write_bytes(b"".join(forged))
+        result = verify(path, "--key-file", key)
+        assert result.returncode == 1
+        assert f"{path}:{line_number}: {problem}" in result.stdout
+
+
+def test_a_trail_goes_on_across_a_key_rotation_and_an_unkeyed_start(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    old, new = key_file(tmp_path / "old.key"), key_file(tmp_path / "new.key")
+    for key in (None, old, new):  # three restarts: unkeyed, then keyed, then the key rotated
+        trail = AuditTrail(path, key=load_key(key) if key else None)
+        write(trail, 3)
+        trail.close()
+
+    assert verify(path, "--key-file", old, "--key-file", new).returncode == 0
+    missing_old = verify(path, "--key-file", new)
+    assert missing_old.returncode == 1
+    assert f"{path}:4: is chained with audit key {load_key(old).kid}" in missing_old.stdout
+
+
+def test_rotated_files_chain_on_and_verify_in_seq_order_or_as_a_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "trail"
+    folder.mkdir()
+    key = key_file(tmp_path / "audit.key")
+    path = folder / "audit.jsonl"
+    trail = AuditTrail(path, key=load_key(key))
+    for number in (2, 1):  # logrotate's numbering: the higher, the older
+        write(trail, 3)
+        path.rename(folder / f"audit.jsonl.{number}")
+        trail.reopen()
+    write(trail, 2)
+    trail.close()
+
+    ordered = [folder / "audit.jsonl.2", folder / "audit.jsonl.1", path]
+    assert verify(*ordered, "--key-file", key).stdout.startswith("ok: 8 records")
+    assert verify(folder, "--key-file", key).stdout.startswith("ok: 8 records")
+    (folder / "audit.jsonl.1").unlink()  # a rotated file lost: the gap is named
+    gap = verify(folder, "--key-file", key)
+    assert gap.returncode == 1
+    assert "follows a gap: record 4-6 was deleted" in gap.stdout
+
+
+def test_a_key_file_others_can_read_or_too_short_stops_start_up(
+    vault: Vault, pki: Pki, tmp_path: Path
+) -> None:
+    loose = tmp_path / "loose.key"
+    loose.write_text(secrets.token_hex(32))
+    loose.chmod(0o644)
+    short = tmp_path / "short.key"
+    write_private(short, b"too short")
+    for path, problem in ((loose, "readable by its owner only"), (short, "fewer than 32 bytes")):
+        document = broker_settings(vault, pki, audit={"file": "audit.jsonl", "key_file": str(path)})
+        with pytest.raises(ConfigError) as caught:
+            parse_config(document, tmp_path, environ={})
+        assert caught.value.key == "audit.key_file"
+        assert problem in caught.value.problem
+        assert loose.read_text() not in str(caught.value)
+
+
+def test_a_real_broker_writes_a_keyed_trail_and_reopens_it_on_sighup(
+    vault: Vault, pki: Pki, tmp_path: Path
+) -> None:
+    from devstack.openbao import free_port_pair
+
+    key = key_file(tmp_path / "audit.key")
+    trail = tmp_path / "audit" / "trail.jsonl"
+    port = free_port_pair()
+    document = broker_settings(
+        vault,
+        pki,
+        listen=f"127.0.0.1:{port}",
+        audit={"file": str(trail), "key_file": str(key)},
+    )
+    config = write_config(tmp_path / "broker.toml", document)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "VAULT_ADDR": vault.address},
+    )
+    try:
+        stub = broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, pki.catalog))
+        eventually(lambda: get(stub, API, timeout=2).name == API, ignoring=(Exception,))
+        get(stub, API)
+        trail.rename(trail.with_name("trail.jsonl.1"))
+        process.send_signal(signal.SIGHUP)
+        eventually(lambda: trail.exists(), what="the reopened trail")
+        get(stub, API)
+        time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+    assert (trail.stat().st_mode & 0o777) == 0o600
+    assert (trail.parent.stat().st_mode & 0o777) == 0o700
+    result = verify(trail.parent, "--key-file", key)
+    assert result.returncode == 0, result.stdout
+    assert (
+        key.read_text().strip()
+        not in trail.read_text() + trail.with_name("trail.jsonl.1").read_text()
+    )
