@@ -78,11 +78,29 @@ class TokenAuth:
     env_token: Sensitive | None = field(default=None, repr=False)
 
 
+KUBERNETES_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+@dataclass(frozen=True)
+class JwtAuth:
+    """Vault's ``jwt`` or ``kubernetes`` auth method: a role, and a signed token read from
+    token_file at every login (projected service-account tokens rotate)."""
+
+    method: str
+    """"jwt" or "kubernetes"."""
+    role: str
+    token_file: Path
+    mount: str
+
+
+VaultAuth = AppRoleAuth | TokenAuth | JwtAuth
+
+
 @dataclass(frozen=True)
 class VaultConfig:
     address: str
     """Vault's address; the VAULT_ADDR environment variable overrides it."""
-    auth: AppRoleAuth | TokenAuth
+    auth: VaultAuth
     mount: str = "secret"
     """Mount point of the KV v2 engine."""
     timeout: float = 2.0
@@ -485,10 +503,19 @@ def _parse_vault(table: _Table, environ: Mapping[str, str]) -> VaultConfig:
     return config
 
 
-def _parse_auth(table: _Table, environ: Mapping[str, str]) -> AppRoleAuth | TokenAuth:
+def _parse_auth(table: _Table, environ: Mapping[str, str]) -> VaultAuth:
     method = table.string("method")
-    auth: AppRoleAuth | TokenAuth
-    if method == "approle":
+    auth: VaultAuth
+    if method in ("jwt", "kubernetes"):
+        jwt_file = (
+            table.path("token_file")
+            if method == "jwt" or table.has("token_file")
+            else KUBERNETES_TOKEN_FILE
+        )
+        if not jwt_file.is_file():
+            raise ConfigError("vault.auth.token_file", f"file not found: {jwt_file}")
+        auth = JwtAuth(method, table.string("role"), jwt_file, table.string("mount", method))
+    elif method == "approle":
         auth = AppRoleAuth(
             role_id_file=table.path("role_id_file"),
             secret_id_file=table.path("secret_id_file"),
@@ -501,7 +528,7 @@ def _parse_auth(table: _Table, environ: Mapping[str, str]) -> AppRoleAuth | Toke
             raise ConfigError("vault.auth.token_file", "missing, and VAULT_TOKEN is not set")
         auth = TokenAuth(token_file, Sensitive(env_token) if env_token else None)
     else:
-        raise ConfigError("vault.auth.method", 'must be "approle" or "token"')
+        raise ConfigError("vault.auth.method", 'must be "approle", "kubernetes", "jwt" or "token"')
     table.reject_unknown()
     return auth
 

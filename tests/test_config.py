@@ -102,7 +102,7 @@ _DELETE = object()
         ("vault.address", "vault:8200", "vault.address"),
         ("vault.timeout", "soon", "vault.timeout"),
         ("vault.timeout", 0, "vault.timeout"),
-        ("vault.auth.method", "kubernetes", "vault.auth.method"),
+        ("vault.auth.method", "ldap", "vault.auth.method"),
         ("vault.auth.secret_id_file", "nope", "vault.auth.secret_id_file"),
         ("secrets", {}, "secrets"),
         ("secrets./abs", {}, "secrets./abs"),

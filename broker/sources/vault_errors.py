@@ -18,22 +18,52 @@ from broker.errors import SecretMissingInSource, SourceDenied, SourceUnavailable
 # KV v2 answers a failed check-and-set with 400 and this text.
 _CAS_MISMATCH = "check-and-set parameter did not match"
 
+# Why Vault refused a login, in our words: its own text is never passed on (it may quote the
+# request), but an operator needs to know which part of the credential to fix.
+_LOGIN_REFUSALS = (
+    ("audience", "the token's audience is not one the role accepts"),
+    ("signature", "the token's signature does not verify with the keys Vault trusts for it"),
+    ("expired", "the token has expired"),
+    ("not yet valid", "the token is not valid yet"),
+    ("sub", "the token's subject is not the role's bound subject"),
+    ("claim", "a claim of the token does not match the role's bound claims"),
+    ("issuer", "the token's issuer is not the one Vault expects"),
+    ("role", "the role does not exist or does not accept this credential"),
+    ("secret id", "the secret_id is wrong, expired or used up"),
+    ("secret_id", "the secret_id is wrong, expired or used up"),
+)
+
+
+def _login_refusal(exc: hvac.exceptions.VaultError) -> str:
+    text = str(exc).lower()
+    for phrase, reason in _LOGIN_REFUSALS:
+        if phrase in text:
+            return f": {reason}"
+    return ""
+
 
 @contextmanager
-def translate_vault_errors(operation: str, timeout: float) -> Iterator[None]:
-    """Run a Vault call; re-raise its failures as broker errors naming ``operation``."""
+def translate_vault_errors(
+    operation: str, timeout: float, *, login: bool = False
+) -> Iterator[None]:
+    """Run a Vault call; re-raise its failures as broker errors naming ``operation``. For a
+    ``login``, a refusal says which part of the credential Vault found wrong."""
     try:
         yield
     except hvac.exceptions.InvalidPath:
         raise SecretMissingInSource(f"vault has no value for {operation}") from None
-    except hvac.exceptions.Forbidden:
+    except (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest) as exc:
+        if login:
+            raise SourceDenied(f"vault refused the {operation}{_login_refusal(exc)}") from None
+        if isinstance(exc, hvac.exceptions.InvalidRequest):
+            if _CAS_MISMATCH in str(exc):
+                raise WriteConflict(
+                    f"another writer changed the secret first ({operation})"
+                ) from None
+            raise SourceDenied(f"vault rejected {operation} as invalid") from None
         raise SourceDenied(f"vault denied {operation}") from None
     except hvac.exceptions.VaultDown:
         raise SourceUnavailable(f"vault is sealed or down during {operation}") from None
-    except hvac.exceptions.InvalidRequest as exc:
-        if _CAS_MISMATCH in str(exc):
-            raise WriteConflict(f"another writer changed the secret first ({operation})") from None
-        raise SourceDenied(f"vault rejected {operation} as invalid") from None
     except hvac.exceptions.VaultError as exc:
         raise SourceUnavailable(f"vault failed {operation} ({type(exc).__name__})") from None
     except requests.Timeout:

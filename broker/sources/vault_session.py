@@ -27,7 +27,7 @@ from pathlib import Path
 
 import hvac
 
-from broker.config import AppRoleAuth, TokenAuth, VaultConfig
+from broker.config import AppRoleAuth, JwtAuth, TokenAuth, VaultAuth, VaultConfig
 from broker.errors import BrokerError, SourceDenied, SourceUnavailable
 from broker.metrics import BrokerMetrics
 from broker.sources.vault_errors import translate_vault_errors
@@ -142,7 +142,7 @@ class VaultSession:
             log.info("vault refused to renew the broker token; logging in again")
             self._replace_if_current(token)
             return
-        if granted < requested and isinstance(self._config.auth, AppRoleAuth):
+        if granted < requested and not isinstance(self._config.auth, TokenAuth):
             log.info("vault token nears its max TTL (%.0fs left); logging in again", granted)
             self._replace_if_current(token)
             return
@@ -213,10 +213,29 @@ class VaultSession:
     def _login(self) -> str:
         auth = self._config.auth
         timeout = self._config.timeout
-        if isinstance(auth, AppRoleAuth):
+        if isinstance(auth, JwtAuth):
+            # Re-read at every login: a projected service-account token is rotated in place.
+            jwt = _read_credential(auth.token_file, "vault.auth.token_file")
+            operation = f"{auth.method} login (role {auth.role!r})"
+            with self.observe("login"), translate_vault_errors(operation, timeout, login=True):
+                if auth.method == "kubernetes":
+                    response = self.client.auth.kubernetes.login(
+                        auth.role, jwt, use_token=False, mount_point=auth.mount
+                    )
+                else:
+                    response = self.client.auth.jwt.jwt_login(
+                        auth.role, jwt, use_token=False, path=auth.mount
+                    )
+                result = response["auth"]
+                token = str(result["client_token"])
+                lease, renewable = float(result["lease_duration"]), bool(result["renewable"])
+        elif isinstance(auth, AppRoleAuth):
             role_id = _read_credential(auth.role_id_file, "vault.auth.role_id_file")
             secret_id = _read_credential(auth.secret_id_file, "vault.auth.secret_id_file")
-            with self.observe("login"), translate_vault_errors("approle login", timeout):
+            with (
+                self.observe("login"),
+                translate_vault_errors("approle login", timeout, login=True),
+            ):
                 result = self.client.auth.approle.login(
                     role_id=role_id, secret_id=secret_id, mount_point=auth.mount, use_token=False
                 )["auth"]
@@ -233,7 +252,7 @@ class VaultSession:
         self._set_lease(lease, renewable)
         log.info(
             "logged in to vault (%s); token lease %s",
-            "approle" if isinstance(auth, AppRoleAuth) else "token",
+            _method(auth),
             f"{lease:.0f}s" if lease else "does not expire",
         )
         return token
@@ -258,6 +277,12 @@ def _read_credential(path: Path, key: str) -> str:
     if not value:
         raise SourceUnavailable(f"{key}: {path} is empty")
     return value
+
+
+def _method(auth: VaultAuth) -> str:
+    if isinstance(auth, JwtAuth):
+        return auth.method
+    return "approle" if isinstance(auth, AppRoleAuth) else "token"
 
 
 def _static_token(auth: TokenAuth) -> str:
