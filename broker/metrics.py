@@ -27,6 +27,7 @@ from broker.errors import (
     SourceUnavailable,
     WriteConflict,
 )
+from broker.tls import ServerTls
 
 # Sub-millisecond buckets: a cached answer takes well under a millisecond.
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
@@ -45,6 +46,8 @@ VAULT_OPERATIONS = ("login", "renew", "lookup", "revoke", "read", "metadata", "w
 VAULT_OUTCOMES = ("ok", "unavailable", "denied", "missing", "conflict", "error")
 ROTATION_RESULTS = ("rotated", "conflict", "failed")
 LIMITS = ("watch_names", "watch_streams_per_identity")
+TLS_CERTIFICATES = ("server", "client_ca")
+TLS_RELOAD_RESULTS = ("loaded", "rejected")
 
 
 def vault_outcome(error: BrokerError | None) -> str:
@@ -180,6 +183,24 @@ class BrokerMetrics:
             "Client connections refused during the TLS handshake (as reported by gRPC core).",
             registry=r,
         )
+        self.tls_not_after = Gauge(
+            "secretbroker_tls_certificate_expiry_timestamp_seconds",
+            "When the broker's server certificate, and the first of its client CAs, expire.",
+            ("certificate",),
+            registry=r,
+        )
+        self.tls_not_before = Gauge(
+            "secretbroker_tls_certificate_not_before_timestamp_seconds",
+            "When the broker's certificates became valid (with the expiry: their lifetime).",
+            ("certificate",),
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "secretbroker_tls_reloads",
+            "Changed TLS files: loaded, or rejected (the current ones kept).",
+            ("result",),
+            registry=r,
+        )
         self.audit_failures = Counter(
             "secretbroker_audit_failures", "Audit records that could not be written.", registry=r
         )
@@ -198,6 +219,8 @@ class BrokerMetrics:
             self.unparsable_requests.labels(method)
         for limit in LIMITS:
             self.limit_refusals.labels(limit)
+        for result in TLS_RELOAD_RESULTS:
+            self.tls_reloads.labels(result)
         for operation in VAULT_OPERATIONS:
             self.vault_duration.labels(operation)
             for outcome in VAULT_OUTCOMES:
@@ -227,6 +250,14 @@ class BrokerMetrics:
             self.access_denied.labels(method).inc()
 
     # cache -----------------------------------------------------------------------------------
+
+    def tls_files(self, tls: ServerTls, reloaded: bool = True) -> None:
+        self.tls_not_after.labels("server").set(tls.not_after)
+        self.tls_not_before.labels("server").set(tls.not_before)
+        self.tls_not_after.labels("client_ca").set(tls.ca_not_after)
+        self.tls_not_before.labels("client_ca").set(tls.ca_not_before)
+        if reloaded:
+            self.tls_reloads.labels("loaded").inc()
 
     def unparsable(self, method: str) -> None:
         if method in RPC_METHODS:

@@ -43,7 +43,7 @@ from broker.sources.base import SourceKind
 from broker.sources.env import EnvSource
 from broker.sources.token_keeper import keep_token_fresh
 from broker.sources.vault import VaultSource
-from broker.tls import load_server_tls
+from broker.tls import ServerTlsReloader
 from broker.values import SecretValues
 from broker.watch import Watcher, poll_watched_versions
 from secretbroker.v1 import broker_pb2_grpc
@@ -166,9 +166,14 @@ class Broker:
         """Start serving. Raises ConfigError naming the key when a TLS file is wrong or an
         address cannot be listened on: both are the config's to fix."""
         listen = self.config.server.listen
-        credentials = load_server_tls(self.config.server).credentials()
+        tls = ServerTlsReloader(
+            self.config.server,
+            on_change=self.metrics.tls_files,
+            on_rejected=self.metrics.tls_reloads.labels("rejected").inc,
+        )
+        self.metrics.tls_files(tls.current, reloaded=False)
         try:
-            self.port = self._server.add_secure_port(listen, credentials)
+            self.port = self._server.add_secure_port(listen, tls.credentials())
         except RuntimeError:  # grpc's only word for it: "Failed to bind to address"
             raise ConfigError("server.listen", f"cannot listen on {listen}: {_IN_USE}") from None
         if self.config.metrics.listen is not None:

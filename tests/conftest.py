@@ -233,12 +233,14 @@ def broker_settings(
     metrics: Mapping[str, Any] | None = None,
     identity: Mapping[str, Any] | None = None,
     limits: Mapping[str, Any] | None = None,
+    server_files: CertFiles | None = None,
+    client_ca: Path | None = None,
 ) -> dict[str, Any]:
     """The broker's TOML document as a dict: what a user would write. Admin is OPS_ID."""
     return broker_document(
         listen=listen,
-        server=pki.server,
-        client_ca=pki.ca,
+        server=server_files or pki.server,
+        client_ca=client_ca or pki.ca,
         vault_address=vault.address,
         auth=auth or approle_auth(vault.approle.role_id_file, vault.approle.secret_id_file),
         secrets={
