@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
 import grpc
 
 from secretbroker.client._channel import secure_channel
-from secretbroker.client._config import BrokerClientConfig
+from secretbroker.client._config import BrokerClientConfig, ClientConfigError
 from secretbroker.client._retry import RetryInterceptor
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 GET_SECRET = "/secretbroker.v1.SecretBroker/GetSecret"  # noqa: S105 - a method name
 
@@ -62,6 +67,18 @@ def secret_from_message(message: broker_pb2.Secret) -> Secret:
     )
 
 
+def _stamps(config: BrokerClientConfig) -> tuple[tuple[int, int, int] | None, ...]:
+    return tuple(_stamp(path) for path in (config.ca_file, config.cert_file, config.key_file))
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
 class SecretLookup(Protocol):
     """What an application reads secrets through: a SecretsClient or LiveSecrets."""
 
@@ -69,13 +86,68 @@ class SecretLookup(Protocol):
 
 
 class SecretsClient:
+    """Calls to the broker over one mTLS channel, rebuilt when the certificate files change.
+
+    grpcio cannot reload client credentials, and certificates rotate (an SVID lives about an
+    hour). A thread checks the files' stamps every ``reload_interval``; a change that holds
+    still for one interval (so a pair written file by file is not taken half-way) gets a new
+    channel for every call from then on. The old channel is closed RETIRE_AFTER seconds
+    later, so calls in flight on it finish; ``on_reconnect`` listeners (LiveSecrets) move
+    their streams over at once. Open connections are not cut by a renewal.
+    """
+
+    RETIRE_AFTER = 30.0
+
     def __init__(self, config: BrokerClientConfig) -> None:
         self._config = config
-        self._channel = secure_channel(config)
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+        self._stamp = _stamps(config)
+        self._channel, self._stub = self._connect()
+        self.reconnects = 0
+        """How often the channel was rebuilt for changed files."""
+        self._closed = threading.Event()
+        if config.reload_interval > 0:
+            threading.Thread(
+                target=self._follow_files, name="broker-credentials", daemon=True
+            ).start()
+
+    def _connect(self) -> tuple[grpc.Channel, broker_pb2_grpc.SecretBrokerStub]:
+        channel = secure_channel(self._config)
         intercepted = grpc.intercept_channel(
-            self._channel, RetryInterceptor(config.retry, frozenset({GET_SECRET}))
+            channel, RetryInterceptor(self._config.retry, frozenset({GET_SECRET}))
         )
-        self._stub = broker_pb2_grpc.SecretBrokerStub(intercepted)
+        return channel, broker_pb2_grpc.SecretBrokerStub(intercepted)
+
+    def on_reconnect(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on the reloading thread) after each rebuild of the channel."""
+        self._listeners.append(listener)
+
+    def _follow_files(self) -> None:
+        seen = self._stamp
+        while not self._closed.wait(self._config.reload_interval):
+            stamp = _stamps(self._config)
+            if stamp != seen:  # changed: wait one more interval for it to hold still
+                seen = stamp
+                continue
+            if stamp != self._stamp:
+                self._reconnect(stamp)
+
+    def _reconnect(self, stamp: tuple[tuple[int, int, int] | None, ...]) -> None:
+        try:
+            channel, stub = self._connect()
+        except ClientConfigError as exc:
+            log.warning("kept the broker channel; its new files cannot be read: %s", exc)
+            return
+        with self._lock:
+            old, self._channel, self._stub, self._stamp = self._channel, channel, stub, stamp
+        self.reconnects += 1
+        retire = threading.Timer(self.RETIRE_AFTER, old.close)
+        retire.daemon = True
+        retire.start()
+        log.info("the certificate files changed: new calls use a new channel")
+        for listener in list(self._listeners):
+            listener()
 
     def wait_until_connected(self, timeout: float) -> None:
         """Block until the channel is connected (handshake done); raise TimeoutError otherwise."""
@@ -97,6 +169,7 @@ class SecretsClient:
         return self._stub.WatchSecrets(broker_pb2.WatchSecretsRequest(names=names))
 
     def close(self) -> None:
+        self._closed.set()
         self._channel.close()
 
     def __enter__(self) -> SecretsClient:

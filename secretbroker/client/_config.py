@@ -34,6 +34,9 @@ class BrokerClientConfig:
     deadline: float = 2.0
     """Seconds allowed for one attempt of a call."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    reload_interval: float = 5.0
+    """How often the certificate, key and CA files are checked for a change (rotated
+    certificates); 0: never. A change steady for one interval gets a new channel."""
 
     @classmethod
     def from_env(

@@ -44,6 +44,8 @@ class LiveSecrets:
         self._last_error: SecretUnavailable | None = None
         self.connected = False
         """Whether the stream is open and has delivered since it last (re)opened."""
+        self._moving = threading.Event()
+        client.on_reconnect(self._move)
         self._thread = threading.Thread(target=self._follow, name="secrets-watch", daemon=True)
         self._thread.start()
 
@@ -77,6 +79,14 @@ class LiveSecrets:
             call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
         self._thread.join(timeout=10)
 
+    def _move(self) -> None:
+        """The client has a new channel (rotated certificates): reopen the stream on it now.
+        The values held keep being served meanwhile."""
+        self._moving.set()
+        call = self._call
+        if call is not None:
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
     def _follow(self) -> None:
         attempt = 0
         while not self._closed.is_set():
@@ -89,6 +99,9 @@ class LiveSecrets:
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     return
+                if self._moving.is_set():
+                    self._moving.clear()
+                    continue  # onto the new channel, at once
                 code = exc.code()
                 names = ",".join(self._names)
                 self._last_error = SecretUnavailable(names, code, exc.details() or "")
