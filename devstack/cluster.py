@@ -202,6 +202,26 @@ class OpenBaoCluster:
                 self._check_alive(node, deadline)
             time.sleep(0.2)
 
+    def enable_kv2(self, mount: str = "secret", timeout: float = START_TIMEOUT) -> None:
+        """Mount KV v2 and wait until every node serves it: right after the mount, standbys
+        answer 400 ("upgrading from non-versioned to versioned data") for a few seconds."""
+        leader = self.leader()
+        self._api(
+            leader, "post", f"sys/mounts/{mount}", {"type": "kv", "options": {"version": "2"}}
+        )
+        deadline = time.monotonic() + timeout
+        probe = f"{mount}/data/.mount-ready"
+        while True:
+            try:
+                self._api(self.leader(), "post", probe, {"data": {"ready": "yes"}})
+                for node in self.running():
+                    self._api(node, "get", probe)
+                return
+            except (requests.RequestException, RuntimeError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"KV v2 at {mount}/ did not come up on every node") from None
+                time.sleep(0.2)
+
     def running(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import hvac
 import pytest
 
-from devstack.bootstrap import ensure_kv2_mount
 from devstack.cluster import OpenBaoCluster
 from tests.conftest import KV_MOUNT, eventually
 
@@ -26,8 +25,8 @@ def test_the_cluster_elects_a_new_leader_when_its_leader_dies_and_takes_it_back(
     cluster: OpenBaoCluster,
 ) -> None:
     first = cluster.leader()
+    cluster.enable_kv2(KV_MOUNT)
     admin = hvac.Client(url=first.address, token=cluster.root_token, timeout=5)
-    ensure_kv2_mount(admin, KV_MOUNT)
     admin.secrets.kv.v2.create_or_update_secret(path="ha", secret={"v": "1"}, mount_point=KV_MOUNT)
 
     cluster.kill(first)

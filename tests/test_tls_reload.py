@@ -4,21 +4,28 @@ current one keeps serving. Real certificates, a real broker, real handshakes."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 import os
 import socket
 import ssl
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from cryptography import x509
 
 from devstack.pki import CertFiles, DevCA, issue_loopback_server
+from secretbroker.client import BrokerClientConfig, SecretsClient, SecretUnavailable
 from tests.conftest import (
     API,
     CATALOG_ID,
     BrokerFactory,
+    Measure,
     Pki,
     RunningBroker,
     Vault,
@@ -118,3 +125,88 @@ def write_atomically(path: Path, data: bytes) -> None:
     staged = path.with_name(path.name + ".new")
     staged.write_bytes(data)
     os.replace(staged, path)
+
+
+SOAK_SECONDS = 180.0
+LIFETIME = dt.timedelta(seconds=60)
+REISSUE_EVERY = 20.0
+
+
+@pytest.mark.timeout(SOAK_SECONDS + 120)
+def test_certificates_valid_60s_reissued_every_20s_for_3_minutes_lose_no_read(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path, measure: Measure
+) -> None:
+    """Under continuous load (a long-lived client, and a new client with a new handshake every
+    half second), server and client certificates that live 60 s are re-issued every 20 s
+    for 3 minutes: not one read fails."""
+
+    def issue(stem: str, **options: Any) -> CertFiles:
+        until = dt.datetime.now(dt.UTC) + LIFETIME
+        return pki.authority.issue_files(
+            tmp_path / "issued", stem, stem, not_after=until, **options
+        )
+
+    def server_pair() -> CertFiles:
+        return issue("broker", dns_names=("localhost",), ip_addresses=("127.0.0.1",), server=True)
+
+    def client_pair() -> CertFiles:
+        return issue("catalog", uri=CATALOG_ID)
+
+    server, client = tmp_path / "server", tmp_path / "client"
+    server_files = CertFiles(server / "broker.pem", server / "broker-key.pem")
+    client_files = CertFiles(client / "catalog.pem", client / "catalog-key.pem")
+    for target, source in ((server_files, server_pair()), (client_files, client_pair())):
+        target.cert.parent.mkdir(exist_ok=True)
+        replace(target, source)
+    broker = start_broker(vault, server_files=server_files)
+    config = BrokerClientConfig(
+        target=f"127.0.0.1:{broker.port}",
+        ca_file=pki.ca,
+        cert_file=client_files.cert,
+        key_file=client_files.key,
+        reload_interval=1.0,
+    )
+    failures: list[str] = []
+    reads = {"long-lived": 0, "new handshake": 0}
+    stop = threading.Event()
+
+    def read_with(client: SecretsClient, kind: str) -> None:
+        try:
+            client.get_secret(API)
+            reads[kind] += 1
+        except SecretUnavailable as exc:
+            failures.append(exc.code.name)
+
+    def long_lived() -> None:
+        with SecretsClient(config) as client:
+            while not stop.is_set():
+                read_with(client, "long-lived")
+                stop.wait(0.05)
+
+    def new_handshakes() -> None:
+        while not stop.is_set():
+            with SecretsClient(dataclasses.replace(config, reload_interval=0)) as client:
+                read_with(client, "new handshake")
+            stop.wait(0.5)
+
+    loaders = [threading.Thread(target=work) for work in (long_lived, new_handshakes)]
+    for loader in loaders:
+        loader.start()
+    deadline = time.monotonic() + SOAK_SECONDS
+    renewals = 0
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(REISSUE_EVERY)
+            replace(server_files, server_pair())
+            replace(client_files, client_pair())
+            renewals += 1
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join(timeout=30)
+
+    measure("reads during the 3-minute certificate soak", sum(reads.values()))
+    assert failures == []
+    assert renewals >= 8
+    assert all(count > renewals for count in reads.values()), reads  # load all along
+    assert metric(broker, "secretbroker_tls_reloads_total", result="loaded") >= renewals - 1
