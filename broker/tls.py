@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from broker.config import ConfigError, ServerConfig
+from secretbroker.client import FileStamp, file_stamps
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,6 @@ class ServerTls:
         return grpc.ssl_server_certificate_configuration(
             [(self.private_key, self.cert_chain)], root_certificates=self.client_ca
         )
-
-
-Stamp = tuple[tuple[int, int, int] | None, ...]
 
 
 class ServerTlsReloader:
@@ -97,19 +95,9 @@ class ServerTlsReloader:
         )
         return loaded.configuration()
 
-    def _stamps(self) -> Stamp:
+    def _stamps(self) -> tuple[FileStamp, ...]:
         config = self._config
-        return tuple(
-            _stamp(path) for path in (config.cert_file, config.key_file, config.client_ca_file)
-        )
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return (status.st_mtime_ns, status.st_size, status.st_ino)
+        return file_stamps((config.cert_file, config.key_file, config.client_ca_file))
 
 
 def load_server_tls(config: ServerConfig) -> ServerTls:

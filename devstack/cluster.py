@@ -22,7 +22,7 @@ from typing import Any
 
 import requests
 
-from devstack.openbao import bao_binary, die_with_parent, free_port_pair
+from devstack.openbao import bao_binary, die_with_parent, free_port_pair, stop_server
 from devstack.pki import write_private
 
 START_TIMEOUT = 60.0
@@ -250,17 +250,7 @@ class OpenBaoCluster:
 
     def stop(self) -> None:
         for node in self.nodes:
-            process = node.process
-            if process is None or process.poll() is not None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGCONT)
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_server(node.process)
 
     def _check_alive(self, node: ClusterNode, deadline: float) -> None:
         if node.process is not None and node.process.poll() is not None:

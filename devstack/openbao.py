@@ -63,6 +63,21 @@ def die_with_parent(argv: list[str]) -> list[str]:
     return [*DIE_WITH_PARENT, *argv]
 
 
+def stop_server(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM an OpenBao process (resumed first: a paused one cannot handle it), SIGKILL it
+    after 10 s."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGCONT)
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class OpenBaoDevServer:
     """``bao server -dev`` in a work folder. Use as a context manager, or start() and stop()."""
 
@@ -129,17 +144,7 @@ class OpenBaoDevServer:
         os.kill(self.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGCONT)  # a paused server cannot handle SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(self.process)
 
     def __enter__(self) -> OpenBaoDevServer:
         self.start()

@@ -28,6 +28,7 @@ from secretbroker.client._config import (
     ClientConfigError,
     channel_target,
 )
+from secretbroker.client._files import FileStamp, file_stamps
 from secretbroker.client._live import LiveSecrets
 from secretbroker.client._retry import RetryInterceptor, RetryPolicy
 
@@ -37,6 +38,7 @@ __all__ = [
     "Backoff",
     "BrokerClientConfig",
     "ClientConfigError",
+    "FileStamp",
     "LiveSecrets",
     "RetryInterceptor",
     "RetryPolicy",
@@ -47,6 +49,7 @@ __all__ = [
     "SecretsClient",
     "channel_credentials",
     "channel_target",
+    "file_stamps",
     "secret_from_message",
     "secure_aio_channel",
     "secure_channel",

@@ -7,7 +7,6 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
@@ -15,6 +14,7 @@ import grpc
 
 from secretbroker.client._channel import secure_channel
 from secretbroker.client._config import BrokerClientConfig, ClientConfigError
+from secretbroker.client._files import FileStamp, file_stamps
 from secretbroker.client._retry import RetryInterceptor
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -67,16 +67,8 @@ def secret_from_message(message: broker_pb2.Secret) -> Secret:
     )
 
 
-def _stamps(config: BrokerClientConfig) -> tuple[tuple[int, int, int] | None, ...]:
-    return tuple(_stamp(path) for path in (config.ca_file, config.cert_file, config.key_file))
-
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return (status.st_mtime_ns, status.st_size, status.st_ino)
+def _stamps(config: BrokerClientConfig) -> tuple[FileStamp, ...]:
+    return file_stamps((config.ca_file, config.cert_file, config.key_file))
 
 
 class SecretLookup(Protocol):
@@ -133,7 +125,7 @@ class SecretsClient:
             if stamp != self._stamp:
                 self._reconnect(stamp)
 
-    def _reconnect(self, stamp: tuple[tuple[int, int, int] | None, ...]) -> None:
+    def _reconnect(self, stamp: tuple[FileStamp, ...]) -> None:
         try:
             channel, stub = self._connect()
         except ClientConfigError as exc:
