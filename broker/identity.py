@@ -14,7 +14,9 @@ live in their own namespace, so no common name can ever spell a SPIFFE ID.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -42,11 +44,32 @@ def spiffe_trust_domain(identity: str) -> str | None:
     return match.group(1)
 
 
+@dataclass(frozen=True)
+class CertificateLife:
+    """When a client certificate became valid and when it expires (Unix time)."""
+
+    not_before: float
+    not_after: float
+
+
+class _Seen:
+    """One certificate met: what it resolved to, its life, and when it was last presented."""
+
+    __slots__ = ("found", "last_used", "life")
+
+    def __init__(self, found: str | AccessDenied, life: CertificateLife, last_used: float) -> None:
+        self.found = found
+        self.life = life
+        self.last_used = last_used
+
+
 class IdentityResolver:
     """Maps peer certificates to identities, memoising per certificate (refusals too).
 
     Parsing a certificate costs tens of microseconds; a long-lived client sends the
-    same one on every call, so the hot path is one dictionary lookup.
+    same one on every call, so the hot path is one dictionary lookup. The memo also
+    remembers when each certificate was last presented, so the broker can tell, per
+    identity, which certificate in use expires first (``certificates_in_use``).
     """
 
     def __init__(
@@ -54,26 +77,50 @@ class IdentityResolver:
         trust_domains: Iterable[str],
         cn_fallback: bool = False,
         max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._trust_domains = frozenset(trust_domains)
         self._cn_fallback = cn_fallback
-        self._by_pem: BoundedLru[bytes, str | AccessDenied] = BoundedLru(max_entries)
+        self._clock = clock
+        self._by_pem: BoundedLru[bytes, _Seen] = BoundedLru(max_entries)
 
     def identity(self, auth_context: Mapping[str, Iterable[bytes]]) -> str:
         """The caller's identity; raises AccessDenied (naming why) when it has none we accept."""
         pem = next(iter(auth_context.get("x509_pem_cert", ())), None)
         if pem is None:
             raise AccessDenied("caller presented no client certificate")
-        found = self._by_pem.get(pem)
-        if found is None:
+        seen = self._by_pem.get(pem)
+        if seen is None:
+            cert = x509.load_pem_x509_certificate(pem)
+            found: str | AccessDenied
             try:
-                found = self.from_certificate(x509.load_pem_x509_certificate(pem))
+                found = self.from_certificate(cert)
             except AccessDenied as exc:
                 found = exc
-            self._by_pem.put(pem, found)
-        if isinstance(found, AccessDenied):
-            raise AccessDenied(str(found))
-        return found
+            life = CertificateLife(
+                cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+            )
+            seen = self._by_pem.put(pem, _Seen(found, life, self._clock()))
+        else:
+            seen.last_used = self._clock()
+        if isinstance(seen.found, AccessDenied):
+            raise AccessDenied(str(seen.found))
+        return seen.found
+
+    def certificates_in_use(self, within: float) -> dict[str, CertificateLife]:
+        """For each accepted identity, the certificate presented in the last ``within`` seconds
+        that expires first: the one whose renewal matters next. A certificate its client has
+        replaced drops out once it is no longer presented. Call from the event loop, as
+        ``identity`` is (the memo is not thread-safe)."""
+        since = self._clock() - within
+        first: dict[str, CertificateLife] = {}
+        for seen in self._by_pem.values():
+            if seen.last_used < since or isinstance(seen.found, AccessDenied):
+                continue
+            current = first.get(seen.found)
+            if current is None or seen.life.not_after < current.not_after:
+                first[seen.found] = seen.life
+        return first
 
     def from_certificate(self, cert: x509.Certificate) -> str:
         try:

@@ -9,6 +9,7 @@ memo is used from the event loop only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
@@ -36,6 +37,10 @@ class BoundedLru(Generic[K, V]):
         if len(self._data) > self._capacity:
             del self._data[next(iter(self._data))]
         return value
+
+    def values(self) -> Iterator[V]:
+        """The values, oldest first (a snapshot: safe to use while the memo changes)."""
+        return iter(list(self._data.values()))
 
     def __len__(self) -> int:
         return len(self._data)

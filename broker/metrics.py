@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
@@ -27,6 +27,7 @@ from broker.errors import (
     SourceUnavailable,
     WriteConflict,
 )
+from broker.identity import CertificateLife
 from broker.tls import ServerTls
 
 # Sub-millisecond buckets: a cached answer takes well under a millisecond.
@@ -70,10 +71,13 @@ class BrokerMetrics:
         registry: CollectorRegistry,
         secrets: Iterable[str] = (),
         categories: Iterable[str] = (),
+        identities: Iterable[str] = (),
     ) -> None:
         self.registry = registry
         self._secrets = frozenset(secrets)
         self._categories = frozenset(categories)
+        self._identities = frozenset(identities)
+        self._client_certificate_labels: set[str] = set()
         r = registry
         self.grpc_requests = Counter(
             "secretbroker_grpc_requests",
@@ -195,6 +199,19 @@ class BrokerMetrics:
             ("certificate",),
             registry=r,
         )
+        self.client_not_after = Gauge(
+            "secretbroker_client_certificate_expiry_timestamp_seconds",
+            "Per identity the config names: when the first-expiring certificate its clients"
+            " presented in the last 10 minutes expires.",
+            ("identity",),
+            registry=r,
+        )
+        self.client_not_before = Gauge(
+            "secretbroker_client_certificate_not_before_timestamp_seconds",
+            "When that client certificate became valid (with the expiry: its lifetime).",
+            ("identity",),
+            registry=r,
+        )
         self.tls_reloads = Counter(
             "secretbroker_tls_reloads",
             "Changed TLS files: loaded, or rejected (the current ones kept).",
@@ -258,6 +275,19 @@ class BrokerMetrics:
         self.tls_not_before.labels("client_ca").set(tls.ca_not_before)
         if reloaded:
             self.tls_reloads.labels("loaded").inc()
+
+    def client_certificates(self, in_use: Mapping[str, CertificateLife]) -> None:
+        """Publish the first-expiring certificate in use per identity; identities the config
+        does not name get no series (a certificate is client input), and an identity whose
+        clients stopped calling loses its series."""
+        shown = {identity for identity in in_use if identity in self._identities}
+        for identity in self._client_certificate_labels - shown:
+            self.client_not_after.remove(identity)
+            self.client_not_before.remove(identity)
+        for identity in shown:
+            self.client_not_after.labels(identity).set(in_use[identity].not_after)
+            self.client_not_before.labels(identity).set(in_use[identity].not_before)
+        self._client_certificate_labels = shown
 
     def unparsable(self, method: str) -> None:
         if method in RPC_METHODS:

@@ -84,7 +84,10 @@ class Broker:
             on_flip=self._flipped,
         )
         self.metrics = BrokerMetrics(
-            registry or CollectorRegistry(), config.secrets, config.categories
+            registry or CollectorRegistry(),
+            config.secrets,
+            config.categories,
+            identities=[*config.access, *config.admin.identities],
         )
         self.vault = VaultSource(config.vault, metrics=self.metrics)
         self._executor = ThreadPoolExecutor(VAULT_IO_THREADS, thread_name_prefix="vault-io")
@@ -124,7 +127,9 @@ class Broker:
         )
         self.readiness = Readiness(config.secrets, self.values, self.vault.session)
         self._health = HealthServicer()
-        identities = IdentityResolver(config.identity.trust_domains, config.identity.cn_fallback)
+        identities = self._identities = IdentityResolver(
+            config.identity.trust_domains, config.identity.cn_fallback
+        )
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_servicer(
             broker_pb2_grpc.add_SecretBrokerServicer_to_server,
@@ -223,6 +228,7 @@ class Broker:
                 rollout.watch_poll_interval,
             ),
         )
+        self._background("client-certificate-metrics", self._follow_client_certificates())
         host = self.config.server.listen.rpartition(":")[0]
         log.info("broker listening on %s:%d (mutual TLS)", host, self.port)
         return self.port
@@ -248,6 +254,18 @@ class Broker:
     async def run_vault_io(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    async def publish_client_certificates(self) -> None:
+        """Put the first-expiring client certificate in use per identity in the metrics. Runs
+        on the event loop, which owns the identity memo."""
+        self.metrics.client_certificates(
+            self._identities.certificates_in_use(CLIENT_CERTIFICATE_WINDOW)
+        )
+
+    async def _follow_client_certificates(self) -> None:
+        while True:
+            await self.publish_client_certificates()
+            await asyncio.sleep(CLIENT_CERTIFICATE_INTERVAL)
+
     def _background(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
@@ -271,6 +289,10 @@ class Broker:
                     "is" if len(missing) == 1 else "are",
                 )
 
+
+CLIENT_CERTIFICATE_WINDOW = 600.0
+"""Seconds a client certificate counts as in use after it was last presented."""
+CLIENT_CERTIFICATE_INTERVAL = 15.0
 
 _IN_USE = "the address is in use, or not an address of this host"
 

@@ -4,13 +4,16 @@ URI SAN, a valid SPIFFE ID in a trusted domain. Certificates that spell an ident
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from broker.config import ConfigError, parse_config
+from broker.identity import IdentityResolver
 from devstack.pki import CertFiles
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (
@@ -24,6 +27,8 @@ from tests.conftest import (
     Vault,
     broker_settings,
     get,
+    metric,
+    samples,
     status_of,
 )
 
@@ -125,3 +130,60 @@ def test_identities_in_the_config_must_be_ones_a_certificate_can_have(
 
     assert caught.value.key == key
     assert problem in caught.value.problem
+
+
+def test_the_first_expiring_client_certificate_in_use_per_named_identity_is_in_the_metrics(
+    vault: Vault, pki: Pki, tmp_path: Path, start_broker: BrokerFactory
+) -> None:
+    """Two catalog pods, one whose renewal is late: the metric shows the certificate that expires
+    first. A certificate no longer presented drops out; an identity the config does not name
+    gets no series, since a certificate is client input."""
+    broker = start_broker(vault)
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    late_pod = pki.authority.issue_files(
+        tmp_path, "late", "catalog", uri=CATALOG_ID, not_after=soon
+    )
+    stranger = issue(pki, tmp_path, "stranger", "spiffe://media.local/stranger")
+    assert get(broker.stub(pki.catalog, pki.ca), API).name == API
+    assert get(broker.stub(late_pod, pki.ca), API).name == API
+    assert status_of(lambda: get(broker.stub(stranger, pki.ca), API)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+
+    broker.run(broker.broker.publish_client_certificates())
+
+    name = "secretbroker_client_certificate_expiry_timestamp_seconds"
+    assert metric(broker, name, identity=CATALOG_ID) == int(soon.timestamp())
+    assert not [
+        labels
+        for (n, labels) in samples(broker)
+        if n == name and ("identity", "spiffe://media.local/stranger") in labels
+    ]
+    assert (
+        metric(
+            broker,
+            "secretbroker_client_certificate_not_before_timestamp_seconds",
+            identity=CATALOG_ID,
+        )
+        < time.time()
+    )
+
+
+def test_a_certificate_counts_as_in_use_until_it_has_not_been_presented_for_the_window(
+    pki: Pki,
+) -> None:
+    now = [1000.0]
+    resolver = IdentityResolver(["media.local"], clock=lambda: now[0])
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    old_pem, _ = pki.authority.issue("catalog", uri=CATALOG_ID, not_after=soon)
+    new_pem, _ = pki.authority.issue("catalog", uri=CATALOG_ID)
+    for pem in (old_pem, new_pem):
+        assert resolver.identity({"x509_pem_cert": [pem]}) == CATALOG_ID
+
+    assert resolver.certificates_in_use(600)[CATALOG_ID].not_after == int(soon.timestamp())
+    now[0] += 400
+    resolver.identity({"x509_pem_cert": [new_pem]})  # the pod renewed: only the new one is used
+    now[0] += 400
+    assert resolver.certificates_in_use(600)[CATALOG_ID].not_after > soon.timestamp() + 3600
+    now[0] += 700
+    assert resolver.certificates_in_use(600) == {}
