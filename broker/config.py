@@ -63,11 +63,16 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class AppRoleAuth:
-    """Vault AppRole login; role_id and secret_id are read from files at each login."""
+    """Vault AppRole login; role_id and secret_id are read from files at each login.
+
+    With ``secret_id_wrapping_path`` (Vault Agent's ``secret_id_response_wrapping_path``) the
+    secret_id file holds a response-wrapping token instead: it is unwrapped once, after checking
+    that Vault created it at that path, and the secret_id is then kept in memory only."""
 
     role_id_file: Path
     secret_id_file: Path
     mount: str = "approle"
+    secret_id_wrapping_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -520,6 +525,7 @@ def _parse_auth(table: _Table, environ: Mapping[str, str]) -> VaultAuth:
             role_id_file=table.path("role_id_file"),
             secret_id_file=table.path("secret_id_file"),
             mount=table.string("mount", "approle").strip("/"),
+            secret_id_wrapping_path=_wrapping_path(table),
         )
     elif method == "token":
         token_file = table.optional_path("token_file")
@@ -531,6 +537,16 @@ def _parse_auth(table: _Table, environ: Mapping[str, str]) -> VaultAuth:
         raise ConfigError("vault.auth.method", 'must be "approle", "kubernetes", "jwt" or "token"')
     table.reject_unknown()
     return auth
+
+
+def _wrapping_path(table: _Table) -> str | None:
+    key = "secret_id_response_wrapping_path"
+    if not table.has(key):
+        return None
+    path = table.string(key).strip("/")
+    if not path:
+        raise ConfigError(f"vault.auth.{key}", "must name the path the secret_id is created at")
+    return path
 
 
 def _parse_cache(table: _Table) -> CacheConfig:

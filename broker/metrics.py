@@ -43,7 +43,17 @@ RPC_METHODS = (
     "RotateSecret",
 )
 CACHE_RESULTS = ("hit", "miss", "stale")
-VAULT_OPERATIONS = ("login", "renew", "lookup", "revoke", "read", "metadata", "write", "health")
+VAULT_OPERATIONS = (
+    "login",
+    "unwrap",
+    "renew",
+    "lookup",
+    "revoke",
+    "read",
+    "metadata",
+    "write",
+    "health",
+)
 VAULT_OUTCOMES = ("ok", "unavailable", "denied", "missing", "conflict", "error")
 ROTATION_RESULTS = ("rotated", "conflict", "failed")
 LIMITS = ("watch_names", "watch_streams_per_identity")

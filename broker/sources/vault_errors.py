@@ -21,6 +21,11 @@ _CAS_MISMATCH = "check-and-set parameter did not match"
 # Why Vault refused a login, in our words: its own text is never passed on (it may quote the
 # request), but an operator needs to know which part of the credential to fix.
 _LOGIN_REFUSALS = (
+    (
+        "wrapping token",
+        "the wrapping token is used up or expired; if nobody here unwrapped it, it may have been"
+        " intercepted: revoke that secret_id and deliver a new wrapped one",
+    ),
     ("audience", "the token's audience is not one the role accepts"),
     ("signature", "the token's signature does not verify with the keys Vault trusts for it"),
     ("expired", "the token has expired"),

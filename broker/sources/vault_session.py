@@ -18,6 +18,7 @@ serialises logins and token checks only: reads never wait on it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -27,9 +28,10 @@ from pathlib import Path
 
 import hvac
 
-from broker.config import AppRoleAuth, JwtAuth, TokenAuth, VaultAuth, VaultConfig
+from broker.config import AppRoleAuth, JwtAuth, Sensitive, TokenAuth, VaultAuth, VaultConfig
 from broker.errors import BrokerError, SourceDenied, SourceUnavailable
 from broker.metrics import BrokerMetrics
+from broker.names import quoted
 from broker.sources.vault_errors import translate_vault_errors
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class VaultSession:
         self._renewable = False
         self._checked_alive: tuple[str, float] | None = None  # token and when lookup-self passed
         self._replaced_at: float | None = None
+        self._unwrapped: tuple[bytes, Sensitive] | None = None  # wrapping token digest, secret_id
 
     def token(self) -> str:
         """The current token, logging in first when there is none."""
@@ -232,6 +235,8 @@ class VaultSession:
         elif isinstance(auth, AppRoleAuth):
             role_id = _read_credential(auth.role_id_file, "vault.auth.role_id_file")
             secret_id = _read_credential(auth.secret_id_file, "vault.auth.secret_id_file")
+            if auth.secret_id_wrapping_path is not None:
+                secret_id = self._unwrap_secret_id(auth, secret_id, auth.secret_id_wrapping_path)
             with (
                 self.observe("login"),
                 translate_vault_errors("approle login", timeout, login=True),
@@ -256,6 +261,39 @@ class VaultSession:
             f"{lease:.0f}s" if lease else "does not expire",
         )
         return token
+
+    def _unwrap_secret_id(self, auth: AppRoleAuth, wrapping_token: str, expected_path: str) -> str:
+        """The secret_id inside ``wrapping_token``, unwrapped at the first login that reads this
+        token and kept in memory for the logins after it (a wrapping token works once). Before
+        unwrapping, checks that Vault created the token at ``expected_path``: a token wrapping
+        anything else (say, a secret_id of another role, or a token someone made to be
+        trusted) is refused. A token that is already used or expired may have been intercepted:
+        the login fails, saying so, until a new wrapped secret_id is dropped in place."""
+        digest = hashlib.sha256(wrapping_token.encode()).digest()
+        if self._unwrapped is not None and self._unwrapped[0] == digest:
+            return self._unwrapped[1].reveal()
+        timeout = self._config.timeout
+        with (
+            self.observe("unwrap"),
+            translate_vault_errors("lookup of the wrapped secret_id", timeout, login=True),
+            self._one_call_client("") as anonymous,
+        ):
+            info = anonymous.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token})
+            created_at = str(info["data"]["creation_path"]).strip("/")
+        if created_at != expected_path:
+            raise SourceDenied(
+                "vault.auth.secret_id_response_wrapping_path: the wrapped secret_id was created at"
+                f" {quoted(created_at)}, not at the configured path; it is not unwrapped"
+            )
+        with (
+            self.observe("unwrap"),
+            translate_vault_errors("unwrap of the secret_id", timeout, login=True),
+            self._one_call_client(wrapping_token) as client,
+        ):
+            secret_id = str(client.sys.unwrap()["data"]["secret_id"])
+        self._unwrapped = (digest, Sensitive(secret_id))
+        log.info("unwrapped the secret_id from %s", auth.secret_id_file)
+        return secret_id
 
     def observe(self, operation: str) -> AbstractContextManager[None]:
         """Counts and times one Vault call in the broker's metrics (when it has them)."""
