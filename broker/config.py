@@ -103,8 +103,9 @@ VaultAuth = AppRoleAuth | TokenAuth | JwtAuth
 
 @dataclass(frozen=True)
 class VaultConfig:
-    address: str
-    """Vault's address; the VAULT_ADDR environment variable overrides it."""
+    addresses: tuple[str, ...]
+    """Every node of the Vault cluster (one for a single server); the VAULT_ADDR environment
+    variable overrides them with one address."""
     auth: VaultAuth
     mount: str = "secret"
     """Mount point of the KV v2 engine."""
@@ -112,6 +113,11 @@ class VaultConfig:
     """Seconds allowed for any one Vault call (connect and read)."""
     ca_file: Path | None = None
     """CA bundle for Vault's TLS certificate; the system store when unset."""
+
+    @property
+    def address(self) -> str:
+        """The first node's address (the only one of a single server)."""
+        return self.addresses[0]
 
 
 @dataclass(frozen=True)
@@ -491,14 +497,10 @@ def _parse_server(table: _Table) -> ServerConfig:
 
 
 def _parse_vault(table: _Table, environ: Mapping[str, str]) -> VaultConfig:
-    address = environ.get("VAULT_ADDR") or table.string("address")
-    if not address.startswith(("http://", "https://")):
-        key = "VAULT_ADDR" if environ.get("VAULT_ADDR") else "vault.address"
-        raise ConfigError(key, "must start with http:// or https://")
-    table.string("address", address)  # marks the key as known even when VAULT_ADDR wins
+    addresses = _vault_addresses(table, environ)
     timeout = table.positive_duration("timeout", 2.0)
     config = VaultConfig(
-        address=address,
+        addresses=addresses,
         auth=_parse_auth(table.table("auth"), environ),
         mount=table.string("mount", "secret").strip("/"),
         timeout=timeout,
@@ -506,6 +508,28 @@ def _parse_vault(table: _Table, environ: Mapping[str, str]) -> VaultConfig:
     )
     table.reject_unknown()
     return config
+
+
+def _vault_addresses(table: _Table, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """``vault.addresses`` (every node of a cluster) or ``vault.address`` (one server), not
+    both; VAULT_ADDR overrides either with one address."""
+    if table.has("address") and table.has("addresses"):
+        raise ConfigError("vault.addresses", "give vault.address or vault.addresses, not both")
+    if table.has("addresses"):
+        key = "vault.addresses"
+        addresses = table.strings("addresses", required=True)
+        if not addresses:
+            raise ConfigError(key, "must list at least one address")
+    else:
+        key = "vault.address"
+        addresses = (table.string("address"),) if not environ.get("VAULT_ADDR") else ()
+        table.has("address")
+    if environ.get("VAULT_ADDR"):
+        key, addresses = "VAULT_ADDR", (environ["VAULT_ADDR"],)
+    for address in addresses:
+        if not address.startswith(("http://", "https://")):
+            raise ConfigError(key, "must start with http:// or https://")
+    return tuple(address.rstrip("/") for address in addresses)
 
 
 def _parse_auth(table: _Table, environ: Mapping[str, str]) -> VaultAuth:

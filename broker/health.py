@@ -17,9 +17,9 @@ from typing import Protocol
 from grpc_health.v1 import health_pb2
 
 from broker.config import SecretSpec
-from broker.errors import SourceUnavailable
 from broker.metrics import BrokerMetrics
 from broker.sources.base import RunBlocking, SourceKind
+from broker.sources.node_health import NodeHealth, NodeRole
 from broker.sources.vault_session import VaultSession
 from broker.values import SecretValues
 
@@ -55,6 +55,8 @@ class Readiness:
         self.probed = False
         self.vault_reachable = False
         self.vault_sealed = False
+        self.nodes: list[NodeHealth] = []
+        """Every Vault node's answer at the last probe."""
         self.current = ReadinessReport(False, "starting: vault not probed yet")
         """The probe's last verdict: what /readyz and gRPC health both report."""
 
@@ -84,7 +86,7 @@ class Readiness:
         if not self.probed:
             return "vault not probed yet"
         if not self.vault_reachable:
-            return "vault is not reachable"
+            return "no vault node is reachable" if len(self.nodes) > 1 else "vault is not reachable"
         if self.vault_sealed:
             return "vault is sealed"
         if not self._session.authenticated:
@@ -103,15 +105,15 @@ async def probe_vault(
     """Every ``interval``: ask Vault's health, update the gauges, readiness and gRPC health."""
     serving: bool | None = None
     while True:
-        try:
-            sealed = await run_blocking(session.health)
-            readiness.vault_reachable, readiness.vault_sealed = True, sealed
-        except SourceUnavailable:
-            readiness.vault_reachable, readiness.vault_sealed = False, False
+        nodes = await run_blocking(session.probe)
+        readiness.nodes = nodes
+        readiness.vault_reachable = any(node.reachable for node in nodes)
+        readiness.vault_sealed = not any(node.usable for node in nodes) and any(
+            node.role is NodeRole.SEALED for node in nodes
+        )
         readiness.probed = True
         metrics.vault_sealed.set(1 if readiness.vault_sealed else 0)
-        if readiness.vault_sealed:
-            metrics.vault_up.set(0)
+        metrics.vault_up.set(1 if any(node.usable for node in nodes) else 0)
         report = readiness.current = readiness.check()
         if report.ready is not serving:
             level = logging.INFO if report.ready or serving is None else logging.WARNING

@@ -28,6 +28,7 @@ from broker.errors import (
     WriteConflict,
 )
 from broker.identity import CertificateLife
+from broker.sources.node_health import NodeHealth, NodeRole
 from broker.tls import ServerTls
 
 # Sub-millisecond buckets: a cached answer takes well under a millisecond.
@@ -82,12 +83,14 @@ class BrokerMetrics:
         secrets: Iterable[str] = (),
         categories: Iterable[str] = (),
         identities: Iterable[str] = (),
+        vault_nodes: Iterable[str] = (),
     ) -> None:
         self.registry = registry
         self._secrets = frozenset(secrets)
         self._categories = frozenset(categories)
         self._identities = frozenset(identities)
         self._client_certificate_labels: set[str] = set()
+        self._vault_nodes = tuple(vault_nodes)
         r = registry
         self.grpc_requests = Counter(
             "secretbroker_grpc_requests",
@@ -138,6 +141,31 @@ class BrokerMetrics:
         )
         self.vault_sealed = Gauge(
             "secretbroker_vault_sealed", "1 when Vault reported itself sealed.", registry=r
+        )
+        self.vault_node_up = Gauge(
+            "secretbroker_vault_node_up",
+            "Per configured Vault node: 1 when its last health probe was answered.",
+            ("node",),
+            registry=r,
+        )
+        self.vault_node_sealed = Gauge(
+            "secretbroker_vault_node_sealed",
+            "Per Vault node: 1 when it reported itself sealed.",
+            ("node",),
+            registry=r,
+        )
+        self.vault_node_active = Gauge(
+            "secretbroker_vault_node_active",
+            "Per Vault node: 1 for the active node (the raft leader), 0 for a standby or a"
+            " node that did not answer.",
+            ("node",),
+            registry=r,
+        )
+        self.vault_node_requests = Counter(
+            "secretbroker_vault_node_requests",
+            "Calls to each Vault node (health probes included) by outcome.",
+            ("node", "outcome"),
+            registry=r,
         )
         self.token_expiry = Gauge(
             "secretbroker_vault_token_expiry_timestamp_seconds",
@@ -248,6 +276,12 @@ class BrokerMetrics:
             self.limit_refusals.labels(limit)
         for result in TLS_RELOAD_RESULTS:
             self.tls_reloads.labels(result)
+        for node in self._vault_nodes:
+            self.vault_node_up.labels(node)
+            self.vault_node_sealed.labels(node)
+            self.vault_node_active.labels(node)
+            for outcome in VAULT_OUTCOMES:
+                self.vault_node_requests.labels(node, outcome)
         for operation in VAULT_OPERATIONS:
             self.vault_duration.labels(operation)
             for outcome in VAULT_OUTCOMES:
@@ -327,6 +361,22 @@ class BrokerMetrics:
             outcome = vault_outcome(error)
             self.vault_requests.labels(operation, outcome).inc()
             self.vault_up.set(0 if outcome == "unavailable" else 1)
+
+    def vault_node_request(self, node: str, outcome: str) -> None:
+        if node in self._vault_nodes:
+            self.vault_node_requests.labels(node, outcome).inc()
+
+    def vault_nodes(self, found: Iterable[NodeHealth]) -> None:
+        for health in found:
+            if health.address not in self._vault_nodes:
+                continue
+            self.vault_node_up.labels(health.address).set(1 if health.reachable else 0)
+            self.vault_node_sealed.labels(health.address).set(
+                1 if health.role is NodeRole.SEALED else 0
+            )
+            self.vault_node_active.labels(health.address).set(
+                1 if health.role is NodeRole.ACTIVE else 0
+            )
 
     def token_lease(self, seconds: float) -> None:
         self.token_expiry.set(time.time() + seconds if seconds > 0 else 0)

@@ -88,6 +88,7 @@ class Broker:
             config.secrets,
             config.categories,
             identities=[*config.access, *config.admin.identities],
+            vault_nodes=config.vault.addresses,
         )
         self.vault = VaultSource(config.vault, metrics=self.metrics)
         self._executor = ThreadPoolExecutor(VAULT_IO_THREADS, thread_name_prefix="vault-io")
@@ -248,6 +249,7 @@ class Broker:
             self._metrics_server.stop()
         # Let a Vault call in flight finish (bounded by vault.timeout) so none outlives the broker.
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        self.vault.session.nodes.close()
         self.audit.close()
         log.info("broker stopped")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,8 @@ _DELETE = object()
         ("server.key_file", "missing.pem", "server.key_file"),
         ("server.colour", "blue", "server.colour"),
         ("vault.address", "vault:8200", "vault.address"),
+        ("vault.addresses", ["https://a:8200"], "vault.addresses"),  # beside vault.address
+        ("vault.addresses", "https://a:8200", "vault.addresses"),
         ("vault.timeout", "soon", "vault.timeout"),
         ("vault.timeout", 0, "vault.timeout"),
         ("vault.auth.method", "ldap", "vault.auth.method"),
@@ -247,3 +250,25 @@ def test_the_deploy_vault_policy_is_the_one_derived_from_the_example_config(
     ).stdout
 
     assert printed == (DEPLOY / "vault" / "policies" / "secretbroker.hcl").read_text()
+
+
+def test_vault_addresses_name_every_node_and_vault_addr_overrides_them(tmp_path: Path) -> None:
+    path = example_config(tmp_path)
+    document = tomllib.loads(path.read_text())
+    del document["vault"]["address"]
+    nodes = ["https://bao-0:8200", "https://bao-1:8200/", "https://bao-2:8200"]
+    document["vault"]["addresses"] = nodes
+
+    config = parse_config(document, tmp_path, environ={})
+    assert config.vault.addresses == (
+        "https://bao-0:8200",
+        "https://bao-1:8200",
+        "https://bao-2:8200",
+    )
+
+    overridden = parse_config(document, tmp_path, environ={"VAULT_ADDR": "http://x:1"})
+    assert overridden.vault.addresses == ("http://x:1",)
+
+    document["vault"]["addresses"] = ["https://bao-0:8200", "bao-1:8200"]
+    with pytest.raises(ConfigError, match=r"vault\.addresses: must start with http"):
+        parse_config(document, tmp_path, environ={})

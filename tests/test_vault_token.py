@@ -122,6 +122,6 @@ def test_the_broker_holds_no_vault_token_it_did_not_log_in_for(
 
     session = VaultSession(config.vault)
 
-    assert not session.client.token
+    assert not any(node.client.token for node in session.nodes.nodes)
     assert session.token() != "ambient-token-from-the-environment"
-    assert session.client.token == session.token()
+    assert all(node.client.token == session.token() for node in session.nodes.nodes)

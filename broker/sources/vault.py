@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from broker.config import SecretSpec, VaultConfig
 from broker.errors import SecretMissingInSource, SourceDenied
@@ -71,20 +71,20 @@ class VaultSource:
                 raise
             return call()
 
-    def _kv(self) -> Any:
-        return self.session.client.secrets.kv.v2
-
     def _read(self, spec: SecretSpec, version: int | None) -> SecretValue:
         at = "" if version is None else f" version {version}"
         operation = f"read of {self._where(spec)}{at}"
-        with self.session.observe("read"), translate_vault_errors(operation, self._config.timeout):
-            response = self._kv().read_secret_version(
+        body = self.session.nodes.call(
+            "read",
+            operation,
+            lambda client: client.secrets.kv.v2.read_secret_version(
                 path=spec.path,
                 version=version,
                 mount_point=self._config.mount,
                 raise_on_deleted_version=True,
-            )
-            body = response["data"]
+            )["data"],
+        )
+        with translate_vault_errors(operation, self._config.timeout):  # for the body's shape
             metadata = body["metadata"]
             data = {
                 str(key): value if isinstance(value, str) else json.dumps(value)
@@ -100,12 +100,14 @@ class VaultSource:
 
     def _current_version(self, spec: SecretSpec) -> VersionInfo:
         operation = f"metadata read of {self._where(spec)}"
-        with (
-            self.session.observe("metadata"),
-            translate_vault_errors(operation, self._config.timeout),
-        ):
-            body = self._kv().read_secret_metadata(path=spec.path, mount_point=self._config.mount)
-            metadata = body["data"]
+        metadata = self.session.nodes.call(
+            "metadata",
+            operation,
+            lambda client: client.secrets.kv.v2.read_secret_metadata(
+                path=spec.path, mount_point=self._config.mount
+            )["data"],
+        )
+        with translate_vault_errors(operation, self._config.timeout):
             current = int(metadata["current_version"])
             created = metadata["versions"][str(current)]["created_time"]
             return VersionInfo(current, _timestamp(created))
@@ -114,14 +116,18 @@ class VaultSource:
         self, spec: SecretSpec, data: Mapping[str, str], expected_version: int
     ) -> SecretValue:
         operation = f"write of {self._where(spec)}"
-        with self.session.observe("write"), translate_vault_errors(operation, self._config.timeout):
-            response = self._kv().create_or_update_secret(
+        metadata = self.session.nodes.call(
+            "write",
+            operation,
+            lambda client: client.secrets.kv.v2.create_or_update_secret(
                 path=spec.path,
                 secret=dict(data),
                 cas=expected_version,
                 mount_point=self._config.mount,
-            )
-            metadata = response["data"]
+            )["data"],
+            write=True,
+        )
+        with translate_vault_errors(operation, self._config.timeout):
             return SecretValue(
                 data=dict(data),
                 version=int(metadata["version"]),

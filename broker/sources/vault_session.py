@@ -22,9 +22,9 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hvac
 
@@ -32,7 +32,8 @@ from broker.config import AppRoleAuth, JwtAuth, Sensitive, TokenAuth, VaultAuth,
 from broker.errors import BrokerError, SourceDenied, SourceUnavailable
 from broker.metrics import BrokerMetrics
 from broker.names import quoted
-from broker.sources.vault_errors import translate_vault_errors
+from broker.sources.node_health import NodeHealth
+from broker.sources.vault_nodes import VaultNodes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class VaultSession:
         self._config = config
         self._clock = clock
         self._metrics = metrics
-        self.client = self._client_with("")
+        self.nodes = VaultNodes(config, metrics)
         self._login_lock = threading.Lock()
         self._token: str | None = None
         self._lease_seconds = 0.0
@@ -102,17 +103,9 @@ class VaultSession:
     def authenticated(self) -> bool:
         return self._token is not None
 
-    def health(self) -> bool:
-        """Ask Vault's /sys/health whether it is sealed; raises SourceUnavailable when it cannot
-        be reached. Needs no token."""
-        with (
-            self.observe("health"),
-            translate_vault_errors("health check", self._config.timeout),
-        ):
-            body = self.client.sys.read_health_status(
-                method="GET", standby_ok=True, sealed_code=200, uninit_code=200
-            )
-            return bool(body["sealed"])
+    def probe(self) -> list[NodeHealth]:
+        """Every node's /sys/health (reachable, active, standby, sealed). Needs no token."""
+        return self.nodes.probe()
 
     def seconds_until_renewal(self) -> float | None:
         """When the keeper should act next; None for a token that never expires."""
@@ -135,12 +128,13 @@ class VaultSession:
             return
         requested = max(1, round(self._lease_seconds))
         try:
-            with (
-                self.observe("renew"),
-                translate_vault_errors("token renewal", self._config.timeout),
-            ):
-                auth = self.client.auth.token.renew_self(increment=f"{requested}s")["auth"]
-                granted = float(auth["lease_duration"])
+            auth = self.nodes.call(
+                "renew",
+                "token renewal",
+                lambda client: client.auth.token.renew_self(increment=f"{requested}s")["auth"],
+                write=True,
+            )
+            granted = float(auth["lease_duration"])
         except SourceDenied:
             log.info("vault refused to renew the broker token; logging in again")
             self._replace_if_current(token)
@@ -171,88 +165,48 @@ class VaultSession:
         if isinstance(self._config.auth, TokenAuth):
             return  # a given token is not ours to revoke
         try:
-            with (
-                self.observe("revoke"),
-                translate_vault_errors("revocation of the old token", self._config.timeout),
-                self._one_call_client(old) as client,
-            ):
-                client.auth.token.revoke_self()
+            self.nodes.call(
+                "revoke",
+                "revocation of the old token",
+                lambda client: client.auth.token.revoke_self(),
+                write=True,
+                token=old,
+            )
         except BrokerError as exc:
             log.debug("the replaced vault token was not revoked: %s", exc)
 
     def _alive(self, token: str) -> bool:
         """Whether Vault still accepts ``token`` (lookup-self). Raises SourceUnavailable."""
         try:
-            with (
-                self.observe("lookup"),
-                translate_vault_errors("token lookup", self._config.timeout),
-                self._one_call_client(token) as client,
-            ):
-                client.auth.token.lookup_self()
+            self.nodes.call(
+                "lookup",
+                "token lookup",
+                lambda client: client.auth.token.lookup_self(),
+                token=token,
+            )
         except SourceDenied:
             return False
         return True
 
-    @contextmanager
-    def _one_call_client(self, token: str) -> Iterator[hvac.Client]:
-        """A client for a call with a token other than the current one; closed after it."""
-        client = self._client_with(token)
-        try:
-            yield client
-        finally:
-            client.adapter.close()
-
-    def _client_with(self, token: str) -> hvac.Client:
-        """A client holding ``token`` and no other: hvac would otherwise pick up VAULT_TOKEN or
-        ~/.vault-token (which a dev server writes) for a client made without one, and the
-        broker uses no credential but its own login."""
-        return hvac.Client(
-            url=self._config.address,
-            token=token,
-            timeout=self._config.timeout,
-            verify=str(self._config.ca_file) if self._config.ca_file else True,
-        )
-
     def _login(self) -> str:
         auth = self._config.auth
-        timeout = self._config.timeout
-        if isinstance(auth, JwtAuth):
-            # Re-read at every login: a projected service-account token is rotated in place.
-            jwt = _read_credential(auth.token_file, "vault.auth.token_file")
-            operation = f"{auth.method} login (role {auth.role!r})"
-            with self.observe("login"), translate_vault_errors(operation, timeout, login=True):
-                if auth.method == "kubernetes":
-                    response = self.client.auth.kubernetes.login(
-                        auth.role, jwt, use_token=False, mount_point=auth.mount
-                    )
-                else:
-                    response = self.client.auth.jwt.jwt_login(
-                        auth.role, jwt, use_token=False, path=auth.mount
-                    )
-                result = response["auth"]
-                token = str(result["client_token"])
-                lease, renewable = float(result["lease_duration"]), bool(result["renewable"])
-        elif isinstance(auth, AppRoleAuth):
-            role_id = _read_credential(auth.role_id_file, "vault.auth.role_id_file")
-            secret_id = _read_credential(auth.secret_id_file, "vault.auth.secret_id_file")
-            if auth.secret_id_wrapping_path is not None:
-                secret_id = self._unwrap_secret_id(auth, secret_id, auth.secret_id_wrapping_path)
-            with (
-                self.observe("login"),
-                translate_vault_errors("approle login", timeout, login=True),
-            ):
-                result = self.client.auth.approle.login(
-                    role_id=role_id, secret_id=secret_id, mount_point=auth.mount, use_token=False
-                )["auth"]
-                token = str(result["client_token"])
-                lease, renewable = float(result["lease_duration"]), bool(result["renewable"])
-        else:
+        if isinstance(auth, TokenAuth):
             token = _static_token(auth)
-            self.client.token = token
-            with self.observe("login"), translate_vault_errors("token lookup", timeout):
-                data = self.client.auth.token.lookup_self()["data"]
-                lease, renewable = float(data["ttl"]), bool(data["renewable"])
-        self.client.token = token
+            data = self.nodes.call(
+                "login",
+                "token lookup",
+                lambda client: client.auth.token.lookup_self()["data"],
+                token=token,
+            )
+            lease, renewable = float(data["ttl"]), bool(data["renewable"])
+        else:
+            login, operation = self._login_call(auth)
+            result = self.nodes.call(
+                "login", operation, lambda client: login(client)["auth"], write=True, login=True
+            )
+            token = str(result["client_token"])
+            lease, renewable = float(result["lease_duration"]), bool(result["renewable"])
+        self.nodes.set_token(token)
         self._token = token
         self._set_lease(lease, renewable)
         log.info(
@@ -261,6 +215,35 @@ class VaultSession:
             f"{lease:.0f}s" if lease else "does not expire",
         )
         return token
+
+    def _login_call(self, auth: JwtAuth | AppRoleAuth) -> tuple[Callable[[hvac.Client], Any], str]:
+        """The login request for ``auth`` (credential files read now), and its description."""
+        if isinstance(auth, JwtAuth):
+            # Re-read at every login: a projected service-account token is rotated in place.
+            jwt = _read_credential(auth.token_file, "vault.auth.token_file")
+            if auth.method == "kubernetes":
+                return (
+                    lambda client: client.auth.kubernetes.login(
+                        auth.role, jwt, use_token=False, mount_point=auth.mount
+                    ),
+                    f"kubernetes login (role {auth.role!r})",
+                )
+            return (
+                lambda client: client.auth.jwt.jwt_login(
+                    auth.role, jwt, use_token=False, path=auth.mount
+                ),
+                f"jwt login (role {auth.role!r})",
+            )
+        role_id = _read_credential(auth.role_id_file, "vault.auth.role_id_file")
+        secret_id = _read_credential(auth.secret_id_file, "vault.auth.secret_id_file")
+        if auth.secret_id_wrapping_path is not None:
+            secret_id = self._unwrap_secret_id(auth, secret_id, auth.secret_id_wrapping_path)
+        return (
+            lambda client: client.auth.approle.login(
+                role_id=role_id, secret_id=secret_id, mount_point=auth.mount, use_token=False
+            ),
+            "approle login",
+        )
 
     def _unwrap_secret_id(self, auth: AppRoleAuth, wrapping_token: str, expected_path: str) -> str:
         """The secret_id inside ``wrapping_token``, unwrapped at the first login that reads this
@@ -272,32 +255,34 @@ class VaultSession:
         digest = hashlib.sha256(wrapping_token.encode()).digest()
         if self._unwrapped is not None and self._unwrapped[0] == digest:
             return self._unwrapped[1].reveal()
-        timeout = self._config.timeout
-        with (
-            self.observe("unwrap"),
-            translate_vault_errors("lookup of the wrapped secret_id", timeout, login=True),
-            self._one_call_client("") as anonymous,
-        ):
-            info = anonymous.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token})
-            created_at = str(info["data"]["creation_path"]).strip("/")
+        info = self.nodes.call(
+            "unwrap",
+            "lookup of the wrapped secret_id",
+            lambda client: client.adapter.post(
+                "/v1/sys/wrapping/lookup", json={"token": wrapping_token}
+            ),
+            login=True,
+            token="",
+        )
+        created_at = str(info["data"]["creation_path"]).strip("/")
         if created_at != expected_path:
             raise SourceDenied(
                 "vault.auth.secret_id_response_wrapping_path: the wrapped secret_id was created at"
                 f" {quoted(created_at)}, not at the configured path; it is not unwrapped"
             )
-        with (
-            self.observe("unwrap"),
-            translate_vault_errors("unwrap of the secret_id", timeout, login=True),
-            self._one_call_client(wrapping_token) as client,
-        ):
-            secret_id = str(client.sys.unwrap()["data"]["secret_id"])
+        secret_id = str(
+            self.nodes.call(
+                "unwrap",
+                "unwrap of the secret_id",
+                lambda client: client.sys.unwrap()["data"]["secret_id"],
+                write=True,
+                login=True,
+                token=wrapping_token,
+            )
+        )
         self._unwrapped = (digest, Sensitive(secret_id))
         log.info("unwrapped the secret_id from %s", auth.secret_id_file)
         return secret_id
-
-    def observe(self, operation: str) -> AbstractContextManager[None]:
-        """Counts and times one Vault call in the broker's metrics (when it has them)."""
-        return self._metrics.vault_call(operation) if self._metrics else nullcontext()
 
     def _set_lease(self, seconds: float, renewable: bool) -> None:
         if self._metrics is not None:
