@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from broker.config import CacheConfig, SecretSpec
 from broker.errors import SourceUnavailable
 from broker.metrics import BrokerMetrics
-from broker.sources.base import SecretSource, SecretValue
+from broker.sources.base import SecretSource, SecretValue, behind
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,16 @@ class SecretCache:
         loop = asyncio.get_running_loop()
         value = await loop.run_in_executor(self._executor, self._source.read, spec, key[1])
         if key[1] is not None or self._replaced.get(spec.name, 0) == replaced:
+            held = self.current(spec.name) if key[1] is None else None
+            if held is not None and behind(value.version, value.created_at, held):
+                log.debug(
+                    "%r: a vault node answered version %d, older than the cached %d; kept %d",
+                    spec.name,
+                    value.version,
+                    held.version,
+                    held.version,
+                )
+                value = held
             self._store(key, spec, value)
         return value
 

@@ -33,10 +33,9 @@ class SecretValues:
             return not self._env.missing(spec)
         return self._cache.answerable(spec.name)
 
-    def cached_version(self, spec: SecretSpec) -> int | None:
-        """The version of the cached current value, fresh or not, if one is cached."""
-        value = self._cache.current(spec.name)
-        return value.version if value is not None else None
+    def cached(self, spec: SecretSpec) -> SecretValue | None:
+        """The cached current value, fresh or not; no source read."""
+        return self._cache.current(spec.name)
 
     def written(self, spec: SecretSpec, value: SecretValue) -> None:
         """The broker wrote ``value`` as the current version (a rotation): serve it from now."""

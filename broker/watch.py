@@ -21,7 +21,7 @@ from broker.logs import Throttle
 from broker.metrics import BrokerMetrics
 from broker.names import quoted
 from broker.reader import SecretReader
-from broker.sources.base import RunBlocking, SecretValue, SourceKind
+from broker.sources.base import RunBlocking, SecretValue, SourceKind, behind
 from broker.sources.vault import VaultSource
 from broker.values import SecretValues
 
@@ -137,8 +137,10 @@ async def poll_watched_versions(
             except BrokerError as exc:
                 log.debug("version poll of %r failed: %s", name, exc)
                 continue
-            cached = values.cached_version(spec)
-            if cached != info.version:
+            held = values.cached(spec)
+            if behind(info.version, info.created_at, held):
+                continue  # a standby that has not applied the newest write yet
+            if held is None or held.version != info.version:
                 log.info("%r has a new version in vault: %d", name, info.version)
                 values.outdated(spec)
                 feed.publish([name])

@@ -157,3 +157,37 @@ def test_the_bounded_memo_keeps_the_most_recently_used() -> None:
     memo.put("c", 3)
 
     assert (memo.get("a"), memo.get("b"), memo.get("c"), len(memo)) == (1, None, 3, 2)
+
+
+class Replayed:
+    """A source that answers a fixed sequence: what lagging and current Vault nodes said."""
+
+    def __init__(self, *answers: tuple[int, float]) -> None:
+        self._answers = list(answers)
+
+    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+        number, written = self._answers.pop(0)
+        return SecretValue({"k": f"v{number}"}, number, SourceKind.VAULT, 0.0, written)
+
+
+@pytest.mark.parametrize(
+    ("answers", "served"),
+    [
+        # v5 from the active node, then v4 (written before v5) from a lagging standby: kept v5.
+        (((5, 500.0), (4, 400.0)), [5, 5]),
+        # The secret was deleted and written anew: its v1 is newer than the cached v5.
+        (((5, 500.0), (1, 900.0)), [5, 1]),
+        (((5, 500.0), (6, 600.0)), [5, 6]),
+    ],
+)
+def test_a_lagging_node_never_takes_the_cached_value_back_to_an_older_version(
+    answers: tuple[tuple[int, float], ...], served: list[int]
+) -> None:
+    clock = Clock()
+    cache = SecretCache(
+        Replayed(*answers), CacheConfig(default_ttl=10), ThreadPoolExecutor(1), clock
+    )
+    seen = [get(cache)[0]]
+    clock.now += 11
+    seen.append(get(cache)[0])
+    assert seen == served

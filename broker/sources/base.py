@@ -32,6 +32,17 @@ class SecretValue:
         return f"SecretValue(keys={keys}, version={self.version}, source={self.source.value})"
 
 
+def behind(version: int, created_at: float | None, held: SecretValue | None) -> bool:
+    """Whether a Vault answer (``version``, written at ``created_at``) is from before the
+    Vault value the broker holds: a lower version, written no later. A standby that lags
+    answers so for about half a second after a write, and such an answer must not replace
+    the newer value. A lower version written later is news: the secret was deleted and
+    written anew."""
+    if held is None or held.source is not SourceKind.VAULT or version >= held.version:
+        return False
+    return (created_at or 0.0) <= (held.created_at or 0.0)
+
+
 class SecretSource(Protocol):
     def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
         """Read the current value, or the given version; blocking. Raises only broker errors."""
