@@ -74,9 +74,13 @@ class SecretCache:
         executor: Executor,
         clock: Callable[[], float] = time.monotonic,
         metrics: BrokerMetrics | None = None,
+        on_new_version: Callable[[str], None] | None = None,
     ) -> None:
         self._source = source
         self._metrics = metrics
+        self._on_new_version = on_new_version
+        """Told the name when a read replaces the cached current value with another version:
+        watchers must hear of it, whichever read (a request, a refresh) found it first."""
         self._config = config
         self._executor = executor
         self._clock = clock
@@ -196,8 +200,16 @@ class SecretCache:
         self._replaced[name] = self._replaced.get(name, 0) + 1
 
     def _store(self, key: _Key, spec: SecretSpec, value: SecretValue) -> None:
-        if key[1] is None and self._metrics is not None:
-            self._metrics.secret_read(spec.name, value.version, value.fetched_at)
+        if key[1] is None:
+            if self._metrics is not None:
+                self._metrics.secret_read(spec.name, value.version, value.fetched_at)
+            held = self._entries.get(key)
+            if (
+                held is not None
+                and self._on_new_version is not None
+                and (held.value.version, held.value.source) != (value.version, value.source)
+            ):
+                self._on_new_version(spec.name)
         now = self._clock()
         fresh_until = now + spec.ttl
         # Versions other than the current one never change: nothing to refresh ahead.

@@ -59,6 +59,11 @@ class ServerConfig:
     cert_file: Path
     key_file: Path
     client_ca_file: Path
+    shutdown_delay: float = 1.0
+    """Seconds a stopping broker keeps serving after it reports NOT_SERVING, so clients (their
+    health watch) and load balancers move away before it stops taking calls."""
+    shutdown_grace: float = 5.0
+    """Seconds calls in flight (and watch streams) get to finish once it stops taking calls."""
 
 
 @dataclass(frozen=True)
@@ -491,6 +496,8 @@ def _parse_server(table: _Table) -> ServerConfig:
         cert_file=table.path("cert_file"),
         key_file=table.path("key_file"),
         client_ca_file=table.path("client_ca_file"),
+        shutdown_delay=table.duration("shutdown_delay", ServerConfig.shutdown_delay),
+        shutdown_grace=table.duration("shutdown_grace", ServerConfig.shutdown_grace),
     )
     table.reject_unknown()
     return config

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # public as grpc_health.v1.health.aio
 from prometheus_client import CollectorRegistry
 
@@ -46,6 +46,7 @@ from broker.sources.vault import VaultSource
 from broker.tls import ServerTlsReloader
 from broker.values import SecretValues
 from broker.watch import Watcher, poll_watched_versions
+from secretbroker.client import ROUTING_HEALTH_SERVICE
 from secretbroker.v1 import broker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,13 @@ class Broker:
             raise ConfigError(
                 "audit.file", f"cannot open {config.audit.file} ({exc.strerror})"
             ) from None
-        self.cache = SecretCache(self.vault, config.cache, self._executor, metrics=self.metrics)
+        self.cache = SecretCache(
+            self.vault,
+            config.cache,
+            self._executor,
+            metrics=self.metrics,
+            on_new_version=lambda name: self.feed.publish([name]),
+        )
         self.values = SecretValues(
             self.cache,
             EnvSource(os.environ if environ is None else environ),
@@ -195,6 +202,7 @@ class Broker:
                     f"cannot listen on {self.config.metrics.listen}: {exc.strerror}",
                 ) from None
         await self._server.start()
+        await self._health.set(ROUTING_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         if self._metrics_server is not None:
             self._metrics_server.start()
             log.info(
@@ -237,14 +245,22 @@ class Broker:
     async def wait(self) -> None:
         await self._server.wait_for_termination()
 
-    async def stop(self, grace: float = 2.0) -> None:
+    async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Shut down in the order that loses no call: report NOT_SERVING (clients' health
+        watches and load balancers stop sending here), keep serving for ``delay``
+        (server.shutdown_delay) while they move, then stop taking calls and give those in
+        flight ``grace`` (server.shutdown_grace) to finish. Watch streams still open then
+        are cancelled; clients resume them on another replica."""
+        server = self.config.server
+        await self._health.enter_graceful_shutdown()
+        log.info("shutting down: reported NOT_SERVING, draining")
+        await asyncio.sleep(server.shutdown_delay if delay is None else delay)
+        await self._server.stop(server.shutdown_grace if grace is None else grace)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
         if self._metrics_server is not None:
             self._metrics_server.stop()
         # Let a Vault call in flight finish (bounded by vault.timeout) so none outlives the broker.

@@ -4,7 +4,7 @@ written correctly (deploy/broker.example.toml documents every key)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,15 @@ def broker_document(
     listen: str,
     server: CertFiles,
     client_ca: Path,
-    vault_address: str,
+    vault_address: str | Sequence[str],
     auth: Mapping[str, str],
     secrets: Mapping[str, Mapping[str, Any]],
     access: Mapping[str, list[str]],
     **tables: Mapping[str, Any],
 ) -> Table:
     """A broker config: the required tables from the arguments, any others (``vault`` keys
-    besides the address included) as given, e.g. ``cache={"default_ttl": "1h"}``."""
+    besides the address included) as given, e.g. ``cache={"default_ttl": "1h"}``. Several
+    Vault addresses (a cluster's nodes) become ``vault.addresses``."""
     document: Table = {key: dict(table) for key, table in tables.items()}
     document["server"] = {
         "listen": listen,
@@ -36,7 +37,12 @@ def broker_document(
         "client_ca_file": str(client_ca),
         **document.get("server", {}),
     }
-    document["vault"] = {"address": vault_address, **document.get("vault", {}), "auth": dict(auth)}
+    where = (
+        {"address": vault_address}
+        if isinstance(vault_address, str)
+        else {"addresses": list(vault_address)}
+    )
+    document["vault"] = {**where, **document.get("vault", {}), "auth": dict(auth)}
     document["secrets"] = {name: dict(spec) for name, spec in secrets.items()}
     document["access"] = dict(access)
     return document

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import hvac
@@ -116,6 +116,10 @@ class Vault:
     @property
     def address(self) -> str:
         return self.server.address
+
+    @property
+    def addresses(self) -> list[str]:
+        return [self.server.address]
 
     def write(self, path: str, **data: str) -> int:
         """Write a new version; returns its version number."""
@@ -216,8 +220,18 @@ def private_vault(tmp_path: Path) -> Iterator[Vault]:
 DEFAULT_SECRETS: Mapping[str, Mapping[str, Any]] = {DATABASE: {}, API: {}}
 
 
+class VaultServers(Protocol):
+    """One OpenBao server (Vault) or a raft cluster (tests/ha.py): where, and the AppRole."""
+
+    @property
+    def addresses(self) -> list[str]: ...
+
+    @property
+    def approle(self) -> AppRoleFiles: ...
+
+
 def broker_settings(
-    vault: Vault,
+    vault: VaultServers,
     pki: Pki,
     *,
     secrets_: Mapping[str, Mapping[str, Any]] | None = None,
@@ -241,7 +255,7 @@ def broker_settings(
         listen=listen,
         server=server_files or pki.server,
         client_ca=client_ca or pki.ca,
-        vault_address=vault.address,
+        vault_address=vault.addresses[0] if len(vault.addresses) == 1 else vault.addresses,
         auth=auth or approle_auth(vault.approle.role_id_file, vault.approle.secret_id_file),
         secrets={
             name: {"keys": list(SECRET_KEYS), **spec}
@@ -320,11 +334,12 @@ class RunningBroker:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0, delay: float = 0) -> None:
+        """Stop the broker; ``delay`` and ``grace`` as in Broker.stop (none by default)."""
         if self._stopped:
             return
         self._stopped = True
-        self.run(self.broker.stop(grace=0))
+        self.run(self.broker.stop(grace=grace, delay=delay))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
@@ -395,7 +410,7 @@ def start_broker(pki: Pki, tmp_path: Path) -> Iterator[BrokerFactory]:
     running: list[RunningBroker] = []
 
     def start(
-        vault: Vault, environ: Mapping[str, str] | None = None, **settings: Any
+        vault: VaultServers, environ: Mapping[str, str] | None = None, **settings: Any
     ) -> RunningBroker:
         environ = environ or {}
         document = broker_settings(vault, pki, **settings)

@@ -191,3 +191,21 @@ def test_a_lagging_node_never_takes_the_cached_value_back_to_an_older_version(
     clock.now += 11
     seen.append(get(cache)[0])
     assert seen == served
+
+
+def test_a_read_that_finds_a_new_version_tells_the_watchers_whoever_asked() -> None:
+    """A request's read (not only the version poller) can be first to meet a new version."""
+    clock = Clock()
+    told: list[str] = []
+    answers = Replayed((5, 500.0), (5, 500.0), (4, 400.0), (6, 600.0))
+    cache = SecretCache(
+        answers,
+        CacheConfig(default_ttl=10),
+        ThreadPoolExecutor(1),
+        clock,
+        on_new_version=told.append,
+    )
+    for _ in range(4):
+        get(cache)
+        clock.now += 11
+    assert told == [SPEC.name], "once: for version 6, not for the same 5 or the lagging 4"

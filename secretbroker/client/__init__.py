@@ -12,7 +12,12 @@ Depends on grpcio and the generated ``secretbroker.v1`` only::
 """
 
 from secretbroker.client._backoff import Backoff
-from secretbroker.client._channel import channel_credentials, secure_aio_channel, secure_channel
+from secretbroker.client._channel import (
+    ROUTING_HEALTH_SERVICE,
+    channel_credentials,
+    secure_aio_channel,
+    secure_channel,
+)
 from secretbroker.client._client import (
     GET_SECRET,
     Secret,
@@ -35,6 +40,7 @@ from secretbroker.client._retry import RetryInterceptor, RetryPolicy
 __all__ = [
     "ENV_PREFIX",
     "GET_SECRET",
+    "ROUTING_HEALTH_SERVICE",
     "Backoff",
     "BrokerClientConfig",
     "ClientConfigError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,35 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
+ROUTING_HEALTH_SERVICE = "secretbroker.v1.SecretBroker.accepting"
+"""The gRPC health name a broker reports SERVING under while it accepts requests, NOT_SERVING
+from the moment it starts to shut down. Not readiness: a replica that lacks a value for one
+secret still serves the others (env-served ones during a rollback among them)."""
+
+SERVICE_CONFIG = json.dumps(
+    {
+        # Spread calls over every broker the target resolves to, not only the first.
+        "loadBalancingConfig": [{"round_robin": {}}],
+        # Leave a broker as soon as it says it is shutting down (it drains after that).
+        "healthCheckConfig": {"serviceName": ROUTING_HEALTH_SERVICE},
+        # A GetSecret that meets a broker going away is sent again at once; round_robin
+        # picks the next broker. Longer outages are the RetryInterceptor's (with backoff).
+        "methodConfig": [
+            {
+                "name": [{"service": "secretbroker.v1.SecretBroker", "method": "GetSecret"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.02s",
+                    "maxBackoff": "0.2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
 )
 
 
@@ -46,7 +76,11 @@ def _channel_args(
     config: BrokerClientConfig,
 ) -> tuple[str, grpc.ChannelCredentials, list[tuple[str, str | int]]]:
     target = channel_target(config.target)
-    options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
+    options: list[tuple[str, str | int]] = [
+        *CHANNEL_OPTIONS,
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+    ]
     server_name = config.server_name or _address_list_host(target)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))

@@ -12,6 +12,7 @@ from secretbroker.client._backoff import Backoff
 from secretbroker.client._client import (
     Secret,
     SecretsClient,
+    SecretSource,
     SecretUnavailable,
     secret_from_message,
 )
@@ -114,6 +115,16 @@ class LiveSecrets:
 
     def _store(self, secret: Secret) -> None:
         previous = self._values.get(secret.name)
+        if previous is not None and _older(secret, previous):
+            # A watch resumed on another broker replica, whose cache has not caught up yet:
+            # keep the newer value; that replica sends the new version once it sees it.
+            log.debug(
+                "kept version %d of %r over the older %d",
+                previous.version,
+                secret.name,
+                secret.version,
+            )
+            return
         self._values[secret.name] = secret
         if len(self._values) == len(self._names):
             self._complete.set()
@@ -122,3 +133,14 @@ class LiveSecrets:
             secret.data,
         ):
             log.info("secret %r changed: version %d", secret.name, secret.version)
+
+
+def _older(secret: Secret, held: Secret) -> bool:
+    """A Vault version from before the one held: lower, and written no later (a lower version
+    written later means the secret was deleted and written anew, which is news)."""
+    return (
+        secret.source is SecretSource.VAULT
+        and held.source is SecretSource.VAULT
+        and secret.version < held.version
+        and (secret.created_at or 0.0) <= (held.created_at or 0.0)
+    )

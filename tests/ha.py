@@ -1,0 +1,263 @@
+"""The HA test bed: a bootstrapped OpenBao raft cluster, broker replicas as real processes, and
+catalog clients under continuous load that count every failed read.
+
+Shared by the HA tests and the benchmark's failover section, so both measure the same thing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hvac
+
+from devstack.bootstrap import AppRoleFiles, create_broker_approle, write_policy
+from devstack.broker_config import write_broker_config
+from devstack.cluster import OpenBaoCluster
+from devstack.openbao import die_with_parent, free_port_pair, stop_server
+from secretbroker.client import (
+    BrokerClientConfig,
+    LiveSecrets,
+    RetryPolicy,
+    SecretsClient,
+    SecretSource,
+    SecretUnavailable,
+)
+
+
+@dataclass
+class ClusterVault:
+    """A 3-node OpenBao raft cluster with KV v2, the broker's policy and AppRole, and secrets."""
+
+    cluster: OpenBaoCluster
+    approle: AppRoleFiles
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.cluster.addresses
+
+    def admin(self) -> hvac.Client:
+        """A root client on the current leader (ask again after a failover)."""
+        return hvac.Client(url=self.cluster.leader().address, token=self.cluster.root_token)
+
+    def write(self, path: str, mount: str = "secret", **data: str) -> int:
+        response = self.admin().secrets.kv.v2.create_or_update_secret(
+            path=path, secret=data, mount_point=mount
+        )
+        return int(response["data"]["version"])
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
+def start_cluster_vault(
+    workdir: Path, policy: str, secrets_: Mapping[str, Mapping[str, str]], mount: str = "secret"
+) -> ClusterVault:
+    cluster = OpenBaoCluster(workdir / "cluster")
+    cluster.start()
+    try:
+        cluster.enable_kv2(mount)
+        admin = hvac.Client(url=cluster.leader().address, token=cluster.root_token)
+        approle = create_broker_approle(
+            admin, write_policy(admin, policy), workdir / "approle-credentials"
+        )
+        started = ClusterVault(cluster, approle)
+        for path, data in secrets_.items():
+            started.write(path, mount, **data)
+        return started
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+class BrokerProcess:
+    """``python -m broker serve`` as its own process, so a test can SIGKILL or SIGTERM it."""
+
+    def __init__(self, workdir: Path, document: dict[str, Any]) -> None:
+        self.port = free_port_pair()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        document = {
+            **document,
+            "server": {**document["server"], "listen": f"127.0.0.1:{self.port}"},
+        }
+        self.config = write_broker_config(workdir / "broker.toml", document)
+        self.log_path = workdir / "broker.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> BrokerProcess:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("VAULT_")}
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                die_with_parent(
+                    [sys.executable, "-m", "broker", "serve", "--config", str(self.config)]
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: gone without a goodbye, connections reset."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM: the graceful shutdown (NOT_SERVING, drain, stop); its exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        stop_server(self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def client_config(
+    endpoints: Sequence[str], ca: Path, cert: Path, key: Path, deadline: float = 2.0
+) -> BrokerClientConfig:
+    return BrokerClientConfig(
+        target=list(endpoints),
+        ca_file=ca,
+        cert_file=cert,
+        key_file=key,
+        deadline=deadline,
+        retry=RetryPolicy(overall_deadline=10.0),
+    )
+
+
+@dataclass
+class LoadReport:
+    reads: int = 0
+    failed: list[str] = field(default_factory=list)
+    """Each failed GetSecret: the secret and the status code (never a value)."""
+    stale: int = 0
+    went_back: list[str] = field(default_factory=list)
+    """Each time LiveSecrets held a lower Vault version than it had held before."""
+    replica_skew: int = 0
+    """GetSecret answers with a lower version than the same reader had seen: replicas cache
+    independently, so for up to a TTL after a change one may answer the new version and
+    another the old. Measured, not a failure: a point read is whichever replica answers;
+    LiveSecrets is the monotonic view."""
+    live_missing: int = 0
+    """LiveSecrets lookups that raised: a value the catalog did not have."""
+    latencies: list[float] = field(default_factory=list)
+    """Seconds per successful GetSecret, with the wall time it ended at."""
+    ended_at: list[float] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)
+    """The highest version each reader saw, per secret."""
+
+
+class CatalogLoad:
+    """Catalog clients under continuous load, as the chaos tests want them: ``readers`` threads
+    calling GetSecret through the SDK, and one LiveSecrets kept current by WatchSecrets and
+    read in a loop. Every failed read is recorded; versions must never go back."""
+
+    def __init__(
+        self,
+        config: BrokerClientConfig,
+        names: Sequence[str],
+        readers: int = 2,
+        pause: float = 0.005,
+    ) -> None:
+        self._config = config
+        self._names = list(names)
+        self._readers = readers
+        self._pause = pause
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.report = LoadReport()
+        self.client = SecretsClient(config)
+        self.live = LiveSecrets(self.client, self._names)
+        self._threads: list[threading.Thread] = []
+
+    def start(self, ready_timeout: float = 30) -> CatalogLoad:
+        self.live.wait_ready(ready_timeout)
+        for index in range(self._readers):
+            thread = threading.Thread(target=self._read, args=(index,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._threads.append(threading.Thread(target=self._read_live, daemon=True))
+        self._threads[-1].start()
+        return self
+
+    def stop(self) -> LoadReport:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.live.close()
+        self.client.close()
+        return self.report
+
+    def __enter__(self) -> CatalogLoad:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _read(self, index: int) -> None:
+        seen: dict[str, int] = {}
+        turn = index
+        while not self._stop.is_set():
+            name = self._names[turn % len(self._names)]
+            turn += 1
+            started = time.perf_counter()
+            try:
+                secret = self.client.get_secret(name)
+            except SecretUnavailable as exc:
+                with self._lock:
+                    self.report.reads += 1
+                    self.report.failed.append(f"{name}: {exc.code.name}")
+                continue
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                report = self.report
+                report.reads += 1
+                report.latencies.append(elapsed)
+                report.ended_at.append(time.time())
+                report.stale += secret.stale
+                if secret.source is SecretSource.VAULT:
+                    if secret.version < seen.get(name, 0):
+                        report.replica_skew += 1
+                    seen[name] = max(seen.get(name, 0), secret.version)
+                    report.versions[name] = max(report.versions.get(name, 0), secret.version)
+            self._stop.wait(self._pause)
+
+    def _read_live(self) -> None:
+        seen: dict[str, int] = {}
+        while not self._stop.is_set():
+            for name in self._names:
+                try:
+                    secret = self.live.get_secret(name)
+                except (SecretUnavailable, KeyError):
+                    with self._lock:
+                        self.report.live_missing += 1
+                    continue
+                if secret.version < seen.get(name, 0):
+                    with self._lock:
+                        self.report.went_back.append(
+                            f"live {name}: {seen[name]} -> {secret.version}"
+                        )
+                seen[name] = max(seen.get(name, 0), secret.version)
+            self._stop.wait(0.01)
+
+    def live_version(self, name: str) -> int:
+        return self.live.get_secret(name).version

@@ -1,0 +1,146 @@
+"""Broker replicas and client failover: the SDK spreads calls over every replica (round_robin),
+leaves one that reports NOT_SERVING, retries a GetSecret that meets a dying one, and LiveSecrets
+resumes its watch elsewhere. Against real broker processes and a real OpenBao: 0 failed reads on
+the catalog side while replicas are SIGKILLed and SIGTERMed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from secretbroker.client import ROUTING_HEALTH_SERVICE, channel_credentials
+from secretbroker.v1 import broker_pb2_grpc
+from tests.conftest import (
+    API,
+    DATABASE,
+    BrokerFactory,
+    Pki,
+    Vault,
+    broker_settings,
+    eventually,
+    get,
+    status_of,
+)
+from tests.ha import BrokerProcess, CatalogLoad, client_config
+
+LOAD_SECONDS = 3.0
+
+
+@pytest.fixture
+def replicas(vault: Vault, pki: Pki, tmp_path: Path) -> Iterator[list[BrokerProcess]]:
+    document = broker_settings(
+        vault,
+        pki,
+        secrets_={DATABASE: {"ttl": 1}, API: {"ttl": 1}},  # Vault is read all along
+        audit={"file": "audit.jsonl"},
+        metrics={"vault_probe_interval": "1s"},
+        log_level="INFO",
+    )
+    started = [BrokerProcess(tmp_path / f"broker{i}", document).start() for i in range(3)]
+    yield started
+    for replica in started:
+        replica.stop()
+
+
+def served_by(replica: BrokerProcess) -> int:
+    """GetSecret answers this replica gave (from its audit trail)."""
+    trail = replica.workdir / "audit.jsonl"
+    if not trail.exists():
+        return 0
+    records = [json.loads(line) for line in trail.read_text().splitlines()]
+    return sum(1 for r in records if r.get("rpc") == "GetSecret" and r.get("decision") == "allow")
+
+
+def load_on(replicas: list[BrokerProcess], pki: Pki) -> CatalogLoad:
+    config = client_config(
+        [r.endpoint for r in replicas], pki.ca, pki.catalog.cert, pki.catalog.key
+    )
+    return CatalogLoad(config, [DATABASE, API])
+
+
+def assert_no_read_lost(load: CatalogLoad) -> None:
+    report = load.stop()
+    assert report.reads > 100, "the load ran"
+    assert report.failed == [], f"{len(report.failed)} of {report.reads} reads failed"
+    assert report.went_back == []
+    assert report.live_missing == 0
+
+
+def test_calls_spread_over_every_replica(replicas: list[BrokerProcess], pki: Pki) -> None:
+    load = load_on(replicas, pki)
+    eventually(lambda: load.live.wait_ready(1) is None, ignoring=(Exception,), timeout=30)
+    load.start()
+    time.sleep(LOAD_SECONDS)
+    assert_no_read_lost(load)
+
+    counts = [served_by(replica) for replica in replicas]
+    assert all(count > 0 for count in counts), f"GetSecret answers per replica: {counts}"
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_replica_that_dies_or_shuts_down_loses_no_catalog_read(
+    replicas: list[BrokerProcess], pki: Pki, how: str
+) -> None:
+    load = load_on(replicas, pki)
+    eventually(lambda: load.live.wait_ready(1) is None, ignoring=(Exception,), timeout=30)
+    load.start()
+    time.sleep(1.0)
+
+    if how == "SIGKILL":
+        replicas[0].kill()
+    else:
+        assert replicas[0].terminate() == 0
+        log = replicas[0].log()
+        assert log.index("reported NOT_SERVING") < log.index("broker stopped")
+        assert "Traceback" not in log
+    time.sleep(LOAD_SECONDS)
+
+    before = [served_by(replica) for replica in replicas[1:]]
+    time.sleep(0.5)
+    assert_no_read_lost(load)
+    after = [served_by(replica) for replica in replicas[1:]]
+    assert all(a > b for a, b in zip(after, before, strict=True)), "both survivors serve"
+
+
+def test_a_stopping_broker_reports_not_serving_first_then_still_answers_while_it_drains(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(vault)
+    # A channel without the SDK's health checking, to ask and call the broker whatever it says.
+    plain = grpc.secure_channel(
+        f"127.0.0.1:{broker.port}",
+        channel_credentials(pki.ca, pki.catalog.cert, pki.catalog.key),
+    )
+    health = health_pb2_grpc.HealthStub(plain)
+
+    def routing() -> int:
+        request = health_pb2.HealthCheckRequest(service=ROUTING_HEALTH_SERVICE)
+        status: int = health.Check(request, timeout=5).status
+        return status
+
+    assert routing() == health_pb2.HealthCheckResponse.SERVING
+    sdk_stub = broker.stub(pki.catalog, pki.ca)
+    assert get(sdk_stub, API).name == API
+    stopping = threading.Thread(target=broker.stop, kwargs={"delay": 2.0, "grace": 1.0})
+    stopping.start()
+    try:
+        eventually(lambda: routing() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=2)
+        stub = broker_pb2_grpc.SecretBrokerStub(plain)
+        assert get(stub, API).name == API, "a client that did not look still gets its answer"
+        eventually(
+            lambda: status_of(lambda: get(sdk_stub, API, timeout=1)) == grpc.StatusCode.UNAVAILABLE,
+            what="the SDK's channel sends nothing to a broker that said NOT_SERVING",
+            timeout=1.5,
+        )
+    finally:
+        stopping.join(timeout=30)
+    with pytest.raises(grpc.RpcError) as refused:
+        get(broker.stub(pki.catalog, pki.ca), API, timeout=2)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

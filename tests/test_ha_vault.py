@@ -1,0 +1,262 @@
+"""Chaos against a real 3-node OpenBao raft cluster, under continuous load from catalog clients
+(GetSecret and WatchSecrets through the SDK, two broker replicas). Each asserts 0 failed reads on
+the catalog side, and that no reader ever sees a version go back.
+
+Values live 1 s in the brokers' caches, so Vault is read all through each failure: what the
+catalog sees is the broker's failover, not only its cache."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker.config import parse_config
+from secretbroker.v1 import broker_pb2
+from tests.conftest import (
+    API,
+    DATABASE,
+    DEPLOY_POLICY,
+    KV_MOUNT,
+    SECRET_KEYS,
+    BrokerFactory,
+    Pki,
+    RunningBroker,
+    broker_settings,
+    eventually,
+    get,
+    metric,
+    status_of,
+)
+from tests.ha import BrokerProcess, CatalogLoad, ClusterVault, client_config, start_cluster_vault
+
+ROTATING = {DATABASE: {"ttl": 1}, API: {"ttl": 1, "rotation": {"key": "value", "bytes": 24}}}
+SETTINGS = {
+    "secrets_": ROTATING,
+    "cache": {"max_stale": "1h"},
+    "rollout": {"watch_poll_interval": "500ms"},
+}
+STEADY = 1.5
+"""Seconds of load before each failure, for a baseline."""
+
+
+@pytest.fixture
+def cluster_vault(tmp_path: Path) -> Iterator[ClusterVault]:
+    started = start_cluster_vault(
+        tmp_path,
+        DEPLOY_POLICY.read_text(),
+        {path: {key: secrets.token_urlsafe(16) for key in SECRET_KEYS} for path in (DATABASE, API)},
+        KV_MOUNT,
+    )
+    yield started
+    started.stop()
+
+
+def replicas_of(
+    cluster_vault: ClusterVault, start_broker: BrokerFactory, count: int = 2
+) -> list[RunningBroker]:
+    return [start_broker(cluster_vault, **SETTINGS) for _ in range(count)]
+
+
+def load_on(brokers: list[RunningBroker], pki: Pki) -> CatalogLoad:
+    endpoints = [f"127.0.0.1:{broker.port}" for broker in brokers]
+    config = client_config(endpoints, pki.ca, pki.catalog.cert, pki.catalog.key)
+    return CatalogLoad(config, [DATABASE, API]).start()
+
+
+def assert_no_read_lost(load: CatalogLoad) -> None:
+    report = load.stop()
+    assert report.reads > 100, "the load ran"
+    assert report.failed == [], f"{len(report.failed)} of {report.reads} reads failed"
+    assert report.went_back == []
+    assert report.live_missing == 0
+
+
+def read_fresh_from_vault(broker: RunningBroker, pki: Pki, version: int) -> None:
+    """The broker reads ``version`` from Vault again (not only from its cache)."""
+    stub = broker.stub(pki.catalog, pki.ca)
+    eventually(
+        lambda: (answer := get(stub, API)).version >= version and not answer.stale,
+        what=f"a fresh read of version {version}",
+        timeout=30,
+    )
+
+
+def test_the_leader_sigkilled_loses_no_read_and_a_new_version_reaches_the_watchers(
+    cluster_vault: ClusterVault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    brokers = replicas_of(cluster_vault, start_broker)
+    load = load_on(brokers, pki)
+    time.sleep(STEADY)
+    old_leader = cluster_vault.cluster.leader()
+
+    cluster_vault.cluster.kill(old_leader)
+    cluster_vault.cluster.wait_serving()
+    version = cluster_vault.write(API, value="after-failover", other="x")
+    eventually(lambda: load.live_version(API) == version, what="the watchers get it", timeout=30)
+    time.sleep(1.0)
+    assert_no_read_lost(load)
+
+    for broker in brokers:
+        read_fresh_from_vault(broker, pki, version)
+        up = metric(broker, "secretbroker_vault_node_up", node=old_leader.address)
+        assert up == 0, "the dead node shows in the per-node metrics"
+
+
+def test_a_hung_leader_sigstopped_past_an_election_loses_no_read(
+    cluster_vault: ClusterVault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    brokers = replicas_of(cluster_vault, start_broker)
+    load = load_on(brokers, pki)
+    time.sleep(STEADY)
+    hung = cluster_vault.cluster.leader()
+
+    cluster_vault.cluster.pause(hung)
+    try:
+        time.sleep(6.0)  # elections take about 2 s with performance_multiplier = 1
+        version = cluster_vault.write(API, value="while-hung", other="x")
+        eventually(lambda: load.live_version(API) == version, timeout=30)
+    finally:
+        cluster_vault.cluster.resume(hung)
+    eventually(lambda: hung.health() == 429, what="the hung node back as a standby", timeout=30)
+    time.sleep(1.0)
+    assert_no_read_lost(load)
+    for broker in brokers:
+        read_fresh_from_vault(broker, pki, version)
+
+
+def test_a_standby_killed_loses_no_read(
+    cluster_vault: ClusterVault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    brokers = replicas_of(cluster_vault, start_broker)
+    load = load_on(brokers, pki)
+    time.sleep(STEADY)
+    leader = cluster_vault.cluster.leader()
+    standby = next(node for node in cluster_vault.cluster.running() if node is not leader)
+
+    cluster_vault.cluster.kill(standby)
+    time.sleep(3.0)
+    version = cluster_vault.write(API, value="one-standby-down", other="x")
+    eventually(lambda: load.live_version(API) == version, timeout=30)
+    assert_no_read_lost(load)
+
+
+def test_rotation_during_an_election_writes_one_version_per_success_and_loses_none(
+    cluster_vault: ClusterVault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """Three replicas rotate the same secret again and again while the leader is killed: each
+    answer is a new version or a clean ABORTED/UNAVAILABLE, and Vault ends with exactly one new
+    version per success (check-and-set: never two for one version, never a lost one)."""
+    brokers = replicas_of(cluster_vault, start_broker, count=3)
+    load = load_on(brokers, pki)
+    before = current_version(cluster_vault)
+    outcomes: list[int | grpc.StatusCode] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def keep_rotating(broker: RunningBroker) -> None:
+        admin = broker.admin(pki.ops, pki.ca)
+        while not stop.is_set():
+            try:
+                answer = admin.RotateSecret(broker_pb2.RotateSecretRequest(name=API), timeout=10)
+                outcome: int | grpc.StatusCode = answer.version
+            except grpc.RpcError as exc:
+                outcome = exc.code()
+            with lock:
+                outcomes.append(outcome)
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=keep_rotating, args=(b,)) for b in brokers]
+    for thread in threads:
+        thread.start()
+    time.sleep(STEADY)
+    cluster_vault.cluster.kill(cluster_vault.cluster.leader())
+    cluster_vault.cluster.wait_serving()
+    time.sleep(3.0)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert_no_read_lost(load)
+
+    successes = [o for o in outcomes if isinstance(o, int)]
+    refusals = {o for o in outcomes if not isinstance(o, int)}
+    assert refusals <= {grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE}, refusals
+    assert len(successes) == len(set(successes)), "two rotations claimed one version"
+    assert current_version(cluster_vault) == before + len(successes)
+    assert len(successes) >= 2, "rotation works again after the election"
+
+
+def test_every_vault_node_down_serves_stale_within_max_stale_then_recovers_without_restart(
+    cluster_vault: ClusterVault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    broker = start_broker(
+        cluster_vault, secrets_={DATABASE: {"ttl": 1}, API: {"ttl": 1}}, cache={"max_stale": "4s"}
+    )
+    stub = broker.stub(pki.catalog, pki.ca)
+    assert not get(stub, API).stale
+    cluster = cluster_vault.cluster
+
+    for node in list(cluster.running()):
+        cluster.kill(node)
+    time.sleep(1.2)
+    assert get(stub, API).stale, "past its TTL: served stale, flagged"
+    eventually(
+        lambda: status_of(lambda: get(stub, API, timeout=5)) == grpc.StatusCode.UNAVAILABLE,
+        what="UNAVAILABLE once max_stale has passed",
+        timeout=15,
+    )
+
+    for node in cluster.nodes:
+        cluster.restart(node)
+    cluster.wait_serving()
+    eventually(
+        lambda: not get(stub, API, timeout=5).stale,
+        what="fresh reads again, with no broker restart",
+        ignoring=(grpc.RpcError,),
+        timeout=60,
+    )
+
+
+def test_a_broker_restarted_while_the_leader_is_replaced_loses_no_catalog_read(
+    cluster_vault: ClusterVault, pki: Pki, tmp_path: Path
+) -> None:
+    """The restarted broker logs in during the election (its fresh token is not yet known to
+    the standbys): the catalog's calls go to the other replica meanwhile."""
+    document = broker_settings(
+        cluster_vault, pki, **SETTINGS, audit={"file": "audit.jsonl"}, log_level="INFO"
+    )
+    parse_config(document, tmp_path, environ={})  # the document is a valid config
+    replicas = [BrokerProcess(tmp_path / f"broker{i}", document).start() for i in range(2)]
+    try:
+        config = client_config(
+            [r.endpoint for r in replicas], pki.ca, pki.catalog.cert, pki.catalog.key
+        )
+        load = CatalogLoad(config, [DATABASE, API])
+        eventually(lambda: load.live.wait_ready(1) is None, ignoring=(Exception,), timeout=30)
+        load.start()
+        time.sleep(STEADY)
+
+        cluster_vault.cluster.kill(cluster_vault.cluster.leader())
+        assert replicas[0].terminate() == 0
+        replicas[0].start()
+        cluster_vault.cluster.wait_serving()
+        version = cluster_vault.write(API, value="after-restart", other="x")
+        eventually(lambda: load.live_version(API) == version, timeout=30)
+        time.sleep(2.0)
+        assert_no_read_lost(load)
+        assert "logged in to vault" in replicas[0].log().split("broker stopped")[-1]
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def current_version(cluster_vault: ClusterVault) -> int:
+    metadata = cluster_vault.admin().secrets.kv.v2.read_secret_metadata(
+        path=API, mount_point=KV_MOUNT
+    )
+    return int(metadata["data"]["current_version"])
