@@ -74,9 +74,7 @@ def assert_no_read_lost(load: CatalogLoad) -> None:
 
 
 def test_calls_spread_over_every_replica(replicas: list[BrokerProcess], pki: Pki) -> None:
-    load = load_on(replicas, pki)
-    eventually(lambda: load.live.wait_ready(1) is None, ignoring=(Exception,), timeout=30)
-    load.start()
+    load = load_on(replicas, pki).start()
     time.sleep(LOAD_SECONDS)
     assert_no_read_lost(load)
 
@@ -88,9 +86,7 @@ def test_calls_spread_over_every_replica(replicas: list[BrokerProcess], pki: Pki
 def test_a_replica_that_dies_or_shuts_down_loses_no_catalog_read(
     replicas: list[BrokerProcess], pki: Pki, how: str
 ) -> None:
-    load = load_on(replicas, pki)
-    eventually(lambda: load.live.wait_ready(1) is None, ignoring=(Exception,), timeout=30)
-    load.start()
+    load = load_on(replicas, pki).start()
     time.sleep(1.0)
 
     if how == "SIGKILL":
