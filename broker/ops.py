@@ -7,6 +7,12 @@
 
 Connection settings come from flags or from SECRETBROKER_ADDR, SECRETBROKER_CA_FILE,
 SECRETBROKER_CERT_FILE, SECRETBROKER_KEY_FILE and SECRETBROKER_SERVER_NAME.
+
+Each replica keeps its own rollback override, so ``status`` and ``rollback`` talk to every
+replica behind the address (broker/replicas.py), each on its own channel: they show each
+replica's state, and exit 1 naming every replica that did not answer or that disagrees.
+Nothing here needs Vault: a flip works while Vault is down, which is when it is needed.
+``rotate`` goes to any one replica: the new version is in Vault, and the others follow it.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ import datetime as dt
 import json
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from broker.replicas import Replica, resolve_replicas
 from secretbroker.client import ENV_PREFIX, BrokerClientConfig, ClientConfigError, secure_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -61,43 +70,109 @@ def add_ops_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     rotate.add_argument("name")
 
 
+AdminCall = Callable[[broker_pb2_grpc.SecretBrokerAdminStub], broker_pb2.RollbackState]
+
+
 def run_ops_command(args: argparse.Namespace) -> int:
     try:
         overrides = {option.upper(): getattr(args, option) for option in _CONNECTION}
-        channel = secure_channel(BrokerClientConfig.from_env(os.environ, overrides))
+        config = BrokerClientConfig.from_env(os.environ, overrides)
+        if args.command == "rotate":
+            return _rotate(config, args.name)
+        call = _rollback_call(args)
+        if call is None:
+            _error('JSON must be a list of categories, e.g. ["external", "api"]')
+            return EXIT_USAGE
+        replicas = resolve_replicas(config)
     except ClientConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
+        _error(str(exc))
         return EXIT_USAGE
-    admin = broker_pb2_grpc.SecretBrokerAdminStub(channel)
+    with ThreadPoolExecutor(min(16, len(replicas))) as pool:
+        answers = list(pool.map(lambda replica: _ask(replica, call), replicas))
+    return _report(args.command, replicas, answers)
+
+
+def _rollback_call(args: argparse.Namespace) -> AdminCall | None:
+    if args.command == "status":
+        request = broker_pb2.GetRollbackStateRequest()
+        return lambda admin: admin.GetRollbackState(request, timeout=10).state
+    if args.action == "set":
+        categories = _categories(args.vault_enabled)
+        if categories is None:
+            return None
+        flip = broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=categories)
+        return lambda admin: admin.SetRollbackOverride(flip, timeout=10).state
+    clear = broker_pb2.ClearRollbackOverrideRequest()
+    return lambda admin: admin.ClearRollbackOverride(clear, timeout=10).state
+
+
+def _ask(replica: Replica, call: AdminCall) -> broker_pb2.RollbackState | str:
+    """The replica's state after ``call``, or why it did not answer."""
+    channel = secure_channel(replica.config)
     try:
-        if args.command == "status":
-            state = admin.GetRollbackState(broker_pb2.GetRollbackStateRequest(), timeout=10).state
-            print(describe(state))  # noqa: T201
-        elif args.command == "rollback" and args.action == "set":
-            categories = _categories(args.vault_enabled)
-            if categories is None:
-                print(  # noqa: T201
-                    'error: JSON must be a list of categories, e.g. ["external", "api"]',
-                    file=sys.stderr,
-                )
-                return EXIT_USAGE
-            request = broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=categories)
-            print(describe(admin.SetRollbackOverride(request, timeout=10).state))  # noqa: T201
-        elif args.command == "rollback":
-            request_clear = broker_pb2.ClearRollbackOverrideRequest()
-            print(describe(admin.ClearRollbackOverride(request_clear, timeout=10).state))  # noqa: T201
-        else:
-            rotated = admin.RotateSecret(broker_pb2.RotateSecretRequest(name=args.name), timeout=30)
-            print(  # noqa: T201
-                f"rotated {rotated.name}: version {rotated.version},"
-                f" written {_when(rotated.created_at)}"
-            )
+        return call(broker_pb2_grpc.SecretBrokerAdminStub(channel))
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # noqa: T201
+        return f"{exc.code().name}: {exc.details()}"
+    finally:
+        channel.close()
+
+
+def _report(
+    command: str, replicas: list[Replica], answers: list[broker_pb2.RollbackState | str]
+) -> int:
+    """Print each replica's state; exit 1 when one did not answer or the replicas disagree."""
+    several = len(replicas) > 1
+    for replica, answer in zip(replicas, answers, strict=True):
+        if several:
+            print(f"== replica {replica.endpoint} ==")  # noqa: T201 - the CLI's own output
+        if isinstance(answer, str):
+            _error(f"{replica.endpoint}: {answer}" if several else answer)
+        else:
+            print(describe(answer))  # noqa: T201
+    failed = [r.endpoint for r, a in zip(replicas, answers, strict=True) if isinstance(a, str)]
+    states = {
+        replica.endpoint: _where_served(answer)
+        for replica, answer in zip(replicas, answers, strict=True)
+        if not isinstance(answer, str)
+    }
+    if failed and several:
+        what = "not applied on" if command == "rollback" else "no answer from"
+        _error(f"{what} {len(failed)} of {len(replicas)} replicas: {', '.join(failed)}")
+    if len(set(states.values())) > 1:
+        _error(
+            "the replicas disagree on where categories are served from: "
+            + "; ".join(f"{endpoint}: {where}" for endpoint, where in states.items())
+        )
+        return EXIT_FAILED
+    if failed:
+        return EXIT_FAILED
+    if several:
+        print(f"all {len(replicas)} replicas agree")  # noqa: T201
+    return 0
+
+
+def _where_served(state: broker_pb2.RollbackState) -> str:
+    return f"vault [{', '.join(state.vault_enabled_categories)}]"
+
+
+def _rotate(config: BrokerClientConfig, name: str) -> int:
+    channel = secure_channel(config)
+    try:
+        admin = broker_pb2_grpc.SecretBrokerAdminStub(channel)
+        rotated = admin.RotateSecret(broker_pb2.RotateSecretRequest(name=name), timeout=30)
+    except grpc.RpcError as exc:
+        _error(f"{exc.code().name}: {exc.details()}")
         return EXIT_FAILED
     finally:
         channel.close()
+    print(  # noqa: T201
+        f"rotated {rotated.name}: version {rotated.version}, written {_when(rotated.created_at)}"
+    )
     return 0
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)  # noqa: T201 - the CLI's own output
 
 
 def describe(state: broker_pb2.RollbackState) -> str:
