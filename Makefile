@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: dev test check lint typecheck proto proto-check buf-lint unit clean system-tools
+.PHONY: dev dev-ha test check lint typecheck proto proto-check buf-lint unit clean system-tools
 
 $(BIN)/python: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(BUF):
 ## Run the dev stack: OpenBao, the broker over mTLS, the catalog reading through it. Ctrl-C stops it.
 dev: $(BIN)/python
 	$(BIN)/python -m devstack
+
+## The same with a 3-node OpenBao raft cluster and two broker replicas (kill a node and watch).
+dev-ha: $(BIN)/python
+	$(BIN)/python -m devstack --ha
 
 ## Every check CI runs: generated code fresh, buf lint, ruff, mypy --strict, then the test suite.
 test: system-tools proto-check buf-lint lint typecheck

@@ -1,4 +1,4 @@
-"""``python -m devstack [--dir .dev-stack]``: the local stack (``make dev``)."""
+"""``python -m devstack [--dir .dev-stack] [--ha]``: the local stack (``make dev``)."""
 
 import argparse
 import sys
@@ -10,4 +10,10 @@ parser = argparse.ArgumentParser(prog="python -m devstack", description=run_dev_
 parser.add_argument(
     "--dir", type=Path, default=Path(".dev-stack"), help="state folder (default: .dev-stack)"
 )
-sys.exit(run_dev_stack(parser.parse_args().dir))
+parser.add_argument(
+    "--ha",
+    action="store_true",
+    help="a 3-node OpenBao raft cluster and two broker replicas instead of one of each",
+)
+arguments = parser.parse_args()
+sys.exit(run_dev_stack(arguments.dir, ha=arguments.ha))

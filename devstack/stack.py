@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -37,6 +38,7 @@ from devstack.bootstrap import (
     write_policy,
 )
 from devstack.broker_config import approle_auth, broker_document, write_broker_config
+from devstack.cluster import OpenBaoCluster
 from devstack.openbao import OpenBaoDevServer, die_with_parent, free_port_pair
 from devstack.pki import CertFiles, DevCA, issue_loopback_server
 from secretbroker.client import ENV_PREFIX, BrokerClientConfig, SecretsClient
@@ -81,7 +83,7 @@ DEV_SECRETS: dict[str, dict[str, Any]] = {
 def dev_broker_config(
     path: Path,
     listen: str,
-    vault_addr: str,
+    vault_addr: str | list[str],
     certs: DevCertificates,
     role: AppRoleFiles,
     state_dir: Path,
@@ -91,7 +93,9 @@ def dev_broker_config(
         listen=listen,
         server=certs.broker,
         client_ca=certs.ca,
-        vault_address=vault_addr,
+        vault_address=vault_addr
+        if isinstance(vault_addr, str) or len(vault_addr) > 1
+        else vault_addr[0],
         auth=approle_auth(role.role_id_file, role.secret_id_file),
         secrets=DEV_SECRETS,
         access={CATALOG_SPIFFE_ID: ["media-catalog/*"]},
@@ -117,7 +121,62 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-def run_dev_stack(state_dir: Path) -> int:
+@dataclass
+class DevVault:
+    """The dev stack's Vault: one OpenBao dev server, or (``--ha``) a 3-node raft cluster."""
+
+    addresses: list[str]
+    root_token: str
+    stop: Callable[[], None]
+    banner: Callable[[], str]
+
+
+def start_dev_vault(state_dir: Path, ha: bool) -> DevVault:
+    if not ha:
+        bao = OpenBaoDevServer(state_dir / "openbao", root_token=secrets.token_hex(16))
+        bao.start()
+        log.info("OpenBao dev server at %s (its log: %s)", bao.address, bao.log_path)
+        admin = hvac.Client(url=bao.address, token=bao.root_token, timeout=5)
+        ensure_kv2_mount(admin, KV_MOUNT)
+        admin.adapter.close()
+        return DevVault(
+            [bao.address],
+            bao.root_token,
+            bao.stop,
+            lambda: f"  OpenBao (Vault API)  {bao.address}   log: {bao.log_path}",
+        )
+    cluster = OpenBaoCluster(state_dir / "openbao-cluster")
+    cluster.start()
+    try:
+        cluster.enable_kv2(KV_MOUNT)
+    except BaseException:
+        cluster.stop()
+        raise
+    log.info("OpenBao raft cluster: %s", ", ".join(cluster.addresses))
+    return DevVault(
+        cluster.addresses, cluster.root_token, cluster.stop, lambda: _cluster_lines(cluster)
+    )
+
+
+def _cluster_lines(cluster: OpenBaoCluster) -> str:
+    leader = cluster.leader()
+    lines = [
+        f"  OpenBao node {node.node_id}  {node.address}   pid {node.pid}"
+        f"{'   (leader now)' if node is leader else ''}   log: {node.log_path}"
+        for node in cluster.nodes
+    ]
+    lines.append(
+        f"  Kill a node to see failover (a new leader in ~2 s; reads go on): kill -9 {leader.pid}"
+    )
+    lines.append(
+        f"  or hang it past an election: kill -STOP {leader.pid}; later kill -CONT {leader.pid}"
+    )
+    return "\n".join(lines)
+
+
+def run_dev_stack(state_dir: Path, ha: bool = False) -> int:
+    """The dev stack; with ``ha``, a 3-node OpenBao raft cluster and two broker replicas that
+    the catalog spreads its calls over."""
     configure_logging("INFO")
     state_dir = state_dir.resolve()
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -125,41 +184,49 @@ def run_dev_stack(state_dir: Path) -> int:
     # Both stop the stack, even when started with SIGINT ignored (a background job, nohup).
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    bao = OpenBaoDevServer(state_dir / "openbao", root_token=secrets.token_hex(16))
+    vault: DevVault | None = None
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        bao.start()
-        log.info("OpenBao dev server at %s (its log: %s)", bao.address, bao.log_path)
-        admin = hvac.Client(url=bao.address, token=bao.root_token, timeout=5)
-        ensure_kv2_mount(admin, KV_MOUNT)
+        vault = start_dev_vault(state_dir, ha)
+        admin = hvac.Client(url=vault.addresses[0], token=vault.root_token, timeout=5)
         role = create_broker_approle(admin, [BROKER_POLICY], state_dir / "approle")
         database_url = f"sqlite:///{state_dir / 'media-catalog.db'}"
         seed_secrets(admin, KV_MOUNT, dev_secret_values(database_url))
         certs = issue_dev_certificates(state_dir / "certs")
-        listen = f"127.0.0.1:{free_port_pair()}"
-        metrics_listen = f"127.0.0.1:{free_port_pair()}"
-        config_path = dev_broker_config(
-            state_dir / "broker.toml", listen, bao.address, certs, role, state_dir, metrics_listen
-        )
+        brokers = []
+        for index in range(2 if ha else 1):
+            name = f"broker-{index + 1}" if ha else "broker"
+            folder = state_dir / name if ha else state_dir
+            folder.mkdir(mode=0o700, exist_ok=True)
+            listen = f"127.0.0.1:{free_port_pair()}"
+            metrics_listen = f"127.0.0.1:{free_port_pair()}"
+            config_path = dev_broker_config(
+                folder / "broker.toml", listen, vault.addresses, certs, role, folder, metrics_listen
+            )
+            brokers.append((name, listen, metrics_listen, config_path))
         # The broker's Vault policy, derived from the config it runs with.
-        write_policy(admin, vault_policy(load_config(config_path, {})))
+        write_policy(admin, vault_policy(load_config(brokers[0][3], {})))
         admin.adapter.close()
-        children["broker"] = _start(
-            "broker", "serve", "--config", str(config_path), env=rollback_environment(database_url)
-        )
-        _show_catalog_config(listen, certs)
+        for name, _, _, config_path in brokers:
+            children[name] = _start(
+                "broker",
+                "serve",
+                "--config",
+                str(config_path),
+                env=rollback_environment(database_url),
+            )
+        endpoints = ",".join(listen for _, listen, _, _ in brokers)
+        _show_catalog_config(endpoints, certs)
         catalog_url = f"127.0.0.1:{free_port_pair()}"
         children["catalog service"] = _start(
             "catalog",
             "serve",
             "--listen",
             catalog_url,
-            env=client_env(listen, certs.ca, certs.catalog),
+            env=client_env(endpoints, certs.ca, certs.catalog),
         )
         _wait_for_http(f"http://{catalog_url}/healthz", children["catalog service"])
-        banner = _banner(
-            bao, listen, config_path, certs, role.role_id_file.parent, catalog_url, metrics_listen
-        )
+        banner = _banner(vault, brokers, certs, role.role_id_file.parent, catalog_url)
         print(banner, flush=True)  # noqa: T201 - the dev stack talks to its user
         while True:
             for name, child in children.items():
@@ -172,7 +239,8 @@ def run_dev_stack(state_dir: Path) -> int:
     finally:
         for child in reversed(children.values()):
             _terminate(child)
-        bao.stop()
+        if vault is not None:
+            vault.stop()
         log.info("dev stack stopped")
 
 
@@ -234,23 +302,26 @@ def _shell_env(env: dict[str, str]) -> str:
 
 
 def _banner(
-    bao: OpenBaoDevServer,
-    listen: str,
-    config_path: Path,
+    vault: DevVault,
+    brokers: list[tuple[str, str, str, Path]],
     certs: DevCertificates,
     role_dir: Path,
     catalog_url: str,
-    metrics_listen: str,
 ) -> str:
     python = sys.executable
-    catalog = _shell_env(client_env(listen, certs.ca, certs.catalog))
-    ops = _shell_env(client_env(listen, certs.ca, certs.ops))
+    endpoints = ",".join(listen for _, listen, _, _ in brokers)
+    catalog = _shell_env(client_env(endpoints, certs.ca, certs.catalog))
+    ops = _shell_env(client_env(endpoints, certs.ca, certs.ops))
+    broker_lines = "\n".join(
+        f"  {name + ' (gRPC, mTLS)':<22}{listen}   config: {config_path}\n"
+        f"  {name + ' metrics':<22}http://{metrics_listen}/metrics   (also /healthz, /readyz)\n"
+        f"  {name + ' audit trail':<22}{config_path.parent / 'audit.jsonl'}"
+        for name, listen, metrics_listen, config_path in brokers
+    )
     return f"""
 Dev stack is up. Nothing below is a secret value.
-  OpenBao (Vault API)  {bao.address}   log: {bao.log_path}
-  broker (gRPC, mTLS)  {listen}   config: {config_path}
-  broker metrics       http://{metrics_listen}/metrics   (also /healthz, /readyz)
-  audit trail          {config_path.parent / "audit.jsonl"}
+{vault.banner()}
+{broker_lines}
   catalog service      http://{catalog_url}   (GET /healthz, GET /media, POST /media)
   dev certificates     {certs.ca.parent}/  (CA ca.pem; clients catalog.pem, ops.pem)
   broker AppRole       {role_dir}/
@@ -259,7 +330,7 @@ As the catalog, from another terminal (config, or a token for POST /media):
   {python} -m catalog config
   curl -H "Authorization: Bearer $({python} -m catalog token --sub me)" \\
     -d '{{"title": "Heat", "year": 1995}}' http://{catalog_url}/media
-As ops (rollback to env vars, rotate the JWT key):
+As ops (rollback to env vars, rotate the JWT key; status and rollback reach every replica):
   export {ops}
   {python} -m broker status
   {python} -m broker rotate media-catalog/api

@@ -41,9 +41,9 @@ def _processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-def _run_until_ready(state_dir: Path) -> tuple[subprocess.Popen[str], str]:
+def _run_until_ready(state_dir: Path, *flags: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "devstack", "--dir", str(state_dir)],
+        [sys.executable, "-m", "devstack", "--dir", str(state_dir), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -201,6 +201,26 @@ def _read_as_broker(address: str, state_dir: Path) -> list[str]:
         values.extend(data.values())
     client.adapter.close()
     return values
+
+
+def test_the_ha_dev_stack_keeps_serving_when_the_node_its_banner_names_is_killed(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "dev-stack-ha"
+    process, output = _run_until_ready(state_dir, "--ha")
+    try:
+        assert READY_LINE in output, output
+        assert output.count("OpenBao node node") == 3
+        kill = re.search(r"kill -9 (\d+)", output)
+        assert kill is not None
+        os.kill(int(kill.group(1)), signal.SIGKILL)
+        output += _catalog_config_command(output, state_dir)
+        status = _run_module(["broker", "status"], _client_env(output, state_dir, "ops"))
+        assert "all 2 replicas agree" in status.stdout
+    finally:
+        rest = _stop(process)
+    assert process.returncode == 0, output + rest
+    assert not _processes_mentioning(str(state_dir)), "a node or a broker was left running"
 
 
 def test_an_openbao_dev_server_keeps_its_root_token_out_of_the_users_home(
