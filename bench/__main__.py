@@ -1,7 +1,9 @@
 """``python -m bench``: the broker against the gRPC floor and against Vault itself, in one run.
 
 Starts everything itself (bench/rig.py); clients run in separate processes (bench/workers.py).
-Prints a table, writes ``bench/out/results.json`` and draws ``bench/out/latency.png``.
+Prints a table, writes ``bench/out/results.json`` and draws ``bench/out/latency.png``. Then the
+failover section (bench/failover.py): a 3-node OpenBao raft cluster whose leader is killed under
+catalog load, and the Vault load per number of catalog clients.
 ``--quick`` runs in seconds with small counts: a smoke test of the harness, not a measurement.
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.failover import FULL_FAILOVER, QUICK_FAILOVER, measure_failover
 from bench.floor import METHOD as FLOOR_METHOD
 from bench.report import draw_latency_chart, render_table
 from bench.rig import COLD, EXPIRING, FLIP, GET_SECRET, HOT, ROTATING, Rig, running_rig
@@ -247,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ):
         measured = measure(rig, sizes)
     results = measured["results"]
+    with tempfile.TemporaryDirectory(prefix="secretbroker-failover-") as workdir:
+        failover_sizes = QUICK_FAILOVER if args.quick else FULL_FAILOVER
+        results["failover"] = measure_failover(Path(workdir), failover_sizes)
     results["mode"] = "quick" if args.quick else "full"
     results["seconds"] = round(time.monotonic() - started, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -42,3 +42,10 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
         assert low <= ratio["median"] <= high
     assert results["ttl_expiries"]["expiries"] >= 5
     assert results["ttl_expiries"]["p999_hits_us"] > 0
+    failover = results["failover"]
+    assert failover["failed_reads"] == 0, "a read failed during the leader kill"
+    assert failover["reads"] > 0
+    assert failover["election"]["n"] > 0
+    assert failover["rotation_works_again_after_s"] > 0
+    assert [row["clients"] for row in failover["vault_load"]["rows"]] == [1, 10]
+    assert "failed catalog reads during the leader kill" in result.stdout

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack.ha import BrokerProcess, CatalogLoad, client_config
 from secretbroker.client import ROUTING_HEALTH_SERVICE, channel_credentials
 from secretbroker.v1 import broker_pb2_grpc
 from tests.conftest import (
@@ -28,7 +29,6 @@ from tests.conftest import (
     get,
     status_of,
 )
-from tests.ha import BrokerProcess, CatalogLoad, client_config
 
 LOAD_SECONDS = 3.0
 

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from broker.config import parse_config
+from devstack.ha import BrokerProcess, CatalogLoad, ClusterVault, client_config, start_cluster_vault
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
@@ -33,7 +34,6 @@ from tests.conftest import (
     get,
     metric,
 )
-from tests.ha import BrokerProcess, CatalogLoad, ClusterVault, client_config, start_cluster_vault
 
 ROTATING = {DATABASE: {"ttl": 1}, API: {"ttl": 1, "rotation": {"key": "value", "bytes": 24}}}
 SETTINGS: dict[str, Any] = {

@@ -1,7 +1,8 @@
-"""The HA test bed: a bootstrapped OpenBao raft cluster, broker replicas as real processes, and
+"""The HA rig: a bootstrapped OpenBao raft cluster, broker replicas as real processes, and
 catalog clients under continuous load that count every failed read.
 
-Shared by the HA tests and the benchmark's failover section, so both measure the same thing.
+Shared by the HA chaos tests and the benchmark's failover section, so both measure the same
+thing.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hvac
+from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.bootstrap import AppRoleFiles, create_broker_approle, write_policy
 from devstack.broker_config import write_broker_config
@@ -85,9 +88,14 @@ class BrokerProcess:
         self.port = free_port_pair()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        self.metrics_port = free_port_pair()
         document = {
             **document,
             "server": {**document["server"], "listen": f"127.0.0.1:{self.port}"},
+            "metrics": {
+                **document.get("metrics", {}),
+                "listen": f"127.0.0.1:{self.metrics_port}",
+            },
         }
         self.config = write_broker_config(workdir / "broker.toml", document)
         self.log_path = workdir / "broker.log"
@@ -100,7 +108,7 @@ class BrokerProcess:
     def start(self) -> BrokerProcess:
         env = {key: value for key, value in os.environ.items() if not key.startswith("VAULT_")}
         with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(
+            self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 die_with_parent(
                     [sys.executable, "-m", "broker", "serve", "--config", str(self.config)]
                 ),
@@ -114,18 +122,35 @@ class BrokerProcess:
 
     def kill(self) -> None:
         """SIGKILL: gone without a goodbye, connections reset."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
+        self._running().kill()
+        self._running().wait()
 
     def terminate(self, timeout: float = 30) -> int:
         """SIGTERM: the graceful shutdown (NOT_SERVING, drain, stop); its exit code."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        process = self._running()
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout)
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self.process is None:
+            raise RuntimeError(f"the broker in {self.workdir} was not started")
+        return self.process
 
     def stop(self) -> None:
         stop_server(self.process)
+
+    def vault_reads(self) -> float:
+        """KV reads this replica has sent to Vault so far (from its /metrics)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "secretbroker_vault_requests_total"
+            and sample.labels.get("operation") == "read"
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
