@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from broker.audit import AuditTrail
@@ -19,12 +19,20 @@ from broker.names import validate_secret_name
 from broker.rollback import Flip, RollbackState, RollbackStatus, Rule
 from broker.rotation import Rotator
 from broker.sources.base import SourceKind
+from broker.sources.node_health import NodeHealth, NodeRole
 from broker.values import SecretValues
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+
+_NODE_ROLE = {
+    NodeRole.ACTIVE: broker_pb2.VAULT_NODE_ROLE_ACTIVE,
+    NodeRole.STANDBY: broker_pb2.VAULT_NODE_ROLE_STANDBY,
+    NodeRole.SEALED: broker_pb2.VAULT_NODE_ROLE_SEALED,
+    NodeRole.UNINITIALIZED: broker_pb2.VAULT_NODE_ROLE_UNINITIALIZED,
+}
 
 _RULE = {
     Rule.DEFAULT: broker_pb2.ROLLBACK_RULE_DEFAULT,
@@ -44,8 +52,10 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
         identities: IdentityResolver,
         audit: AuditTrail,
         metrics: BrokerMetrics,
+        vault_nodes: Callable[[], list[NodeHealth]] = list,
     ) -> None:
         self._metrics = metrics
+        self._vault_nodes = vault_nodes
         self._admins = admins
         self._secrets = secrets_
         self._rollback = rollback
@@ -61,7 +71,17 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
             identity = await self._admin(context, "GetRollbackState")
             await self._parse(context, identity, "GetRollbackState", request)
             await self._record_or_abort(context, identity, "GetRollbackState", "allow")
-            return broker_pb2.GetRollbackStateResponse(state=self._state_message())
+            return broker_pb2.GetRollbackStateResponse(
+                state=self._state_message(),
+                vault_nodes=[
+                    broker_pb2.VaultNode(
+                        address=node.address,
+                        reachable=node.reachable,
+                        role=_NODE_ROLE.get(node.role, broker_pb2.VAULT_NODE_ROLE_UNSPECIFIED),
+                    )
+                    for node in self._vault_nodes()
+                ],
+            )
 
     async def SetRollbackOverride(
         self, request: broker_pb2.SetRollbackOverrideRequest | Unparsable, context: Context

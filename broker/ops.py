@@ -22,7 +22,7 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -70,7 +70,9 @@ def add_ops_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     rotate.add_argument("name")
 
 
-AdminCall = Callable[[broker_pb2_grpc.SecretBrokerAdminStub], broker_pb2.RollbackState]
+Answer = broker_pb2.RollbackState | broker_pb2.GetRollbackStateResponse
+"""A flip answers with the state; status with the state and the Vault nodes as seen."""
+AdminCall = Callable[[broker_pb2_grpc.SecretBrokerAdminStub], Answer]
 
 
 def run_ops_command(args: argparse.Namespace) -> int:
@@ -95,7 +97,7 @@ def run_ops_command(args: argparse.Namespace) -> int:
 def _rollback_call(args: argparse.Namespace) -> AdminCall | None:
     if args.command == "status":
         request = broker_pb2.GetRollbackStateRequest()
-        return lambda admin: admin.GetRollbackState(request, timeout=10).state
+        return lambda admin: admin.GetRollbackState(request, timeout=10)
     if args.action == "set":
         categories = _categories(args.vault_enabled)
         if categories is None:
@@ -106,7 +108,7 @@ def _rollback_call(args: argparse.Namespace) -> AdminCall | None:
     return lambda admin: admin.ClearRollbackOverride(clear, timeout=10).state
 
 
-def _ask(replica: Replica, call: AdminCall) -> broker_pb2.RollbackState | str:
+def _ask(replica: Replica, call: AdminCall) -> Answer | str:
     """The replica's state after ``call``, or why it did not answer."""
     channel = secure_channel(replica.config)
     try:
@@ -117,9 +119,7 @@ def _ask(replica: Replica, call: AdminCall) -> broker_pb2.RollbackState | str:
         channel.close()
 
 
-def _report(
-    command: str, replicas: list[Replica], answers: list[broker_pb2.RollbackState | str]
-) -> int:
+def _report(command: str, replicas: list[Replica], answers: list[Answer | str]) -> int:
     """Print each replica's state; exit 1 when one did not answer or the replicas disagree."""
     several = len(replicas) > 1
     for replica, answer in zip(replicas, answers, strict=True):
@@ -127,6 +127,9 @@ def _report(
             print(f"== replica {replica.endpoint} ==")  # noqa: T201 - the CLI's own output
         if isinstance(answer, str):
             _error(f"{replica.endpoint}: {answer}" if several else answer)
+        elif isinstance(answer, broker_pb2.GetRollbackStateResponse):
+            print(describe(answer.state))  # noqa: T201
+            print(describe_vault_nodes(answer.vault_nodes))  # noqa: T201
         else:
             print(describe(answer))  # noqa: T201
     failed = [r.endpoint for r, a in zip(replicas, answers, strict=True) if isinstance(a, str)]
@@ -151,8 +154,28 @@ def _report(
     return 0
 
 
-def _where_served(state: broker_pb2.RollbackState) -> str:
+def _where_served(answer: Answer) -> str:
+    state = answer.state if isinstance(answer, broker_pb2.GetRollbackStateResponse) else answer
     return f"vault [{', '.join(state.vault_enabled_categories)}]"
+
+
+_ROLES = {
+    broker_pb2.VAULT_NODE_ROLE_ACTIVE: "active",
+    broker_pb2.VAULT_NODE_ROLE_STANDBY: "standby",
+    broker_pb2.VAULT_NODE_ROLE_SEALED: "SEALED",
+    broker_pb2.VAULT_NODE_ROLE_UNINITIALIZED: "NOT INITIALISED",
+}
+
+
+def describe_vault_nodes(nodes: Sequence[broker_pb2.VaultNode]) -> str:
+    """One line per Vault node as the broker's last health probe saw it."""
+    if not nodes:
+        return "vault nodes: not probed yet"
+    lines = [f"vault nodes ({sum(n.reachable for n in nodes)} of {len(nodes)} answering):"]
+    for node in nodes:
+        role = _ROLES.get(node.role, "unknown") if node.reachable else "NOT ANSWERING"
+        lines.append(f"  {node.address}  {role}")
+    return "\n".join(lines)
 
 
 def _rotate(config: BrokerClientConfig, name: str) -> int:

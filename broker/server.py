@@ -162,6 +162,7 @@ class Broker:
                 identities,
                 self.audit,
                 self.metrics,
+                vault_nodes=lambda: self.readiness.nodes,
             ),
             self._server,
             self.metrics.unparsable,

@@ -7,6 +7,7 @@ catalog sees is the broker's failover, not only its cache."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 import threading
 import time
@@ -102,10 +103,19 @@ def test_the_leader_sigkilled_loses_no_read_and_a_new_version_reaches_the_watche
     time.sleep(1.0)
     assert_no_read_lost(load)
 
+    new_leader = cluster_vault.cluster.leader()
     for broker in brokers:
         read_fresh_from_vault(broker, pki, version)
-        up = metric(broker, "secretbroker_vault_node_up", node=old_leader.address)
-        assert up == 0, "the dead node shows in the per-node metrics"
+        eventually(  # the next health probe (every second here) sees the new roles
+            functools.partial(roles_seen, broker, old_leader.address, new_leader.address),
+            what="the per-node metrics show the dead node and the new leader",
+        )
+        seen = broker.admin(pki.ops, pki.ca).GetRollbackState(
+            broker_pb2.GetRollbackStateRequest(), timeout=10
+        )
+        roles = {node.address: (node.reachable, node.role) for node in seen.vault_nodes}
+        assert roles[old_leader.address] == (False, broker_pb2.VAULT_NODE_ROLE_UNSPECIFIED)
+        assert roles[new_leader.address] == (True, broker_pb2.VAULT_NODE_ROLE_ACTIVE)
 
 
 def test_a_hung_leader_sigstopped_past_an_election_loses_no_read(
@@ -267,3 +277,10 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
+
+
+def roles_seen(broker: RunningBroker, dead: str, leader: str) -> bool:
+    return (
+        metric(broker, "secretbroker_vault_node_up", node=dead) == 0
+        and metric(broker, "secretbroker_vault_node_active", node=leader) == 1
+    )

@@ -65,6 +65,7 @@ def test_status_shows_each_replica_and_fails_when_they_disagree(
     agreed = ops_cli(brokers, pki, "status")
     assert agreed.returncode == 0, agreed.stderr
     assert agreed.stdout.count("== replica 127.0.0.1:") == 2
+    assert agreed.stdout.count(f"vault nodes (1 of 1 answering):\n  {vault.address}  active") == 2
 
     one = ops_cli(brokers[:1], pki, "rollback", "set", '["database"]')
     assert one.returncode == 0, one.stderr

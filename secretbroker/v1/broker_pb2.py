@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csecretbroker/v1/broker.proto\x12\x0fsecretbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x10GetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"<\n\x11GetSecretResponse\x12\'\n\x06secret\x18\x01 \x01(\x0b\x32\x17.secretbroker.v1.Secret\"$\n\x13WatchSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"?\n\x14WatchSecretsResponse\x12\'\n\x06secret\x18\x01 \x01(\x0b\x32\x17.secretbroker.v1.Secret\"\x9d\x02\n\x06Secret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32!.secretbroker.v1.Secret.DataEntry\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\'\n\x06source\x18\x04 \x01(\x0e\x32\x17.secretbroker.v1.Source\x12\r\n\x05stale\x18\x05 \x01(\x08\x12.\n\nfetched_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x17GetRollbackStateRequest\"I\n\x18GetRollbackStateResponse\x12-\n\x05state\x18\x01 \x01(\x0b\x32\x1e.secretbroker.v1.RollbackState\">\n\x1aSetRollbackOverrideRequest\x12 \n\x18vault_enabled_categories\x18\x01 \x03(\t\"L\n\x1bSetRollbackOverrideResponse\x12-\n\x05state\x18\x01 \x01(\x0b\x32\x1e.secretbroker.v1.RollbackState\"\x1e\n\x1c\x43learRollbackOverrideRequest\"N\n\x1d\x43learRollbackOverrideResponse\x12-\n\x05state\x18\x01 \x01(\x0b\x32\x1e.secretbroker.v1.RollbackState\"\x9a\x02\n\rRollbackState\x12 \n\x18vault_enabled_categories\x18\x01 \x03(\t\x12\x16\n\x0e\x65nv_categories\x18\x02 \x03(\t\x12+\n\x04rule\x18\x03 \x01(\x0e\x32\x1d.secretbroker.v1.RollbackRule\x12\x1d\n\x10startup_variable\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x08override\x18\x05 \x01(\x0b\x32!.secretbroker.v1.RollbackOverride\x12\x39\n\x0bmissing_env\x18\x06 \x03(\x0b\x32$.secretbroker.v1.MissingEnvVariablesB\x13\n\x11_startup_variable\"c\n\x13MissingEnvVariables\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x11\n\tvariables\x18\x03 \x03(\t\x12\x17\n\x0fserved_from_env\x18\x04 \x01(\x08\"p\n\x10RollbackOverride\x12 \n\x18vault_enabled_categories\x18\x01 \x03(\t\x12\x0e\n\x06set_by\x18\x02 \x01(\t\x12*\n\x06set_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13RotateSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"e\n\x14RotateSecretResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*B\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSOURCE_VAULT\x10\x01\x12\x0e\n\nSOURCE_ENV\x10\x02*\x88\x01\n\x0cRollbackRule\x12\x1d\n\x19ROLLBACK_RULE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLBACK_RULE_DEFAULT\x10\x01\x12\"\n\x1eROLLBACK_RULE_STARTUP_VARIABLE\x10\x02\x12\x1a\n\x16ROLLBACK_RULE_OVERRIDE\x10\x03\x32\xc1\x01\n\x0cSecretBroker\x12R\n\tGetSecret\x12!.secretbroker.v1.GetSecretRequest\x1a\".secretbroker.v1.GetSecretResponse\x12]\n\x0cWatchSecrets\x12$.secretbroker.v1.WatchSecretsRequest\x1a%.secretbroker.v1.WatchSecretsResponse0\x01\x32\xc3\x03\n\x11SecretBrokerAdmin\x12g\n\x10GetRollbackState\x12(.secretbroker.v1.GetRollbackStateRequest\x1a).secretbroker.v1.GetRollbackStateResponse\x12p\n\x13SetRollbackOverride\x12+.secretbroker.v1.SetRollbackOverrideRequest\x1a,.secretbroker.v1.SetRollbackOverrideResponse\x12v\n\x15\x43learRollbackOverride\x12-.secretbroker.v1.ClearRollbackOverrideRequest\x1a..secretbroker.v1.ClearRollbackOverrideResponse\x12[\n\x0cRotateSecret\x12$.secretbroker.v1.RotateSecretRequest\x1a%.secretbroker.v1.RotateSecretResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csecretbroker/v1/broker.proto\x12\x0fsecretbroker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x10GetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"<\n\x11GetSecretResponse\x12\'\n\x06secret\x18\x01 \x01(\x0b\x32\x17.secretbroker.v1.Secret\"$\n\x13WatchSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"?\n\x14WatchSecretsResponse\x12\'\n\x06secret\x18\x01 \x01(\x0b\x32\x17.secretbroker.v1.Secret\"\x9d\x02\n\x06Secret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32!.secretbroker.v1.Secret.DataEntry\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\'\n\x06source\x18\x04 \x01(\x0e\x32\x17.secretbroker.v1.Source\x12\r\n\x05stale\x18\x05 \x01(\x08\x12.\n\nfetched_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x17GetRollbackStateRequest\"z\n\x18GetRollbackStateResponse\x12-\n\x05state\x18\x01 \x01(\x0b\x32\x1e.secretbroker.v1.RollbackState\x12/\n\x0bvault_nodes\x18\x02 \x03(\x0b\x32\x1a.secretbroker.v1.VaultNode\"]\n\tVaultNode\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12,\n\x04role\x18\x03 \x01(\x0e\x32\x1e.secretbroker.v1.VaultNodeRole\">\n\x1aSetRollbackOverrideRequest\x12 \n\x18vault_enabled_categories\x18\x01 \x03(\t\"L\n\x1bSetRollbackOverrideResponse\x12-\n\x05state\x18\x01 \x01(\x0b\x32\x1e.secretbroker.v1.RollbackState\"\x1e\n\x1c\x43learRollbackOverrideRequest\"N\n\x1d\x43learRollbackOverrideResponse\x12-\n\x05state\x18\x01 \x01(\x0b\x32\x1e.secretbroker.v1.RollbackState\"\x9a\x02\n\rRollbackState\x12 \n\x18vault_enabled_categories\x18\x01 \x03(\t\x12\x16\n\x0e\x65nv_categories\x18\x02 \x03(\t\x12+\n\x04rule\x18\x03 \x01(\x0e\x32\x1d.secretbroker.v1.RollbackRule\x12\x1d\n\x10startup_variable\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x08override\x18\x05 \x01(\x0b\x32!.secretbroker.v1.RollbackOverride\x12\x39\n\x0bmissing_env\x18\x06 \x03(\x0b\x32$.secretbroker.v1.MissingEnvVariablesB\x13\n\x11_startup_variable\"c\n\x13MissingEnvVariables\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x11\n\tvariables\x18\x03 \x03(\t\x12\x17\n\x0fserved_from_env\x18\x04 \x01(\x08\"p\n\x10RollbackOverride\x12 \n\x18vault_enabled_categories\x18\x01 \x03(\t\x12\x0e\n\x06set_by\x18\x02 \x01(\t\x12*\n\x06set_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13RotateSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"e\n\x14RotateSecretResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*B\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSOURCE_VAULT\x10\x01\x12\x0e\n\nSOURCE_ENV\x10\x02*\xa8\x01\n\rVaultNodeRole\x12\x1f\n\x1bVAULT_NODE_ROLE_UNSPECIFIED\x10\x00\x12\x1a\n\x16VAULT_NODE_ROLE_ACTIVE\x10\x01\x12\x1b\n\x17VAULT_NODE_ROLE_STANDBY\x10\x02\x12\x1a\n\x16VAULT_NODE_ROLE_SEALED\x10\x03\x12!\n\x1dVAULT_NODE_ROLE_UNINITIALIZED\x10\x04*\x88\x01\n\x0cRollbackRule\x12\x1d\n\x19ROLLBACK_RULE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLBACK_RULE_DEFAULT\x10\x01\x12\"\n\x1eROLLBACK_RULE_STARTUP_VARIABLE\x10\x02\x12\x1a\n\x16ROLLBACK_RULE_OVERRIDE\x10\x03\x32\xc1\x01\n\x0cSecretBroker\x12R\n\tGetSecret\x12!.secretbroker.v1.GetSecretRequest\x1a\".secretbroker.v1.GetSecretResponse\x12]\n\x0cWatchSecrets\x12$.secretbroker.v1.WatchSecretsRequest\x1a%.secretbroker.v1.WatchSecretsResponse0\x01\x32\xc3\x03\n\x11SecretBrokerAdmin\x12g\n\x10GetRollbackState\x12(.secretbroker.v1.GetRollbackStateRequest\x1a).secretbroker.v1.GetRollbackStateResponse\x12p\n\x13SetRollbackOverride\x12+.secretbroker.v1.SetRollbackOverrideRequest\x1a,.secretbroker.v1.SetRollbackOverrideResponse\x12v\n\x15\x43learRollbackOverride\x12-.secretbroker.v1.ClearRollbackOverrideRequest\x1a..secretbroker.v1.ClearRollbackOverrideResponse\x12[\n\x0cRotateSecret\x12$.secretbroker.v1.RotateSecretRequest\x1a%.secretbroker.v1.RotateSecretResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SECRET_DATAENTRY']._loaded_options = None
   _globals['_SECRET_DATAENTRY']._serialized_options = b'8\001'
-  _globals['_SOURCE']._serialized_start=1599
-  _globals['_SOURCE']._serialized_end=1665
-  _globals['_ROLLBACKRULE']._serialized_start=1668
-  _globals['_ROLLBACKRULE']._serialized_end=1804
+  _globals['_SOURCE']._serialized_start=1743
+  _globals['_SOURCE']._serialized_end=1809
+  _globals['_VAULTNODEROLE']._serialized_start=1812
+  _globals['_VAULTNODEROLE']._serialized_end=1980
+  _globals['_ROLLBACKRULE']._serialized_start=1983
+  _globals['_ROLLBACKRULE']._serialized_end=2119
   _globals['_GETSECRETREQUEST']._serialized_start=82
   _globals['_GETSECRETREQUEST']._serialized_end=148
   _globals['_GETSECRETRESPONSE']._serialized_start=150
@@ -53,27 +55,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROLLBACKSTATEREQUEST']._serialized_start=603
   _globals['_GETROLLBACKSTATEREQUEST']._serialized_end=628
   _globals['_GETROLLBACKSTATERESPONSE']._serialized_start=630
-  _globals['_GETROLLBACKSTATERESPONSE']._serialized_end=703
-  _globals['_SETROLLBACKOVERRIDEREQUEST']._serialized_start=705
-  _globals['_SETROLLBACKOVERRIDEREQUEST']._serialized_end=767
-  _globals['_SETROLLBACKOVERRIDERESPONSE']._serialized_start=769
-  _globals['_SETROLLBACKOVERRIDERESPONSE']._serialized_end=845
-  _globals['_CLEARROLLBACKOVERRIDEREQUEST']._serialized_start=847
-  _globals['_CLEARROLLBACKOVERRIDEREQUEST']._serialized_end=877
-  _globals['_CLEARROLLBACKOVERRIDERESPONSE']._serialized_start=879
-  _globals['_CLEARROLLBACKOVERRIDERESPONSE']._serialized_end=957
-  _globals['_ROLLBACKSTATE']._serialized_start=960
-  _globals['_ROLLBACKSTATE']._serialized_end=1242
-  _globals['_MISSINGENVVARIABLES']._serialized_start=1244
-  _globals['_MISSINGENVVARIABLES']._serialized_end=1343
-  _globals['_ROLLBACKOVERRIDE']._serialized_start=1345
-  _globals['_ROLLBACKOVERRIDE']._serialized_end=1457
-  _globals['_ROTATESECRETREQUEST']._serialized_start=1459
-  _globals['_ROTATESECRETREQUEST']._serialized_end=1494
-  _globals['_ROTATESECRETRESPONSE']._serialized_start=1496
-  _globals['_ROTATESECRETRESPONSE']._serialized_end=1597
-  _globals['_SECRETBROKER']._serialized_start=1807
-  _globals['_SECRETBROKER']._serialized_end=2000
-  _globals['_SECRETBROKERADMIN']._serialized_start=2003
-  _globals['_SECRETBROKERADMIN']._serialized_end=2454
+  _globals['_GETROLLBACKSTATERESPONSE']._serialized_end=752
+  _globals['_VAULTNODE']._serialized_start=754
+  _globals['_VAULTNODE']._serialized_end=847
+  _globals['_SETROLLBACKOVERRIDEREQUEST']._serialized_start=849
+  _globals['_SETROLLBACKOVERRIDEREQUEST']._serialized_end=911
+  _globals['_SETROLLBACKOVERRIDERESPONSE']._serialized_start=913
+  _globals['_SETROLLBACKOVERRIDERESPONSE']._serialized_end=989
+  _globals['_CLEARROLLBACKOVERRIDEREQUEST']._serialized_start=991
+  _globals['_CLEARROLLBACKOVERRIDEREQUEST']._serialized_end=1021
+  _globals['_CLEARROLLBACKOVERRIDERESPONSE']._serialized_start=1023
+  _globals['_CLEARROLLBACKOVERRIDERESPONSE']._serialized_end=1101
+  _globals['_ROLLBACKSTATE']._serialized_start=1104
+  _globals['_ROLLBACKSTATE']._serialized_end=1386
+  _globals['_MISSINGENVVARIABLES']._serialized_start=1388
+  _globals['_MISSINGENVVARIABLES']._serialized_end=1487
+  _globals['_ROLLBACKOVERRIDE']._serialized_start=1489
+  _globals['_ROLLBACKOVERRIDE']._serialized_end=1601
+  _globals['_ROTATESECRETREQUEST']._serialized_start=1603
+  _globals['_ROTATESECRETREQUEST']._serialized_end=1638
+  _globals['_ROTATESECRETRESPONSE']._serialized_start=1640
+  _globals['_ROTATESECRETRESPONSE']._serialized_end=1741
+  _globals['_SECRETBROKER']._serialized_start=2122
+  _globals['_SECRETBROKER']._serialized_end=2315
+  _globals['_SECRETBROKERADMIN']._serialized_start=2318
+  _globals['_SECRETBROKERADMIN']._serialized_end=2769
 # @@protoc_insertion_point(module_scope)

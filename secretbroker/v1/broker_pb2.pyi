@@ -41,6 +41,34 @@ SOURCE_VAULT: Source.ValueType  # 1
 SOURCE_ENV: Source.ValueType  # 2
 Global___Source: _TypeAlias = Source  # noqa: Y015
 
+class _VaultNodeRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VaultNodeRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VaultNodeRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VAULT_NODE_ROLE_UNSPECIFIED: _VaultNodeRole.ValueType  # 0
+    """Not probed yet, or not reachable."""
+    VAULT_NODE_ROLE_ACTIVE: _VaultNodeRole.ValueType  # 1
+    """The active node (the raft leader): it takes writes."""
+    VAULT_NODE_ROLE_STANDBY: _VaultNodeRole.ValueType  # 2
+    """A standby: it serves reads and forwards writes."""
+    VAULT_NODE_ROLE_SEALED: _VaultNodeRole.ValueType  # 3
+    VAULT_NODE_ROLE_UNINITIALIZED: _VaultNodeRole.ValueType  # 4
+
+class VaultNodeRole(_VaultNodeRole, metaclass=_VaultNodeRoleEnumTypeWrapper):
+    """VaultNodeRole is what a node's /sys/health said."""
+
+VAULT_NODE_ROLE_UNSPECIFIED: VaultNodeRole.ValueType  # 0
+"""Not probed yet, or not reachable."""
+VAULT_NODE_ROLE_ACTIVE: VaultNodeRole.ValueType  # 1
+"""The active node (the raft leader): it takes writes."""
+VAULT_NODE_ROLE_STANDBY: VaultNodeRole.ValueType  # 2
+"""A standby: it serves reads and forwards writes."""
+VAULT_NODE_ROLE_SEALED: VaultNodeRole.ValueType  # 3
+VAULT_NODE_ROLE_UNINITIALIZED: VaultNodeRole.ValueType  # 4
+Global___VaultNodeRole: _TypeAlias = VaultNodeRole  # noqa: Y015
+
 class _RollbackRule:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -252,25 +280,59 @@ Global___GetRollbackStateRequest: _TypeAlias = GetRollbackStateRequest  # noqa: 
 
 @_typing.final
 class GetRollbackStateResponse(_message.Message):
-    """GetRollbackStateResponse carries the state in force."""
+    """GetRollbackStateResponse carries the state in force, and how this broker sees
+    each Vault node (as of its last health probe).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
+    VAULT_NODES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def state(self) -> Global___RollbackState: ...
+    @_builtins.property
+    def vault_nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___VaultNode]: ...
     def __init__(
         self,
         *,
         state: Global___RollbackState | None = ...,
+        vault_nodes: _abc.Iterable[Global___VaultNode] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state", "vault_nodes", b"vault_nodes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRollbackStateResponse: _TypeAlias = GetRollbackStateResponse  # noqa: Y015
+
+@_typing.final
+class VaultNode(_message.Message):
+    """VaultNode is one configured Vault node as the broker's health probe last saw it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    reachable: _builtins.bool
+    """False when the node did not answer the probe within vault.timeout."""
+    role: Global___VaultNodeRole.ValueType
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        reachable: _builtins.bool = ...,
+        role: Global___VaultNodeRole.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "reachable", b"reachable", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VaultNode: _TypeAlias = VaultNode  # noqa: Y015
 
 @_typing.final
 class SetRollbackOverrideRequest(_message.Message):
