@@ -22,7 +22,7 @@ from typing import Any
 import hvac
 from prometheus_client.parser import text_string_to_metric_families
 
-from devstack.bootstrap import AppRoleFiles, create_broker_approle, write_policy
+from devstack.bootstrap import AppRoleFiles, RoleTTLs, create_broker_approle, write_policy
 from devstack.broker_config import write_broker_config
 from devstack.cluster import OpenBaoCluster
 from devstack.openbao import die_with_parent, free_port_pair, stop_server
@@ -62,7 +62,11 @@ class ClusterVault:
 
 
 def start_cluster_vault(
-    workdir: Path, policy: str, secrets_: Mapping[str, Mapping[str, str]], mount: str = "secret"
+    workdir: Path,
+    policy: str,
+    secrets_: Mapping[str, Mapping[str, str]],
+    mount: str = "secret",
+    ttls: RoleTTLs | None = None,
 ) -> ClusterVault:
     cluster = OpenBaoCluster(workdir / "cluster")
     cluster.start()
@@ -70,7 +74,7 @@ def start_cluster_vault(
         cluster.enable_kv2(mount)
         admin = hvac.Client(url=cluster.leader().address, token=cluster.root_token)
         approle = create_broker_approle(
-            admin, write_policy(admin, policy), workdir / "approle-credentials"
+            admin, write_policy(admin, policy), workdir / "approle-credentials", ttls or RoleTTLs()
         )
         started = ClusterVault(cluster, approle)
         for path, data in secrets_.items():

@@ -7,6 +7,7 @@ catalog sees is the broker's failover, not only its cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import secrets
 import threading
@@ -19,6 +20,8 @@ import grpc
 import pytest
 
 from broker.config import parse_config
+from broker.sources.vault import VaultSource
+from devstack.bootstrap import RoleTTLs
 from devstack.ha import BrokerProcess, CatalogLoad, ClusterVault, client_config, start_cluster_vault
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (
@@ -46,14 +49,19 @@ STEADY = 1.5
 """Seconds of load before each failure, for a baseline."""
 
 
-@pytest.fixture
-def cluster_vault(tmp_path: Path) -> Iterator[ClusterVault]:
-    started = start_cluster_vault(
+def bootstrapped_cluster(tmp_path: Path, ttls: RoleTTLs | None = None) -> ClusterVault:
+    return start_cluster_vault(
         tmp_path,
         DEPLOY_POLICY.read_text(),
         {path: {key: secrets.token_urlsafe(16) for key in SECRET_KEYS} for path in (DATABASE, API)},
         KV_MOUNT,
+        ttls,
     )
+
+
+@pytest.fixture
+def cluster_vault(tmp_path: Path) -> Iterator[ClusterVault]:
+    started = bootstrapped_cluster(tmp_path)
     yield started
     started.stop()
 
@@ -261,6 +269,52 @@ def test_a_broker_restarted_while_the_leader_is_replaced_loses_no_catalog_read(
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_a_read_on_a_standby_right_after_the_brokers_own_write_is_never_the_version_before(
+    cluster_vault: ClusterVault, pki: Pki, tmp_path: Path
+) -> None:
+    """Read-your-writes: the broker talks to a standby only (writes are forwarded to the
+    leader), writes a version and reads it back at once, 30 times: the write's X-Vault-Index
+    makes a standby that has not applied it yet forward the read."""
+    leader = cluster_vault.cluster.leader()
+    standby = next(node for node in cluster_vault.cluster.running() if node is not leader)
+    config = parse_config(
+        broker_settings(cluster_vault, pki, secrets_=ROTATING), tmp_path, environ={}
+    )
+    source = VaultSource(dataclasses.replace(config.vault, addresses=(standby.address,)))
+    spec = config.secrets[API]
+    try:
+        for round_ in range(30):
+            current = source.read_all(spec)
+            data = {**current.data, "value": f"round-{round_}"}
+            written = source.write_version(spec, data, expected_version=current.version)
+            assert source.read(spec).version == written.version
+    finally:
+        source.session.nodes.close()
+
+
+def test_the_brokers_token_is_renewed_across_a_leader_change(
+    pki: Pki, start_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """A 4 s token: renewals (writes) meet the election and go on with the new leader."""
+    cluster_vault = bootstrapped_cluster(tmp_path, RoleTTLs(token_ttl="4s", token_max_ttl="1h"))
+    try:
+        brokers = replicas_of(cluster_vault, start_broker, count=1)
+        load = load_on(brokers, pki)
+        time.sleep(STEADY)
+        cluster_vault.cluster.kill(cluster_vault.cluster.leader())
+        cluster_vault.cluster.wait_serving()
+        renewed = renewals(brokers[0])
+        eventually(lambda: renewals(brokers[0]) >= renewed + 2, what="renewals", timeout=30)
+        assert_no_read_lost(load)
+        read_fresh_from_vault(brokers[0], pki, 1)
+    finally:
+        cluster_vault.stop()
+
+
+def renewals(broker: RunningBroker) -> float:
+    return metric(broker, "secretbroker_vault_requests_total", operation="renew", outcome="ok")
 
 
 def current_version(cluster_vault: ClusterVault) -> int:
