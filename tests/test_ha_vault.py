@@ -39,7 +39,10 @@ from tests.conftest import (
     metric,
 )
 
-ROTATING = {DATABASE: {"ttl": 1}, API: {"ttl": 1, "rotation": {"key": "value", "bytes": 24}}}
+ROTATING: dict[str, dict[str, Any]] = {
+    DATABASE: {"ttl": 1},
+    API: {"ttl": 1, "rotation": {"key": "value", "bytes": 24}},
+}
 SETTINGS: dict[str, Any] = {
     "secrets_": ROTATING,
     "cache": {"max_stale": "1h"},
