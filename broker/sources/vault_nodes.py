@@ -70,7 +70,6 @@ class VaultNodes:
     def __init__(self, config: VaultConfig, metrics: BrokerMetrics | None = None) -> None:
         self._config = config
         self._metrics = metrics
-        self._token = ""
         self._index_lock = threading.Lock()
         self.nodes = [VaultNode(address, self._client(address, "")) for address in config.addresses]
         start = random.randrange(len(self.nodes))  # noqa: S311 (spreading load, not a secret)
@@ -80,7 +79,6 @@ class VaultNodes:
     # calls ---------------------------------------------------------------------------------
 
     def set_token(self, token: str) -> None:
-        self._token = token
         for node in self.nodes:
             node.client.token = token
 
