@@ -3,12 +3,14 @@ makes every node a voter, and survives the loss of its leader."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import hvac
 import pytest
 
+import devstack.cluster as cluster_module
 from devstack.cluster import OpenBaoCluster
 from tests.conftest import KV_MOUNT, eventually
 
@@ -50,3 +52,40 @@ def test_the_cluster_elects_a_new_leader_when_its_leader_dies_and_takes_it_back(
         what="the write made during its absence, read on the rejoined node",
         ignoring=(hvac.exceptions.VaultError,),
     )
+
+
+def test_a_node_whose_join_got_half_way_is_wiped_and_joins_afresh(
+    cluster: OpenBaoCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a loaded machine a join can fail after the leader took the node into its raft
+    configuration; the node then waits forever for unseal keys. Starting the cluster mends it."""
+    stuck = cluster.nodes[2]
+    cluster.kill(stuck)
+    data = stuck.config.parent / "data"
+    shutil.rmtree(data)
+    data.mkdir()
+    joined_config = stuck.config.read_text()
+    stuck.config.write_text(_without_joins(joined_config))
+    cluster.restart(stuck)  # an empty node that will not join: never unsealed
+    eventually(lambda: stuck.health() == 501, what="the node up but not initialised")
+    stuck.config.write_text(joined_config)
+    monkeypatch.setattr(cluster_module, "JOIN_GRACE", 1.0)
+
+    cluster._wait_joined()
+
+    assert stuck.health() == 429
+    cluster.wait_voters()
+
+
+def _without_joins(hcl: str) -> str:
+    lines, skipping = [], 0
+    for line in hcl.splitlines():
+        if line.strip().startswith("retry_join"):
+            skipping = 1
+            continue
+        if skipping:
+            if line.strip() == "}":
+                skipping = 0
+            continue
+        lines.append(line)
+    return "\n".join(lines) + "\n"
