@@ -29,7 +29,7 @@ from devstack.stack import CATALOG_SPIFFE_ID, OPS_SPIFFE_ID, issue_dev_certifica
 from secretbroker.client import SecretsClient, secure_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
-POLICY = Path(__file__).parents[1] / "deploy" / "vault" / "policies" / "secretbroker.hcl"
+POLICY = Path(__file__).parents[1] / "deploy" / "vault" / "policies" / "secretbroker-prod.hcl"
 DATABASE = "media-catalog/database"
 API = "media-catalog/api"
 SECRETS = (DATABASE, API)

@@ -239,8 +239,8 @@ def test_serve_with_invalid_config_exits_naming_the_key(files: Path) -> None:
 def test_the_deploy_vault_policy_is_the_one_derived_from_the_example_config(
     tmp_path: Path,
 ) -> None:
-    """deploy/vault/policies/secretbroker.hcl is what `python -m broker vault-policy` prints for
-    the example config: the policy follows [secrets] instead of being kept equal by hand."""
+    """deploy/vault/policies/secretbroker-prod.hcl is what `python -m broker vault-policy` prints
+    for the example config: the policy follows [secrets] instead of being kept equal by hand."""
     printed = subprocess.run(
         [sys.executable, "-m", "broker", "vault-policy", "--config", str(example_config(tmp_path))],
         capture_output=True,
@@ -249,7 +249,7 @@ def test_the_deploy_vault_policy_is_the_one_derived_from_the_example_config(
         check=True,
     ).stdout
 
-    assert printed == (DEPLOY / "vault" / "policies" / "secretbroker.hcl").read_text()
+    assert printed == (DEPLOY / "vault" / "policies" / "secretbroker-prod.hcl").read_text()
 
 
 def test_vault_addresses_name_every_node_and_vault_addr_overrides_them(tmp_path: Path) -> None:

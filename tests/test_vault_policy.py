@@ -8,7 +8,7 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from tests.conftest import API, DATABASE, EXTERNAL, KV_MOUNT, Vault
+from tests.conftest import API, DATABASE, DEPLOY, EXTERNAL, KV_MOUNT, Vault
 
 
 @pytest.fixture
@@ -93,3 +93,68 @@ def test_broker_role_is_denied_everything_else(
     vault.write("media-catalog/admin", key="outside-scope")
     with pytest.raises(hvac.exceptions.Forbidden):
         attempt(as_broker)
+
+
+DEV_POLICY = DEPLOY / "vault" / "policies" / "secretbroker-dev.hcl"
+
+
+@pytest.fixture
+def as_dev_broker(vault: Vault) -> hvac.Client:
+    """A token bound to the dev policy alone, as the dev AppRole would hand out."""
+    vault.admin.sys.create_or_update_acl_policy("secretbroker-dev", DEV_POLICY.read_text())
+    token = vault.admin.auth.token.create(policies=["secretbroker-dev"], no_default_policy=True)
+    return hvac.Client(url=vault.address, token=token["auth"]["client_token"], timeout=5)
+
+
+def capabilities(vault: Vault, client: hvac.Client, path: str) -> set[str]:
+    """What OpenBao itself says the client's token may do at ``path``."""
+    answer = vault.admin.adapter.post(
+        "/v1/sys/capabilities", json={"token": client.token, "paths": [path]}
+    )
+    return set(answer["data"][path])
+
+
+@pytest.mark.parametrize(
+    ("path", "dev", "prod"),
+    [
+        # Declared and rotating: both may read and write new versions.
+        (f"{KV_MOUNT}/data/{API}", {"read", "create", "update"}, {"read", "create", "update"}),
+        # Declared, read-only in production: dev may also write it (rotation, migration in dev).
+        (f"{KV_MOUNT}/data/{DATABASE}", {"read", "create", "update"}, {"read"}),
+        # Not declared but under media-catalog/: dev reads it, production does not.
+        (f"{KV_MOUNT}/data/media-catalog/admin", {"read", "create", "update"}, {"deny"}),
+        (f"{KV_MOUNT}/metadata/media-catalog/admin", {"read"}, {"deny"}),
+        # Outside the application's prefix, deleting, listing, destroying: neither.
+        (f"{KV_MOUNT}/data/billing/keys", {"deny"}, {"deny"}),
+        (f"{KV_MOUNT}/delete/{API}", {"deny"}, {"deny"}),
+        (f"{KV_MOUNT}/destroy/{API}", {"deny"}, {"deny"}),
+        (f"{KV_MOUNT}/metadata/", {"deny"}, {"deny"}),
+        ("sys/policies/acl/secretbroker", {"deny"}, {"deny"}),
+        ("auth/approle/role/secretbroker/secret-id", {"deny"}, {"deny"}),
+    ],
+)
+def test_each_environments_policy_allows_what_its_environment_needs_and_refuses_the_rest(
+    vault: Vault,
+    as_broker: hvac.Client,
+    as_dev_broker: hvac.Client,
+    path: str,
+    dev: set[str],
+    prod: set[str],
+) -> None:
+    assert capabilities(vault, as_dev_broker, path) == dev
+    assert capabilities(vault, as_broker, path) == prod
+
+
+def test_the_dev_policy_really_reads_any_catalog_secret_and_nothing_else(
+    vault: Vault, as_dev_broker: hvac.Client
+) -> None:
+    vault.write("media-catalog/admin", key="in-scope-for-dev")
+    vault.write("billing/keys", key="outside-scope")
+    read = as_dev_broker.secrets.kv.v2.read_secret_version(
+        path="media-catalog/admin", mount_point=KV_MOUNT, raise_on_deleted_version=True
+    )
+    assert read["data"]["data"]["key"] == "in-scope-for-dev"
+    with pytest.raises(hvac.exceptions.Forbidden):
+        as_dev_broker.secrets.kv.v2.read_secret_version(
+            path="billing/keys", mount_point=KV_MOUNT, raise_on_deleted_version=True
+        )
