@@ -1,5 +1,6 @@
 """Command line: ``python -m broker serve --config broker.toml``, ``vault-policy``, ``audit
-verify``, and the operator commands ``status``, ``rollback`` and ``rotate`` (broker/ops.py)."""
+verify``, the operator commands ``status``, ``rollback`` and ``rotate`` (broker/ops.py), and the
+migration commands ``diff`` and ``migrate`` (broker/migration.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from broker.audit_chain import KeyFileError, load_key, verify_files
 from broker.config import BrokerConfig, ConfigError, load_config
 from broker.logs import NativeStderr, route_native_stderr
+from broker.migration import add_migration_commands, run_migration_command
 from broker.ops import add_ops_commands, run_ops_command
 from broker.vault_policy import vault_policy
 
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     policy_cmd.add_argument("--config", type=Path, required=True, help="path to broker.toml")
     add_ops_commands(commands)
+    add_migration_commands(commands)
     audit = commands.add_parser("audit", help="check an audit trail file")
     audit_actions = audit.add_subparsers(dest="action", required=True)
     verify_cmd = audit_actions.add_parser(
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return verify_audit(args.paths, args.key_file)
     if args.command in ("status", "rollback", "rotate"):
         return run_ops_command(args)
+    if args.command in ("diff", "migrate"):
+        return run_migration_command(args, os.environ)
     if args.command == "vault-policy":
         try:
             print(vault_policy(load_config(args.config, os.environ)), end="")  # noqa: T201
