@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -160,14 +161,16 @@ def test_the_bounded_memo_keeps_the_most_recently_used() -> None:
 
 
 class Replayed:
-    """A source that answers a fixed sequence: what lagging and current Vault nodes said."""
+    """A source that answers a fixed sequence: what lagging and current Vault nodes said. An
+    answer may carry how many seconds ago it was read (default: just now)."""
 
-    def __init__(self, *answers: tuple[int, float]) -> None:
+    def __init__(self, *answers: tuple[int, float] | tuple[int, float, float]) -> None:
         self._answers = list(answers)
 
     def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
-        number, written = self._answers.pop(0)
-        return SecretValue({"k": f"v{number}"}, number, SourceKind.VAULT, 0.0, written)
+        number, written, *age = self._answers.pop(0)
+        fetched = time.time() - (age[0] if age else 0.0)
+        return SecretValue({"k": f"v{number}"}, number, SourceKind.VAULT, fetched, written)
 
 
 @pytest.mark.parametrize(
@@ -178,9 +181,11 @@ class Replayed:
         # The secret was deleted and written anew: its v1 is newer than the cached v5.
         (((5, 500.0), (1, 900.0)), [5, 1]),
         (((5, 500.0), (6, 600.0)), [5, 6]),
+        # v5 was read 11 s ago and Vault now says v4 everywhere: a restore from a snapshot.
+        (((5, 500.0, 11.0), (4, 400.0)), [5, 4]),
     ],
 )
-def test_a_lagging_node_never_takes_the_cached_value_back_to_an_older_version(
+def test_a_lagging_node_never_takes_the_cached_value_back_but_a_restored_vault_does(
     answers: tuple[tuple[int, float], ...], served: list[int]
 ) -> None:
     clock = Clock()

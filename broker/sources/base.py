@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -32,13 +33,23 @@ class SecretValue:
         return f"SecretValue(keys={keys}, version={self.version}, source={self.source.value})"
 
 
-def behind(version: int, created_at: float | None, held: SecretValue | None) -> bool:
+LAG_WINDOW = 10.0
+"""Seconds after the broker read a version during which an older answer counts as a lagging
+standby's (they lag by well under a second); after that, an older version is Vault's word: a
+restore from a snapshot that predates the newer one."""
+
+
+def behind(
+    version: int, created_at: float | None, held: SecretValue | None, now: float | None = None
+) -> bool:
     """Whether a Vault answer (``version``, written at ``created_at``) is from before the
-    Vault value the broker holds: a lower version, written no later. A standby that lags
-    answers so for about half a second after a write, and such an answer must not replace
-    the newer value. A lower version written later is news: the secret was deleted and
-    written anew."""
+    Vault value the broker holds and read less than LAG_WINDOW ago: a lower version, written
+    no later. A standby that lags answers so for about half a second after a write, and such
+    an answer must not replace the newer value. A lower version written later is news: the
+    secret was deleted and written anew."""
     if held is None or held.source is not SourceKind.VAULT or version >= held.version:
+        return False
+    if (time.time() if now is None else now) - held.fetched_at > LAG_WINDOW:
         return False
     return (created_at or 0.0) <= (held.created_at or 0.0)
 
