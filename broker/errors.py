@@ -55,6 +55,12 @@ class SourceUnavailable(BrokerError):
     """The source cannot answer now: unreachable, sealed, too slow or not logged in."""
 
 
+class LoginRefused(SourceUnavailable):
+    """Vault answers but refuses the broker's own login (its credential, its role, or a
+    wrapping token): Vault's secrets are out of reach until that is fixed, so cached values
+    are served within max_stale, as for any outage. Never the caller's fault."""
+
+
 class SourceDenied(BrokerError):
     """The source refused the broker's own credentials for this read."""
 

@@ -22,6 +22,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from broker.errors import (
     BrokerError,
+    LoginRefused,
     SecretMissingInSource,
     SourceDenied,
     SourceUnavailable,
@@ -66,6 +67,7 @@ def vault_outcome(error: BrokerError | None) -> str:
     if error is None:
         return "ok"
     for cls, outcome in (
+        (LoginRefused, "denied"),  # Vault answered: it is up, and refuses the credential
         (SourceUnavailable, "unavailable"),
         (SourceDenied, "denied"),
         (SecretMissingInSource, "missing"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from broker.config import parse_config
-from broker.errors import SourceDenied
+from broker.errors import LoginRefused
 from broker.sources.vault_session import VaultSession
 from devstack.bootstrap import BROKER_ROLE
 from devstack.broker_config import approle_auth
@@ -73,7 +73,7 @@ def test_a_wrapping_token_someone_else_unwrapped_first_is_refused_as_possibly_in
     )
     caplog.set_level(logging.DEBUG)
 
-    with pytest.raises(SourceDenied, match=r"used up or expired.*intercepted") as refused:
+    with pytest.raises(LoginRefused, match=r"used up or expired.*intercepted") as refused:
         VaultSession(config.vault).token()
 
     assert token not in str(refused.value)
@@ -93,7 +93,7 @@ def test_a_wrapping_token_not_created_at_the_configured_path_is_not_unwrapped(
     )
     offset = vault.audit_offset()
 
-    with pytest.raises(SourceDenied, match="created at 'sys/wrapping/wrap', not at the configured"):
+    with pytest.raises(LoginRefused, match="created at 'sys/wrapping/wrap', not at the configured"):
         VaultSession(config.vault).token()
 
     assert unwraps_since(vault, offset) == 0

@@ -13,7 +13,13 @@ from contextlib import contextmanager
 import hvac.exceptions
 import requests
 
-from broker.errors import SecretMissingInSource, SourceDenied, SourceUnavailable, WriteConflict
+from broker.errors import (
+    LoginRefused,
+    SecretMissingInSource,
+    SourceDenied,
+    SourceUnavailable,
+    WriteConflict,
+)
 
 # KV v2 answers a failed check-and-set with 400 and this text.
 _CAS_MISMATCH = "check-and-set parameter did not match"
@@ -59,7 +65,7 @@ def translate_vault_errors(
         raise SecretMissingInSource(f"vault has no value for {operation}") from None
     except (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest) as exc:
         if login:
-            raise SourceDenied(f"vault refused the {operation}{_login_refusal(exc)}") from None
+            raise LoginRefused(f"vault refused the {operation}{_login_refusal(exc)}") from None
         if isinstance(exc, hvac.exceptions.InvalidRequest):
             if _CAS_MISMATCH in str(exc):
                 raise WriteConflict(

@@ -33,7 +33,7 @@ import hvac
 import requests
 
 from broker.config import VaultConfig
-from broker.errors import BrokerError, SourceUnavailable
+from broker.errors import BrokerError, LoginRefused, SourceUnavailable
 from broker.metrics import BrokerMetrics, vault_outcome
 from broker.sources.node_health import NodeHealth, NodeRole, role_of_status
 from broker.sources.vault_errors import translate_vault_errors
@@ -106,6 +106,8 @@ class VaultNodes:
                         self._client_for(node, token) as client,
                     ):
                         result = call(client)
+                except LoginRefused:
+                    raise  # Vault answered, and refuses the credential: no node will differ
                 except SourceUnavailable as exc:
                     node.failed = True
                     unreachable.append(str(exc))

@@ -29,7 +29,7 @@ from typing import Any
 import hvac
 
 from broker.config import AppRoleAuth, JwtAuth, Sensitive, TokenAuth, VaultAuth, VaultConfig
-from broker.errors import BrokerError, SourceDenied, SourceUnavailable
+from broker.errors import BrokerError, LoginRefused, SourceDenied, SourceUnavailable
 from broker.metrics import BrokerMetrics
 from broker.names import quoted
 from broker.sources.node_health import NodeHealth
@@ -266,7 +266,7 @@ class VaultSession:
         )
         created_at = str(info["data"]["creation_path"]).strip("/")
         if created_at != expected_path:
-            raise SourceDenied(
+            raise LoginRefused(
                 "vault.auth.secret_id_response_wrapping_path: the wrapped secret_id was created at"
                 f" {quoted(created_at)}, not at the configured path; it is not unwrapped"
             )
