@@ -12,7 +12,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -61,6 +61,20 @@ ROTATION_RESULTS = ("rotated", "conflict", "failed")
 LIMITS = ("watch_names", "watch_streams_per_identity")
 TLS_CERTIFICATES = ("server", "client_ca")
 TLS_RELOAD_RESULTS = ("loaded", "rejected")
+
+
+@contextmanager
+def _recording_outcome(record: Callable[[str], None]) -> Iterator[None]:
+    """Run the block; then hand ``record`` its outcome ("ok", "unavailable", ...), raising or
+    not."""
+    error: BrokerError | None = None
+    try:
+        yield
+    except BrokerError as exc:
+        error = exc
+        raise
+    finally:
+        record(vault_outcome(error))
 
 
 def vault_outcome(error: BrokerError | None) -> str:
@@ -349,20 +363,20 @@ class BrokerMetrics:
 
     # Vault -----------------------------------------------------------------------------------
 
-    @contextmanager
-    def vault_call(self, operation: str) -> Iterator[None]:
-        started = time.perf_counter()
-        error: BrokerError | None = None
-        try:
-            yield
-        except BrokerError as exc:
-            error = exc
-            raise
-        finally:
-            self.vault_duration.labels(operation).observe(time.perf_counter() - started)
-            outcome = vault_outcome(error)
-            self.vault_requests.labels(operation, outcome).inc()
-            self.vault_up.set(0 if outcome == "unavailable" else 1)
+    def vault_call(self, operation: str) -> AbstractContextManager[None]:
+        """One call to Vault, whichever nodes it took: timed, counted by outcome."""
+        return _recording_outcome(
+            functools.partial(self._vault_call_done, operation, time.perf_counter())
+        )
+
+    def _vault_call_done(self, operation: str, started: float, outcome: str) -> None:
+        self.vault_duration.labels(operation).observe(time.perf_counter() - started)
+        self.vault_requests.labels(operation, outcome).inc()
+        self.vault_up.set(0 if outcome == "unavailable" else 1)
+
+    def vault_node_call(self, node: str) -> AbstractContextManager[None]:
+        """One attempt of a call on one node, counted by node and outcome."""
+        return _recording_outcome(functools.partial(self.vault_node_request, node))
 
     def vault_node_request(self, node: str, outcome: str) -> None:
         if node in self._vault_nodes:

@@ -33,8 +33,8 @@ import hvac
 import requests
 
 from broker.config import VaultConfig
-from broker.errors import BrokerError, LoginRefused, SourceUnavailable
-from broker.metrics import BrokerMetrics, vault_outcome
+from broker.errors import LoginRefused, SourceUnavailable
+from broker.metrics import BrokerMetrics
 from broker.sources.node_health import NodeHealth, NodeRole, role_of_status
 from broker.sources.vault_errors import translate_vault_errors
 
@@ -174,17 +174,8 @@ class VaultNodes:
     def _observe(self, operation: str) -> AbstractContextManager[None]:
         return self._metrics.vault_call(operation) if self._metrics else nullcontext()
 
-    @contextmanager
-    def _count_node(self, node: VaultNode) -> Iterator[None]:
-        error: BrokerError | None = None
-        try:
-            yield
-        except BrokerError as exc:
-            error = exc
-            raise
-        finally:
-            if self._metrics is not None:
-                self._metrics.vault_node_request(node.address, vault_outcome(error))
+    def _count_node(self, node: VaultNode) -> AbstractContextManager[None]:
+        return self._metrics.vault_node_call(node.address) if self._metrics else nullcontext()
 
     # health --------------------------------------------------------------------------------
 
