@@ -191,8 +191,6 @@ class LoadReport:
     latencies: list[float] = field(default_factory=list)
     """Seconds per successful GetSecret, with the wall time it ended at."""
     ended_at: list[float] = field(default_factory=list)
-    versions: dict[str, int] = field(default_factory=dict)
-    """The highest version each reader saw, per secret."""
 
 
 class CatalogLoad:
@@ -236,12 +234,6 @@ class CatalogLoad:
         self.client.close()
         return self.report
 
-    def __enter__(self) -> CatalogLoad:
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
     def _read(self, index: int) -> None:
         seen: dict[str, int] = {}
         turn = index
@@ -267,7 +259,6 @@ class CatalogLoad:
                     if secret.version < seen.get(name, 0):
                         report.replica_skew += 1
                     seen[name] = max(seen.get(name, 0), secret.version)
-                    report.versions[name] = max(report.versions.get(name, 0), secret.version)
             self._stop.wait(self._pause)
 
     def _read_live(self) -> None:

@@ -29,6 +29,7 @@ from tests.conftest import (
     get,
     status_of,
 )
+from tests.test_ha_vault import assert_no_read_lost
 
 LOAD_SECONDS = 3.0
 
@@ -63,14 +64,6 @@ def load_on(replicas: list[BrokerProcess], pki: Pki) -> CatalogLoad:
         [r.endpoint for r in replicas], pki.ca, pki.catalog.cert, pki.catalog.key
     )
     return CatalogLoad(config, [DATABASE, API])
-
-
-def assert_no_read_lost(load: CatalogLoad) -> None:
-    report = load.stop()
-    assert report.reads > 100, "the load ran"
-    assert report.failed == [], f"{len(report.failed)} of {report.reads} reads failed"
-    assert report.went_back == []
-    assert report.live_missing == 0
 
 
 def test_calls_spread_over_every_replica(replicas: list[BrokerProcess], pki: Pki) -> None:

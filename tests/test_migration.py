@@ -151,3 +151,25 @@ def test_migrate_needs_an_ops_token_every_variable_and_a_declared_category(
     partial = run(config, vault, env_of(NEW, value="x"), "migrate", "--category", "external")
     assert partial.returncode == 1
     assert f"refused: {variable_name(NEW, 'other')} not set; nothing written" in partial.stdout
+
+
+def test_diff_and_migrate_with_vault_down_fail_naming_vault_and_write_nothing(
+    private_vault: Vault, pki: Pki, tmp_path: Path
+) -> None:
+    config = broker_config(private_vault, pki, tmp_path)
+    env = env_of(NEW, value="from-env", other="from-env-too")
+    private_vault.server.pause()
+    try:
+        results = [
+            run(config, private_vault, env, "diff"),
+            run(config, private_vault, env, "migrate", "--category", "external"),
+        ]
+    finally:
+        private_vault.server.resume()
+
+    for result in results:
+        assert result.returncode == 1
+        assert "vault did not answer" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert "from-env" not in result.stdout + result.stderr
+    assert NEW not in private_vault.written
