@@ -184,7 +184,7 @@ def test_rotation_during_an_election_writes_one_version_per_success_and_loses_no
         admin = broker.admin(pki.ops, pki.ca)
         while not stop.is_set():
             try:
-                answer = admin.RotateSecret(broker_pb2.RotateSecretRequest(name=API), timeout=10)
+                answer = admin.RotateSecret(broker_pb2.RotateSecretRequest(name=API), timeout=30)
                 outcome: int | grpc.StatusCode = answer.version
             except grpc.RpcError as exc:
                 outcome = exc.code()

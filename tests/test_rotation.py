@@ -4,6 +4,7 @@ once across replicas; previous versions stay readable for a while."""
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -11,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import requests
 
 from broker.config import SecretSpec
 from broker.sources.base import SecretValue
@@ -110,6 +112,38 @@ def test_three_replicas_rotating_the_same_version_write_exactly_one(
         [version + 1, grpc.StatusCode.ABORTED, grpc.StatusCode.ABORTED], key=str
     )
     assert current_version(private_vault) == version + 1
+
+
+def test_a_rotation_vault_wrote_but_whose_answer_was_lost_succeeds_with_one_version(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As when the raft leader dies between committing a write and answering it: the broker
+    sends the write again, gets a check-and-set conflict, finds its own value in the next
+    version, and answers with it; nothing is written twice."""
+    caplog.set_level(logging.INFO, logger="broker.sources.vault")
+    broker = start_broker(private_vault, secrets_=ROTATING)
+    stub = broker.stub(pki.catalog, pki.ca)
+    before = current_version(private_vault)
+    lost: list[str] = []
+
+    def lose_the_first_write_answer(response: requests.Response, *_: Any, **__: Any) -> None:
+        request = response.request
+        if request.method in ("POST", "PUT") and "/data/" in str(request.url) and not lost:
+            lost.append(str(request.url))
+            raise requests.ConnectionError("connection reset after the write")
+
+    for node in broker.broker.vault.session.nodes.nodes:
+        node.client.adapter.session.hooks["response"].append(lose_the_first_write_answer)
+
+    rotated = rotate(broker, pki)
+
+    assert lost, "the write's answer was lost"
+    assert rotated.version == before + 1 == current_version(private_vault)
+    stored = private_vault.admin.secrets.kv.v2.read_secret_version(
+        path=API, mount_point=KV_MOUNT, raise_on_deleted_version=True
+    )["data"]["data"]
+    assert get(stub, API).data["value"] == stored["value"]
+    assert "although its answer was lost" in caplog.text
 
 
 def test_scheduled_rotation_fires_once_across_two_replicas(

@@ -5,19 +5,32 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from broker.config import SecretSpec, VaultConfig
-from broker.errors import SecretMissingInSource, SourceDenied
+from broker.errors import (
+    LoginRefused,
+    SecretMissingInSource,
+    SourceDenied,
+    SourceUnavailable,
+    WriteConflict,
+)
 from broker.metrics import BrokerMetrics
 from broker.sources.base import SecretValue, SourceKind
 from broker.sources.vault_errors import translate_vault_errors
 from broker.sources.vault_session import VaultSession
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+WRITE_SETTLE = 15.0
+"""Seconds a write with no definite answer is retried: longer than a raft election with
+OpenBao's default timing (about 9 s), so a leader lost mid-write ends in a definite answer."""
+WRITE_RETRY_PAUSE = 0.25
 
 
 @dataclass(frozen=True)
@@ -57,8 +70,56 @@ class VaultSource:
         self, spec: SecretSpec, data: Mapping[str, str], expected_version: int
     ) -> SecretValue:
         """Write ``data`` as the next version, only if ``expected_version`` is still current
-        (check-and-set); raises WriteConflict otherwise."""
-        return self._with_token(lambda: self._write(spec, data, expected_version))
+        (check-and-set); raises WriteConflict otherwise.
+
+        Vault can commit a write and lose the answer (the leader dies in between). Check-and-set
+        makes the write safe to repeat, so a write no node answered is sent again for up to
+        WRITE_SETTLE; and a conflict is checked against the next version: when that version
+        holds exactly ``data`` (a rotation's fresh random value makes this a proof), the write
+        was this one, and it succeeded."""
+        deadline = time.monotonic() + WRITE_SETTLE
+        first = True
+        while True:
+            try:
+                return self._with_token(lambda: self._write(spec, data, expected_version))
+            except WriteConflict:
+                landed = self._landed(spec, data, expected_version + 1, deadline)
+                if landed is None:
+                    raise
+                return landed
+            except LoginRefused:
+                raise
+            except SourceUnavailable as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                if first:
+                    log.warning("%s; sending it again for up to %gs", exc, WRITE_SETTLE)
+                first = False
+                time.sleep(WRITE_RETRY_PAUSE)
+
+    def _landed(
+        self, spec: SecretSpec, data: Mapping[str, str], version: int, deadline: float
+    ) -> SecretValue | None:
+        """``version`` if it holds exactly ``data``; None if it holds something else, or if no
+        node shows it before ``deadline`` (a lagging standby, or a deleted version)."""
+        while True:
+            try:
+                found = self.read_all(spec, version)
+            except LoginRefused:
+                raise
+            except (SecretMissingInSource, SourceUnavailable):
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(WRITE_RETRY_PAUSE)
+                continue
+            if found.data != dict(data):
+                return None
+            log.info(
+                "write of %s landed as version %d although its answer was lost",
+                self._where(spec),
+                version,
+            )
+            return found
 
     def _with_token(self, call: Callable[[], T]) -> T:
         token = self.session.token()
