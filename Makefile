@@ -4,8 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+# The deploy kit's offline checkers, each pinned: a venv of their own (checkov pins many
+# packages), and the CRD schemas of cert-manager and the Prometheus operator from npm.
+DEPLOY_TOOLS := .tools/deploy-venv/bin
+CHECKOV_VERSION := 3.3.30
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+CRD_MODELS := .tools/node_modules/@kubernetes-models/prometheus-operator
 
-.PHONY: dev dev-ha test check lint typecheck proto proto-check buf-lint unit clean system-tools
+.PHONY: dev dev-ha test check lint typecheck proto proto-check buf-lint unit clean system-tools deploy-check k8s-rules
 
 $(BIN)/python: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +30,8 @@ dev: $(BIN)/python
 dev-ha: $(BIN)/python
 	$(BIN)/python -m devstack --ha
 
-## Every check CI runs: generated code fresh, buf lint, ruff, mypy --strict, then the test suite.
-test: system-tools proto-check buf-lint lint typecheck
+## Every check CI runs: generated code fresh, buf lint, ruff, mypy --strict, the deploy kit, then the test suite.
+test: system-tools proto-check buf-lint lint typecheck deploy-check
 	$(BIN)/python -m pytest
 
 ## npm (buf), promtool and prometheus, PostgreSQL's server binaries: present, or a clear message.
@@ -40,6 +46,21 @@ proto: $(BIN)/python
 proto-check: proto
 	@git diff --exit-code --stat -- secretbroker/v1 || (echo "generated code in secretbroker/v1/ is stale: run 'make proto' and commit" && exit 1)
 	@test -z "$$(git status --porcelain --untracked-files=all -- secretbroker/v1)" || (git status --short -- secretbroker/v1; echo "untracked generated files in secretbroker/v1/" && exit 1)
+
+$(DEPLOY_TOOLS)/checkov:
+	$(PYTHON) -m venv .tools/deploy-venv
+	$(DEPLOY_TOOLS)/python -m pip install --quiet checkov==$(CHECKOV_VERSION) kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+
+$(CRD_MODELS):
+	npm install --silent --no-audit --no-fund --prefix .tools @kubernetes-models/cert-manager@6.0.0 @kubernetes-models/prometheus-operator@6.0.0 yaml@2.9.1
+
+## The Containerfile and the Kubernetes manifests, checked offline (deploy/check says how).
+deploy-check: $(BIN)/python $(DEPLOY_TOOLS)/checkov $(CRD_MODELS)
+	deploy/check
+
+## Regenerate deploy/kubernetes/base/prometheusrule.yaml from deploy/prometheus/secretbroker-rules.yml.
+k8s-rules: $(BIN)/python
+	$(BIN)/python deploy/kubernetes/prometheusrule.py
 
 buf-lint: $(BUF)
 	$(BUF) lint

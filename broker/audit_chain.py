@@ -52,14 +52,23 @@ class KeyFileError(Exception):
 
 def load_key(path: Path) -> ChainKey:
     """The key in ``path``: readable by its owner only, at least KEY_MIN_BYTES after trimming
-    surrounding white space (so ``openssl rand -hex 32 > key`` works as it is)."""
+    surrounding white space (so ``openssl rand -hex 32 > key`` works as it is).
+
+    As PostgreSQL allows for its key file, a file root owns may also be readable by its group
+    (0640, 0440): that is how Kubernetes mounts a Secret for a non-root pod (root-owned, group
+    fsGroup). Never by others, and never writable by the group."""
     try:
-        mode = path.stat().st_mode & 0o777
+        stat = path.stat()
         secret = path.read_bytes().strip()
     except OSError as exc:
         raise KeyFileError(f"cannot read {path} ({exc.strerror})") from None
-    if mode & 0o077:
-        raise KeyFileError(f"{path} must be readable by its owner only (mode 0600, not {mode:04o})")
+    mode = stat.st_mode & 0o777
+    allowed = 0o037 if stat.st_uid == 0 else 0o077
+    if mode & allowed:
+        raise KeyFileError(
+            f"{path} must be readable by its owner only (mode 0600, not {mode:04o}; a file root"
+            " owns may be readable by its group too, 0640)"
+        )
     if len(secret) < KEY_MIN_BYTES:
         raise KeyFileError(f"{path} holds fewer than {KEY_MIN_BYTES} bytes")
     return ChainKey(secret)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from broker.audit import AuditTrail
-from broker.audit_chain import line_hash, load_key
+from broker.audit_chain import KeyFileError, line_hash, load_key
 from broker.config import ConfigError, parse_config
 from devstack.pki import write_private
 from secretbroker.v1 import broker_pb2_grpc
@@ -136,6 +136,22 @@ def test_a_key_file_others_can_read_or_too_short_stops_start_up(
         assert caught.value.key == "audit.key_file"
         assert problem in caught.value.problem
         assert loose.read_text() not in str(caught.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a file root owns or not")
+def test_a_key_file_its_group_may_read_is_taken_only_when_root_owns_it(tmp_path: Path) -> None:
+    """How Kubernetes mounts a Secret for a non-root pod: root-owned, group fsGroup, 0440."""
+    key = key_file(tmp_path / "audit.key")
+    key.chmod(0o440)
+    load_key(key)  # root-owned, group-readable: taken
+
+    os.chown(key, 65534, -1)  # owned by nobody: its group could read it behind the owner's back
+    with pytest.raises(KeyFileError, match="readable by its owner only"):
+        load_key(key)
+    os.chown(key, 0, -1)
+    key.chmod(0o460)  # the group may write it
+    with pytest.raises(KeyFileError, match="not 0460"):
+        load_key(key)
 
 
 def test_a_real_broker_writes_a_keyed_trail_and_reopens_it_on_sighup(
