@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+import requests
 
 from broker.config import parse_config
 from broker.sources.vault import VaultSource
@@ -149,6 +150,45 @@ def test_a_hung_leader_sigstopped_past_an_election_loses_no_read(
     assert_no_read_lost(load)
     for broker in brokers:
         read_fresh_from_vault(broker, pki, version)
+
+
+def test_the_leader_sealed_loses_no_read_and_shows_sealed_until_it_unseals_itself(
+    cluster_vault: ClusterVault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """An operator's `bao operator seal` on the active node: it steps down and answers 503; the
+    brokers move on, and show it SEALED until a restart unseals it (auto-unseal)."""
+    brokers = replicas_of(cluster_vault, start_broker)
+    load = load_on(brokers, pki)
+    time.sleep(STEADY)
+    cluster = cluster_vault.cluster
+    sealed = cluster.leader()
+
+    requests.put(
+        f"{sealed.address}/v1/sys/seal", headers={"X-Vault-Token": cluster.root_token}, timeout=30
+    ).raise_for_status()
+    eventually(
+        lambda: any(node.health() == 200 for node in cluster.running() if node is not sealed),
+        what="another node elected",
+        timeout=30,
+    )
+    version = cluster_vault.write(API, value="one-node-sealed", other="x")
+    eventually(lambda: load.live_version(API) == version, what="the watchers get it", timeout=30)
+    for broker in brokers:
+        eventually(
+            functools.partial(shows_sealed, broker, sealed.address, 1),
+            what="the sealed node shows sealed",
+        )
+    assert_no_read_lost(load)
+
+    cluster.kill(sealed)
+    cluster.restart(sealed)
+    eventually(lambda: sealed.health() == 429, what="unsealed itself, a standby", timeout=60)
+    for broker in brokers:
+        eventually(functools.partial(shows_sealed, broker, sealed.address, 0), what="unsealed")
+
+
+def shows_sealed(broker: RunningBroker, node: str, sealed: int) -> bool:
+    return metric(broker, "secretbroker_vault_node_sealed", node=node) == sealed
 
 
 def test_a_standby_killed_loses_no_read(
