@@ -101,6 +101,16 @@ def test_the_build_stage_installs_the_broker_without_dev_extras(image: Path) -> 
     assert not packages & DEV_ONLY, f"dev extras in the image: {sorted(packages & DEV_ONLY)}"
 
 
+def test_the_build_context_holds_only_what_the_build_stage_copies() -> None:
+    """.dockerignore allows exactly the COPY sources: nothing else (.venv, .dev-stack with its
+    dev credentials) is sent to a builder."""
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    rules = [line for line in lines if line and not line.startswith("#")]
+    assert rules[0] == "*", "everything is excluded first"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    assert allowed == set(build_stage_copies())
+
+
 def test_the_image_serves_as_its_user_on_a_read_only_root_writing_only_its_volume(
     image: Path, vault: Vault, pki: Pki
 ) -> None:
