@@ -36,6 +36,7 @@ from devstack.bootstrap import (
 from devstack.broker_config import approle_auth, broker_document, write_broker_config
 from devstack.openbao import OpenBaoDevServer
 from devstack.pki import CertFiles, DevCA, issue_loopback_server, write_private
+from devstack.stack import client_env
 from secretbroker.client import (
     BrokerClientConfig,
     RetryPolicy,
@@ -297,6 +298,19 @@ def example_config(folder: Path) -> Path:
 def write_config(path: Path, settings: Mapping[str, Any]) -> Path:
     """Write ``settings`` (from broker_settings) as the TOML file a user would hand to serve."""
     return write_broker_config(path, settings)
+
+
+def ops_cli(brokers: list[RunningBroker], pki: Pki, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m broker ARGS`` as ops (SECRETBROKER_* env) against every broker in ``brokers``."""
+    addresses = ",".join(f"127.0.0.1:{broker.port}" for broker in brokers)
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **client_env(addresses, pki.ca, pki.ops)},
+    )
 
 
 def serve(

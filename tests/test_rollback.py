@@ -18,7 +18,6 @@ import pytest
 from broker.config import ConfigError
 from broker.sources.env import variable_name
 from devstack.pki import CertFiles
-from devstack.stack import client_env
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
@@ -33,6 +32,7 @@ from tests.conftest import (
     eventually,
     example_config,
     get,
+    ops_cli,
     status_of,
 )
 
@@ -302,17 +302,9 @@ def test_ops_cli_flips_and_shows_status(
     vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
     broker = start_broker(vault, environ=ENV_VALUES)
-    environ = {**os.environ, **client_env(f"127.0.0.1:{broker.port}", pki.ca, pki.ops)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "broker", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env=environ,
-        )
+        return ops_cli([broker], pki, *args)
 
     flipped = cli("rollback", "set", '["database"]')
     assert flipped.returncode == 0, flipped.stderr

@@ -4,33 +4,17 @@ names every replica that did not acknowledge, and `status` flags replicas that d
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from broker.replicas import resolve_replicas
-from devstack.stack import client_env
 from secretbroker.client import BrokerClientConfig
 from secretbroker.v1 import broker_pb2
-from tests.conftest import API, BrokerFactory, Pki, RunningBroker, Vault, get
+from tests.conftest import API, BrokerFactory, Pki, Vault, get, ops_cli
 from tests.test_rollback import ENV_VALUES
-
-
-def ops_cli(brokers: list[RunningBroker], pki: Pki, *args: str) -> subprocess.CompletedProcess[str]:
-    addresses = ",".join(f"127.0.0.1:{broker.port}" for broker in brokers)
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **client_env(addresses, pki.ca, pki.ops)},
-    )
 
 
 def test_a_flip_reaches_every_replica_while_vault_is_down_and_a_missed_one_is_named(
