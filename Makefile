@@ -55,7 +55,7 @@ $(CRD_MODELS):
 	npm install --silent --no-audit --no-fund --prefix .tools @kubernetes-models/cert-manager@6.0.0 @kubernetes-models/prometheus-operator@6.0.0 yaml@2.9.1
 
 ## The Containerfile and the Kubernetes manifests, checked offline (deploy/check says how).
-deploy-check: $(BIN)/python $(DEPLOY_TOOLS)/checkov $(CRD_MODELS)
+deploy-check: $(DEPLOY_TOOLS)/checkov $(CRD_MODELS)
 	deploy/check
 
 ## Regenerate deploy/kubernetes/base/prometheusrule.yaml from deploy/prometheus/secretbroker-rules.yml.

@@ -10,6 +10,7 @@ import json
 import re
 import secrets
 import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from broker.config import JwtAuth, parse_config
+from broker.config import BrokerConfig, JwtAuth, parse_config
 from devstack.openbao import bao_binary, die_with_parent, free_port_pair, stop_server
 from devstack.pki import issue_loopback_server, write_private
 from tests.conftest import Pki, eventually
@@ -128,6 +129,12 @@ def place_files(document: dict[str, Any], root: Path, pki: Pki) -> dict[str, Any
     return moved
 
 
+def loaded(document: dict[str, Any], pod: Pod, pki: Pki, root: Path) -> BrokerConfig:
+    """``document`` through the broker's own loader, its files placed under ``root``, with the
+    environment the Deployment gives the container."""
+    return parse_config(place_files(document, root, pki), root, environ=pod.environ)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_configmap_broker_toml_loads_and_every_file_it_names_is_mounted(
     overlay: str, pki: Pki, tmp_path: Path
@@ -146,7 +153,7 @@ def test_the_configmap_broker_toml_loads_and_every_file_it_names_is_mounted(
         else:
             assert mount.get("readOnly"), f"{key}: the broker only reads {path}"
 
-    config = parse_config(place_files(document, tmp_path, pki), tmp_path, environ=pod.environ)
+    config = loaded(document, pod, pki, tmp_path)
     assert isinstance(config.vault.auth, JwtAuth)
     assert config.vault.auth.method == "kubernetes"
     assert len(config.vault.addresses) == 3, "every node of the reference OpenBao cluster"
@@ -162,9 +169,7 @@ def test_ports_probes_grace_and_user_agree_with_the_config_and_the_image(
 ) -> None:
     resources = render(overlay)
     pod = Pod(resources)
-    config = parse_config(
-        place_files(broker_toml(resources, pod), tmp_path, pki), tmp_path, environ=pod.environ
-    )
+    config = loaded(broker_toml(resources, pod), pod, pki, tmp_path)
     assert pod.port("grpc") == int(config.server.listen.rsplit(":", 1)[1])
     assert config.metrics.listen is not None
     assert pod.port("metrics") == int(config.metrics.listen.rsplit(":", 1)[1])
@@ -190,7 +195,7 @@ def test_ports_probes_grace_and_user_agree_with_the_config_and_the_image(
 
 def test_the_prometheus_rule_is_the_promtool_tested_rules_file() -> None:
     checked = subprocess.run(
-        [ROOT / ".venv" / "bin" / "python", KUBERNETES / "prometheusrule.py", "--check"],
+        [sys.executable, KUBERNETES / "prometheusrule.py", "--check"],
         capture_output=True,
         text=True,
     )
