@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from broker.config import SecretSpec
+from broker.sources import vault as vault_module
 from broker.sources.base import SecretValue
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (
@@ -144,6 +145,67 @@ def test_a_rotation_vault_wrote_but_whose_answer_was_lost_succeeds_with_one_vers
     )["data"]["data"]
     assert get(stub, API).data["value"] == stored["value"]
     assert "although its answer was lost" in caplog.text
+
+
+def hang_vault_after_the_rotation_reads(
+    vault: Vault, broker: RunningBroker, monkeypatch: pytest.MonkeyPatch, back_after: float | None
+) -> None:
+    """Pause Vault right after the next rotation has read the current version, so that its
+    check-and-set write meets a hung Vault; resume it ``back_after`` seconds later."""
+    source = broker.broker.vault
+    read_all = source.read_all
+
+    def read_then_hang(spec: SecretSpec, version: int | None = None) -> SecretValue:
+        value = read_all(spec, version)
+        monkeypatch.setattr(source, "read_all", read_all)  # once
+        vault.server.pause()
+        if back_after is not None:
+            threading.Timer(back_after, vault.server.resume).start()
+        return value
+
+    monkeypatch.setattr(source, "read_all", read_then_hang)
+
+
+def test_a_rotation_write_that_meets_a_hung_vault_is_sent_again_and_lands_once(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write times out (Vault may still apply it when it wakes); sent again with the same
+    check-and-set, it ends in exactly one new version, answered as the rotation's."""
+    broker = start_broker(private_vault, secrets_=ROTATING, timeout="1s")
+    eventually(  # the schedule's first check at start-up is done: only ours touches Vault now
+        lambda: metric(broker, "secretbroker_rotation_timestamp_seconds", secret=API) > 0,
+        ignoring=(AssertionError,),
+    )
+    before = get(broker.stub(pki.catalog, pki.ca), API).version
+    hang_vault_after_the_rotation_reads(private_vault, broker, monkeypatch, back_after=2.5)
+
+    rotated = rotate(broker, pki)
+
+    assert rotated.version == before + 1 == current_version(private_vault)
+    assert get(broker.stub(pki.catalog, pki.ca), API).version == rotated.version
+
+
+def test_a_rotation_write_vault_never_answers_within_the_settle_time_is_unavailable(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UNAVAILABLE, the cached value still served; however many times the write was sent, at
+    most one version lands when Vault wakes (check-and-set on the version read)."""
+    monkeypatch.setattr(vault_module, "WRITE_SETTLE", 3.0)
+    broker = start_broker(private_vault, secrets_=ROTATING, timeout="1s")
+    eventually(  # the schedule's first check at start-up is done: only ours touches Vault now
+        lambda: metric(broker, "secretbroker_rotation_timestamp_seconds", secret=API) > 0,
+        ignoring=(AssertionError,),
+    )
+    stub = broker.stub(pki.catalog, pki.ca)
+    before = get(stub, API)
+    hang_vault_after_the_rotation_reads(private_vault, broker, monkeypatch, back_after=None)
+    try:
+        assert status_of(lambda: rotate(broker, pki)) == grpc.StatusCode.UNAVAILABLE
+        assert get(stub, API).version == before.version, "the cached value is still served"
+    finally:
+        private_vault.server.resume()
+    time.sleep(1.0)  # writes Vault had taken in while hung are applied now
+    assert current_version(private_vault) in (before.version, before.version + 1)
 
 
 def test_scheduled_rotation_fires_once_across_two_replicas(
