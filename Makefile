@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+# The proto as last released (the commit of the last landed stop): buf breaking checks against it.
+PROTO_RELEASE := ed6606c
 # The deploy kit's offline checkers, each pinned: a venv of their own (checkov pins many
 # packages), and the CRD schemas of cert-manager and the Prometheus operator from npm.
 DEPLOY_TOOLS := .tools/deploy-venv/bin
@@ -11,7 +13,7 @@ CHECKOV_VERSION := 3.3.30
 KUBERNETES_VALIDATE_VERSION := 1.37.0
 CRD_MODELS := .tools/node_modules/@kubernetes-models/prometheus-operator
 
-.PHONY: dev dev-ha test check lint typecheck proto proto-check buf-lint unit clean system-tools deploy-check k8s-rules
+.PHONY: dev dev-ha test check lint typecheck proto proto-check buf-lint buf-breaking unit clean system-tools deploy-check k8s-rules
 
 $(BIN)/python: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +33,7 @@ dev-ha: $(BIN)/python
 	$(BIN)/python -m devstack --ha
 
 ## Every check CI runs: generated code fresh, buf lint, ruff, mypy --strict, the deploy kit, then the test suite.
-test: system-tools proto-check buf-lint lint typecheck deploy-check
+test: system-tools proto-check buf-lint buf-breaking lint typecheck deploy-check
 	$(BIN)/python -m pytest
 
 ## npm (buf), promtool and prometheus, PostgreSQL's server binaries: present, or a clear message.
@@ -64,6 +66,11 @@ k8s-rules: $(BIN)/python
 
 buf-lint: $(BUF)
 	$(BUF) lint
+
+## The API contract stays wire-compatible with its last release (PROTO_RELEASE).
+buf-breaking: $(BUF)
+	@git cat-file -e $(PROTO_RELEASE)^{commit} 2>/dev/null || (echo "buf-breaking needs the git history (commit $(PROTO_RELEASE)): clone without --depth" && exit 1)
+	$(BUF) breaking --against '.git#ref=$(PROTO_RELEASE)'
 
 lint: $(BIN)/python
 	$(BIN)/ruff check .

@@ -105,24 +105,37 @@ class GetSecretRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    MIN_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Secret name as declared in the broker config, e.g. "media-catalog/database"."""
     version: _builtins.int
     """A version other than the current one, for rotating secrets: only the last
     few versions are readable (rotation.previous_versions). Unset: the current.
     """
+    min_version: _builtins.int
+    """The newest version of this secret the caller has seen (from any broker
+    replica). A replica whose cache holds an older current version asks Vault's
+    active node before answering, so point reads never go back a version. Unset
+    or 0: no such wish. Ignored with version, and for secrets served from env.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.int | None = ...,
+        min_version: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_version", b"_min_version", "_version", b"_version", "min_version", b"min_version", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_version", b"_min_version", "_version", b"_version", "min_version", b"min_version", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_version: _TypeAlias = _typing.Literal["min_version"]  # noqa: Y015
+    _WhichOneofArgType__min_version: _TypeAlias = _typing.Literal["_min_version", b"_min_version"]  # noqa: Y015
     _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
     _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_version) -> _WhichOneofReturnType__min_version | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__version) -> _WhichOneofReturnType__version | None: ...
 
 Global___GetSecretRequest: _TypeAlias = GetSecretRequest  # noqa: Y015
