@@ -7,12 +7,19 @@ REFRESH_AHEAD_FRACTION, so replicas do not refresh in step) starts one backgroun
 of the current value and is answered from the cache meanwhile: a secret read steadily
 never makes a request wait for Vault, and costs about one Vault read per TTL.
 
-A miss or an expired entry starts one source read in the Vault I/O thread pool;
-every request for the same secret meanwhile awaits that same read (a background
-refresh in flight included). When the
-source is unavailable, the last good value is served flagged stale until
-``max_stale`` past its TTL; after a failed refresh, further requests get the stale
-value at once for ``error_backoff`` seconds instead of each waiting on a dead Vault.
+A miss starts one source read in the Vault I/O thread pool; every request for the
+same secret meanwhile awaits that same read (a background refresh in flight
+included).
+
+Stale-while-revalidate: a request whose entry has expired but is still within
+``max_stale`` never waits on a failing or slow Vault. It starts (or joins) one read
+and waits for it at most ``revalidate_wait``; "slow" is a read in flight longer than
+that, and such a read is not waited on at all. "Failing" is a read of the secret that
+failed less than ``error_backoff`` ago, or any Vault read failing last: requests then
+get the stale value at once, flagged, and no new read of it starts until the backoff
+ends. A request with nothing servable in hand fails
+fast the same way (UNAVAILABLE at once, naming the last failure) instead of queueing
+another read on a dead Vault.
 
 Entries are keyed by name and version: ``None`` is the current version; a number
 is that version of a rotating secret (immutable, so refreshed only on TTL like
@@ -26,6 +33,7 @@ knowledge in the cache.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -36,12 +44,16 @@ from dataclasses import dataclass
 from broker.config import CacheConfig, SecretSpec
 from broker.errors import SourceUnavailable
 from broker.metrics import BrokerMetrics
-from broker.sources.base import SecretSource, SecretValue, behind
+from broker.sources.base import SecretSource, SecretValue, SourceKind, behind
 
 log = logging.getLogger(__name__)
 
 
 _Key = tuple[str, int | None]
+
+NEWEST = -1
+"""The version part of the key of a read from the active node (``min_version``); it lands as
+the current value."""
 
 REFRESH_AHEAD_FRACTION = (0.1, 0.2)
 """A current value is refreshed in the background when read in this last fraction of its TTL;
@@ -64,6 +76,18 @@ class _Entry:
     refresh_at: float
     """From then on, a hit starts the background refresh (once per value)."""
     retry_after: float = 0.0
+    """Until then (a read just failed) no new read starts; requests get the value stale."""
+    newest: bool = False
+    """Read from the active node for a caller that had seen a newer version (``min_version``):
+    what Vault holds, so a lower ``min_version`` asks nothing more of Vault until it expires."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A read of a key with no servable value that failed: later requests fail fast until."""
+
+    until: float
+    error: SourceUnavailable
 
 
 class SecretCache:
@@ -86,6 +110,11 @@ class SecretCache:
         self._clock = clock
         self._entries: dict[_Key, _Entry] = {}
         self._inflight: dict[_Key, asyncio.Future[SecretValue]] = {}
+        self._started: dict[_Key, float] = {}
+        """When each read in flight started (the clock's time)."""
+        self._failures: dict[_Key, _Failure] = {}
+        self._source_failing = False
+        """The last source read that ended failed: expired values are served stale at once."""
         self._replaced: dict[str, int] = {}
         """How often each name's current value was put or invalidated: a read that started
         under an older count is outdated by the time it lands."""
@@ -123,30 +152,81 @@ class SecretCache:
         self._count("hit")
         return CachedSecret(entry.value, stale=False)
 
-    async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
+    async def get(
+        self, spec: SecretSpec, version: int | None = None, *, min_version: int = 0
+    ) -> CachedSecret:
+        """The value, read from the source only when the rules in the module docstring say so.
+        ``min_version``: the caller has seen that version of the current value; a cache that
+        holds an older one asks the active Vault node before answering."""
+        if min_version and version is None:
+            newer = await self._at_least(spec, min_version)
+            if newer is not None:
+                return newer
         hit = self.fresh(spec, version)
         if hit is not None:
             return hit
         key = (spec.name, version)
         entry = self._entries.get(key)
         now = self._clock()
-        if entry is not None and now < entry.retry_after and now < entry.stale_until:
+        if entry is not None and now < entry.stale_until:
+            return await self._revalidate(key, spec, entry, now)
+        failure = self._failures.get(key)
+        if failure is not None and now < failure.until:
+            self._count("unavailable")
+            raise failure.error
+        self._count("miss")
+        return CachedSecret(await self._refresh(key, spec), stale=False, from_cache=False)
+
+    async def prefetch(self, spec: SecretSpec) -> SecretValue:
+        """Read the current value into the cache (or join the read in flight), waiting as long
+        as Vault takes: the broker's warm-up, which no request waits on."""
+        return await self._refresh((spec.name, None), spec)
+
+    async def _revalidate(
+        self, key: _Key, spec: SecretSpec, entry: _Entry, now: float
+    ) -> CachedSecret:
+        """An expired entry within max_stale: stale-while-revalidate (module docstring)."""
+        if now < entry.retry_after:
             self._count("stale")
             return CachedSecret(entry.value, stale=True)
-        result = "miss"
-        try:
-            return CachedSecret(await self._refresh(key, spec), stale=False, from_cache=False)
-        except SourceUnavailable as exc:
-            entry = self._entries.get(key)
-            now = self._clock()
-            if entry is None or now >= entry.stale_until:
-                raise
-            entry.retry_after = now + self._config.error_backoff
-            log.warning("serving %r stale: %s", spec.name, exc)
-            result = "stale"
+        self._start(key, spec)
+        if self._source_failing:  # the last read of any secret failed: do not wait at all
+            self._count("stale")
             return CachedSecret(entry.value, stale=True)
-        finally:
-            self._count(result)
+        wait = self._started[key] + self._config.revalidate_wait - now
+        if wait > 0:
+            try:
+                value = await asyncio.wait_for(self._refresh(key, spec), wait)
+            except (TimeoutError, SourceUnavailable):
+                pass  # slow or failing: the stale value below
+            else:
+                self._count("miss")
+                return CachedSecret(value, stale=False, from_cache=False)
+        held = self._entries.get(key, entry)
+        self._count("stale")
+        return CachedSecret(held.value, stale=True)
+
+    async def _at_least(self, spec: SecretSpec, min_version: int) -> CachedSecret | None:
+        """The current value read from the active node, when the cached one is older than
+        ``min_version`` and was not itself such a read; None when the cache can answer."""
+        entry = self._entries.get((spec.name, None))
+        if (
+            entry is None
+            or entry.value.version >= min_version
+            or entry.value.source is not (SourceKind.VAULT)
+        ):
+            return None
+        if entry.newest and self._clock() < entry.fresh_until:
+            return None  # what the active node held a moment ago: Vault has nothing newer
+        key = (spec.name, NEWEST)
+        try:
+            value = await self._refresh(key, spec)
+        except SourceUnavailable:
+            held = self._entries.get((spec.name, None), entry)
+            self._count("stale")
+            return CachedSecret(held.value, stale=True)
+        self._count("miss")
+        return CachedSecret(value, stale=False, from_cache=False)
 
     def answerable(self, name: str) -> bool:
         """Whether the current value of ``name`` could be served now, fresh or stale."""
@@ -170,20 +250,36 @@ class SecretCache:
         if future is None:
             future = asyncio.ensure_future(self._load(key, spec))
             self._inflight[key] = future
+            self._started[key] = self._clock()
             future.add_done_callback(lambda done: self._settle(key, done))
         return future
 
     def _settle(self, key: _Key, done: asyncio.Future[SecretValue]) -> None:
         self._inflight.pop(key, None)
+        self._started.pop(key, None)
         if not done.cancelled():
             done.exception()  # retrieved here so a read nobody awaits any more is not reported
 
     async def _load(self, key: _Key, spec: SecretSpec) -> SecretValue:
+        newest = key[1] == NEWEST
+        key = (spec.name, None) if newest else key
         replaced = self._replaced.get(spec.name, 0)
         loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(self._executor, self._source.read, spec, key[1])
+        read = (
+            functools.partial(self._source.read, spec, key[1], newest=True)
+            if newest
+            else (functools.partial(self._source.read, spec, key[1]))
+        )
+        try:
+            value = await loop.run_in_executor(self._executor, read)
+        except SourceUnavailable as exc:
+            self._source_failing = True
+            self._failed(key, spec, exc)
+            raise
+        self._source_failing = False
+        self._failures.pop(key, None)
         if key[1] is not None or self._replaced.get(spec.name, 0) == replaced:
-            held = self.current(spec.name) if key[1] is None else None
+            held = self.current(spec.name) if key[1] is None and not newest else None
             if held is not None and behind(value.version, value.created_at, held):
                 log.debug(
                     "%r: a vault node answered version %d, older than the cached %d; kept %d",
@@ -193,13 +289,26 @@ class SecretCache:
                     held.version,
                 )
                 value = held
-            self._store(key, spec, value)
+            self._store(key, spec, value, newest=newest)
         return value
+
+    def _failed(self, key: _Key, spec: SecretSpec, error: SourceUnavailable) -> None:
+        """Requests do not wait on Vault again for error_backoff (module docstring)."""
+        until = self._clock() + self._config.error_backoff
+        entry = self._entries.get(key)
+        if entry is not None and self._clock() < entry.stale_until:
+            entry.retry_after = until
+            log.warning("serving %r stale: %s", spec.name, error)
+        else:
+            self._failures[key] = _Failure(until, error)
+            log.warning("no value to serve for %r: %s", spec.name, error)
 
     def _replace(self, name: str) -> None:
         self._replaced[name] = self._replaced.get(name, 0) + 1
 
-    def _store(self, key: _Key, spec: SecretSpec, value: SecretValue) -> None:
+    def _store(
+        self, key: _Key, spec: SecretSpec, value: SecretValue, *, newest: bool = False
+    ) -> None:
         if key[1] is None:
             if self._metrics is not None:
                 self._metrics.secret_read(spec.name, value.version, value.fetched_at)
@@ -219,4 +328,5 @@ class SecretCache:
             fresh_until=fresh_until,
             stale_until=fresh_until + self._config.max_stale,
             refresh_at=fresh_until - spec.ttl * ahead,
+            newest=newest,
         )

@@ -64,6 +64,11 @@ class ServerConfig:
     health watch) and load balancers move away before it stops taking calls."""
     shutdown_grace: float = 5.0
     """Seconds calls in flight (and watch streams) get to finish once it stops taking calls."""
+    warmup_timeout: float = 30.0
+    """Seconds a starting broker stays out of the client-side load balancing (NOT_SERVING on the
+    routing health name) while it cannot answer every declared secret. After that it takes
+    traffic anyway, so a fleet started during a Vault outage serves what it can (env-served
+    secrets)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,10 @@ class VaultConfig:
     mount: str = "secret"
     """Mount point of the KV v2 engine."""
     timeout: float = 2.0
-    """Seconds allowed for any one Vault call (connect and read)."""
+    """Seconds one attempt of a Vault call may take on one node (connect and read)."""
+    call_budget: float = 3.0
+    """Seconds one Vault call may take in all, across every node it tries: an attempt gets at
+    most what is left of it."""
     ca_file: Path | None = None
     """CA bundle for Vault's TLS certificate; the system store when unset."""
 
@@ -132,7 +140,11 @@ class CacheConfig:
     max_stale: float = 3600.0
     """Seconds past its TTL a value may still be served, flagged stale, while the source fails."""
     error_backoff: float = 1.0
-    """After a failed refresh, seconds during which requests get the stale value at once."""
+    """After a failed read, seconds during which requests get the stale value at once (or, with
+    none, UNAVAILABLE at once) and no new read of that secret is started."""
+    revalidate_wait: float = 0.05
+    """Seconds a request that holds a servable stale value waits for the read refreshing it
+    (stale-while-revalidate); then it is answered with the stale value, flagged."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +213,12 @@ class AuditConfig:
     """The key the records are chained with (HMAC), from audit.key_file; None: unkeyed."""
     file_mode: int = 0o600
     """Mode of a trail file the broker creates."""
+    queue_size: int = 10_000
+    """Records waiting for the writer thread; past it, records are dropped (fail-open) or the
+    request is refused (fail-closed)."""
+    write_timeout: float = 0.5
+    """Fail-closed only: seconds a request waits for its record to be written before it is
+    refused UNAVAILABLE."""
 
 
 @dataclass(frozen=True)
@@ -498,6 +516,7 @@ def _parse_server(table: _Table) -> ServerConfig:
         client_ca_file=table.path("client_ca_file"),
         shutdown_delay=table.duration("shutdown_delay", ServerConfig.shutdown_delay),
         shutdown_grace=table.duration("shutdown_grace", ServerConfig.shutdown_grace),
+        warmup_timeout=table.duration("warmup_timeout", ServerConfig.warmup_timeout),
     )
     table.reject_unknown()
     return config
@@ -511,6 +530,7 @@ def _parse_vault(table: _Table, environ: Mapping[str, str]) -> VaultConfig:
         auth=_parse_auth(table.table("auth"), environ),
         mount=table.string("mount", "secret").strip("/"),
         timeout=timeout,
+        call_budget=table.positive_duration("call_budget", VaultConfig.call_budget),
         ca_file=table.optional_path("ca_file"),
     )
     table.reject_unknown()
@@ -585,6 +605,7 @@ def _parse_cache(table: _Table) -> CacheConfig:
         default_ttl=table.duration("default_ttl", CacheConfig.default_ttl),
         max_stale=table.duration("max_stale", CacheConfig.max_stale),
         error_backoff=table.duration("error_backoff", CacheConfig.error_backoff),
+        revalidate_wait=table.duration("revalidate_wait", CacheConfig.revalidate_wait),
     )
     table.reject_unknown()
     return config
@@ -649,6 +670,8 @@ def _parse_audit(table: _Table) -> AuditConfig:
         fail_closed=fail_closed,
         key=key,
         file_mode=int(mode_text, 8),
+        queue_size=table.integer("queue_size", AuditConfig.queue_size, minimum=1),
+        write_timeout=table.positive_duration("write_timeout", AuditConfig.write_timeout),
     )
     table.reject_unknown()
     return config

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from broker.audit import AuditTrail
+from broker.audit import AuditTrail, Written
 from broker.cache import CachedSecret
 from broker.errors import AuditUnavailable, BrokerError
 from broker.grpc_common import Context, Unparsable, abort, parsed, timestamp
@@ -52,8 +52,10 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
                 message = parsed(request)
                 name = message.name
                 version = message.version if message.HasField("version") else None
-                cached = await self._reader.read(identity, name, version)
-                self._audit_allow("GetSecret", identity, name, cached)
+                cached = await self._reader.read(identity, name, version, message.min_version)
+                written = self._audit_allow("GetSecret", identity, name, cached)
+                if written is not None:  # fail-closed: the record is written before the answer
+                    await self._audit.confirm(written)
             except BrokerError as exc:
                 self._audit_denial("GetSecret", identity, name, version, exc)
                 await abort(context, "GetSecret", identity, exc)
@@ -69,17 +71,21 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
                 identity = self._identities.identity(context.auth_context())
                 names = list(parsed(request).names)
                 async for name, cached in self._watcher.watch(identity, names):
-                    self._audit_allow("WatchSecrets", identity, name, cached)
+                    written = self._audit_allow("WatchSecrets", identity, name, cached)
+                    if written is not None:
+                        await self._audit.confirm(written)
                     yield broker_pb2.WatchSecretsResponse(secret=secret_message(name, cached))
             except BrokerError as exc:
                 self._audit_denial("WatchSecrets", identity, ",".join(names), None, exc)
                 await abort(context, "WatchSecrets", identity, exc)
 
-    def _audit_allow(self, rpc: str, identity: str | None, name: str, cached: CachedSecret) -> None:
-        """Raises AuditUnavailable when audit is fail-closed and the record cannot be written."""
+    def _audit_allow(
+        self, rpc: str, identity: str | None, name: str, cached: CachedSecret
+    ) -> Written | None:
+        """Queues the record; what to confirm before answering when audit is fail-closed."""
         value = cached.value
         source = "cache" if cached.from_cache else value.source.value
-        self._audit.allowed(rpc, identity, name, value.version, source, cached.stale)
+        return self._audit.allowed(rpc, identity, name, value.version, source, cached.stale)
 
     def _audit_denial(
         self,

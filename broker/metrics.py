@@ -44,7 +44,7 @@ RPC_METHODS = (
     "ClearRollbackOverride",
     "RotateSecret",
 )
-CACHE_RESULTS = ("hit", "miss", "stale")
+CACHE_RESULTS = ("hit", "miss", "stale", "unavailable")
 VAULT_OPERATIONS = (
     "login",
     "unwrap",
@@ -130,7 +130,8 @@ class BrokerMetrics:
         self.cache_lookups = Counter(
             "secretbroker_cache_lookups",
             "Cache lookups: hit (fresh), miss (read the source),"
-            " stale (served past its TTL because the source failed).",
+            " stale (served past its TTL because the source failed or was slow),"
+            " unavailable (nothing to serve, and the source failed moments ago).",
             ("result",),
             registry=r,
         )
@@ -274,6 +275,16 @@ class BrokerMetrics:
         )
         self.audit_failures = Counter(
             "secretbroker_audit_failures", "Audit records that could not be written.", registry=r
+        )
+        self.audit_dropped = Counter(
+            "secretbroker_audit_dropped",
+            "Audit records dropped because the writer's queue was full (a stalled sink).",
+            registry=r,
+        )
+        self.audit_queued = Gauge(
+            "secretbroker_audit_queued_records",
+            "Audit records waiting for the writer thread.",
+            registry=r,
         )
         ProcessCollector(registry=r)
         self._rpc_children: dict[str, tuple[Histogram, dict[grpc.StatusCode, Counter]]] = {}

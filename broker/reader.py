@@ -55,8 +55,11 @@ class SecretReader:
         return self._granted.put((identity, name), spec)
 
     async def read(
-        self, identity: str | None, name: str, version: int | None = None
+        self, identity: str | None, name: str, version: int | None = None, min_version: int = 0
     ) -> CachedSecret:
+        """``min_version``: the newest version the caller has seen (GetSecretRequest)."""
         spec = self.authorize(identity, name)
         hit = self._values.fresh(spec) if version is None else None
-        return hit if hit is not None else await self._values.get(spec, version)
+        if hit is not None and hit.value.version >= min_version:
+            return hit
+        return await self._values.get(spec, version, min_version=min_version)

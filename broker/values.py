@@ -1,7 +1,15 @@
 """Where a declared secret's value comes from right now: Vault through the cache, or the
-broker's environment when its category is rolled back. Also the version window."""
+broker's environment when its category is rolled back. Also the version window.
+
+Env-served secrets never touch Vault, and a flip takes effect for reads already waiting
+on Vault too: such a read is answered from env the moment its category moves there,
+not when Vault gives up (the Vault read itself goes on, for the cache)."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 from broker.cache import CachedSecret, SecretCache
 from broker.config import SecretSpec
@@ -26,6 +34,14 @@ class SecretValues:
         self._metrics = metrics
         self._rollback = rollback
         self._previous_versions = previous_versions
+        self._waiting: set[asyncio.Future[None]] = set()
+        """One future per read waiting on Vault, resolved by a flip."""
+
+    def flipped(self) -> None:
+        """A rollback flip was committed: reads waiting on Vault look at their source again."""
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def answerable(self, spec: SecretSpec) -> bool:
         """Whether the current value could be served now without asking Vault."""
@@ -56,23 +72,51 @@ class SecretValues:
         """A fresh cached Vault value, or None: the common case, answered without awaiting."""
         return self._cache.fresh(spec) if self._rollback.from_vault(spec.category) else None
 
-    async def get(self, spec: SecretSpec, version: int | None = None) -> CachedSecret:
+    async def prefetch(self, spec: SecretSpec) -> None:
+        """Read a Vault-served secret into the cache (the warm-up); raises broker errors."""
+        await self._cache.prefetch(spec)
+
+    async def get(
+        self, spec: SecretSpec, version: int | None = None, *, min_version: int = 0
+    ) -> CachedSecret:
         if version is not None and version <= 0:
             raise InvalidRequest("version must be a positive number")
-        if not self._rollback.from_vault(spec.category):
-            if version is not None:
-                raise NotApplicable(
-                    "secret is served from environment variables, which keep no versions"
-                )
-            value = self._env.read(spec)
-            if self._metrics is not None:
-                self._metrics.secret_read(spec.name, value.version, value.fetched_at)
-            return CachedSecret(value, stale=False, from_cache=False)
-        current = await self._cache.get(spec)
+        while True:
+            if not self._rollback.from_vault(spec.category):
+                return self._from_env(spec, version)
+            current = await self._unless_flipped(self._cache.get(spec, min_version=min_version))
+            if current is not None:
+                break
         if version is None or version == current.value.version:
             return current
         newest = current.value.version
         oldest = max(1, newest - self._previous_versions)
         if not oldest <= version < newest:
             raise VersionOutOfRange(f"readable versions are {oldest} to {newest}")
-        return await self._cache.get(spec, version)
+        answer = await self._unless_flipped(self._cache.get(spec, version))
+        return answer if answer is not None else self._from_env(spec, version)
+
+    async def _unless_flipped(self, read: Coroutine[Any, Any, CachedSecret]) -> CachedSecret | None:
+        """The read's answer, or None when a flip came first (the read goes on in the cache)."""
+        task = asyncio.ensure_future(read)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.add(waiter)
+        try:
+            await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiting.discard(waiter)
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            return task.result()
+        return None
+
+    def _from_env(self, spec: SecretSpec, version: int | None) -> CachedSecret:
+        if version is not None:
+            raise NotApplicable(
+                "secret is served from environment variables, which keep no versions"
+            )
+        value = self._env.read(spec)
+        if self._metrics is not None:
+            self._metrics.secret_read(spec.name, value.version, value.fetched_at)
+        return CachedSecret(value, stale=False, from_cache=False)

@@ -55,8 +55,12 @@ def behind(
 
 
 class SecretSource(Protocol):
-    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
-        """Read the current value, or the given version; blocking. Raises only broker errors."""
+    def read(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
+        """Read the current value, or the given version; blocking. Raises only broker errors.
+        ``newest``: from where the latest write is sure to be (Vault's active node), for a
+        caller that has seen a version newer than the cached one."""
         ...
 
 

@@ -53,14 +53,19 @@ class VaultSource:
         self._config = config
         self.session = session or VaultSession(config, metrics=metrics)
 
-    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+    def read(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
         """The secret as served: its declared keys only, the same shape an env-sourced answer
-        has. Raises SecretMissingInSource when Vault's value lacks a declared key."""
-        return declared_keys_of(spec, self.read_all(spec, version))
+        has. Raises SecretMissingInSource when Vault's value lacks a declared key. ``newest``
+        asks the active node first, which holds every write."""
+        return declared_keys_of(spec, self.read_all(spec, version, newest=newest))
 
-    def read_all(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+    def read_all(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
         """Every key Vault holds at the secret's path: what a rotation writes back."""
-        return self._with_token(lambda: self._read(spec, version))
+        return self._with_token(lambda: self._read(spec, version, newest))
 
     def current_version(self, spec: SecretSpec) -> VersionInfo:
         """The current version and when it was written, from metadata: no secret value."""
@@ -132,7 +137,7 @@ class VaultSource:
                 raise
             return call()
 
-    def _read(self, spec: SecretSpec, version: int | None) -> SecretValue:
+    def _read(self, spec: SecretSpec, version: int | None, newest: bool = False) -> SecretValue:
         at = "" if version is None else f" version {version}"
         operation = f"read of {self._where(spec)}{at}"
         body = self.session.nodes.call(
@@ -144,6 +149,7 @@ class VaultSource:
                 mount_point=self._config.mount,
                 raise_on_deleted_version=True,
             )["data"],
+            prefer_active=newest,
         )
         with translate_vault_errors(operation, self._config.timeout):  # for the body's shape
             metadata = body["metadata"]

@@ -5,9 +5,10 @@ its own hvac client (one connection pool per node). A call tries the nodes in or
 of preference and moves to the next one when a node cannot answer: refused
 connection, timeout, 5xx, sealed, or a 307 to a leader that is gone (hvac follows it
 and fails to connect). Any other answer (denied, missing, a check-and-set conflict)
-is Vault's word and ends the call. Each attempt has ``vault.timeout``, so a dead node
-costs at most that before the next is tried, and the health probe takes a node that
-fails out of first place for every later call.
+is Vault's word and ends the call. Each attempt has ``vault.timeout``, and the whole
+call ``vault.call_budget``: an attempt gets at most what is left of it, so a call
+that meets hung nodes ends within the budget, not a timeout per node. The health
+probe takes a node that fails out of first place for every later call.
 
 - Reads go to any usable node, since standbys serve reads. Each broker starts at a
   random node, so replicas spread their reads over the cluster.
@@ -24,10 +25,11 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import hvac
 import requests
@@ -40,6 +42,24 @@ from broker.sources.vault_errors import translate_vault_errors
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class _BudgetedSession(requests.Session):
+    """A requests session whose timeout never exceeds what is left of the calling thread's
+    Vault call budget (hvac passes its fixed timeout with every request)."""
+
+    def __init__(self, budget: threading.local) -> None:
+        super().__init__()
+        self._budget = budget
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        deadline: float | None = getattr(self._budget, "deadline", None)
+        if deadline is not None:
+            left = max(deadline - time.monotonic(), 0.001)
+            timeout = kwargs.get("timeout")
+            kwargs["timeout"] = left if timeout is None else min(float(timeout), left)
+        return super().request(*args, **kwargs)
+
 
 INDEX_HEADER = "X-Vault-Index"
 INCONSISTENT_HEADER = "X-Vault-Inconsistent"
@@ -71,6 +91,7 @@ class VaultNodes:
         self._config = config
         self._metrics = metrics
         self._index_lock = threading.Lock()
+        self._budget = threading.local()
         self.nodes = [VaultNode(address, self._client(address, "")) for address in config.addresses]
         start = random.randrange(len(self.nodes))  # noqa: S311 (spreading load, not a secret)
         self._home = self.nodes[start:] + self.nodes[:start]
@@ -91,43 +112,64 @@ class VaultNodes:
         write: bool = False,
         login: bool = False,
         token: str | None = None,
+        prefer_active: bool = False,
     ) -> T:
         """Run ``call`` on the first node that can answer (see the module docstring). Counted
         as one Vault call of ``operation``; ``description`` names it in errors. With
-        ``token``, the call runs with that token instead of the broker's current one."""
-        timeout = self._config.timeout
-        with self._observe(operation):
-            unreachable: list[str] = []
-            for node in self._order(write):
-                try:
-                    with (
-                        self._count_node(node),
-                        translate_vault_errors(description, timeout, login=login),
-                        self._client_for(node, token) as client,
-                    ):
-                        result = call(client)
-                except LoginRefused:
-                    raise  # Vault answered, and refuses the credential: no node will differ
-                except SourceUnavailable as exc:
-                    node.failed = True
-                    unreachable.append(str(exc))
-                    if len(self.nodes) > 1:
-                        log.debug("vault node %s failed %s: %s", node.address, description, exc)
-                    continue
-                node.failed = False
-                return result
-            if len(self.nodes) == 1:
-                raise SourceUnavailable(unreachable[0])
-            raise SourceUnavailable(
-                f"no vault node answered {description} ({len(self.nodes)} tried; first: "
-                f"{unreachable[0]})"
-            )
+        ``token``, the call runs with that token instead of the broker's current one. With
+        ``prefer_active``, a read goes to the active node first (it holds every write)."""
+        outer: float | None = getattr(self._budget, "deadline", None)
+        deadline = time.monotonic() + self._config.call_budget
+        self._budget.deadline = deadline if outer is None else min(outer, deadline)
+        try:
+            with self._observe(operation):
+                return self._attempts(description, call, write or prefer_active, login, token)
+        finally:
+            self._budget.deadline = outer
 
-    def _order(self, write: bool) -> list[VaultNode]:
+    def _attempts(
+        self,
+        description: str,
+        call: Callable[[hvac.Client], T],
+        active_first: bool,
+        login: bool,
+        token: str | None,
+    ) -> T:
+        timeout = self._config.timeout
+        unreachable: list[str] = []
+        for node in self._order(active_first):
+            if unreachable and time.monotonic() >= self._budget.deadline:
+                log.debug("%s: vault.call_budget spent", description)
+                break
+            try:
+                with (
+                    self._count_node(node),
+                    translate_vault_errors(description, timeout, login=login),
+                    self._client_for(node, token) as client,
+                ):
+                    result = call(client)
+            except LoginRefused:
+                raise  # Vault answered, and refuses the credential: no node will differ
+            except SourceUnavailable as exc:
+                node.failed = True
+                unreachable.append(str(exc))
+                if len(self.nodes) > 1:
+                    log.debug("vault node %s failed %s: %s", node.address, description, exc)
+                continue
+            node.failed = False
+            return result
+        if len(self.nodes) == 1:
+            raise SourceUnavailable(unreachable[0])
+        raise SourceUnavailable(
+            f"no vault node answered {description} ({len(unreachable)} tried; first: "
+            f"{unreachable[0]})"
+        )
+
+    def _order(self, active_first: bool) -> list[VaultNode]:
         """Preferred nodes first, from this broker's home node on; for a write, the active
         node before them. Nodes that failed last are still tried, last: a probe may be old."""
         preferred = [node for node in self._home if node.preferred]
-        if write:
+        if active_first:
             preferred.sort(key=lambda node: node.health.role is not NodeRole.ACTIVE)
         return preferred + [node for node in self._home if not node.preferred]
 
@@ -151,6 +193,7 @@ class VaultNodes:
             token=token,
             timeout=self._config.timeout,
             verify=str(self._config.ca_file) if self._config.ca_file else True,
+            session=_BudgetedSession(self._budget),
         )
         client.adapter.session.hooks["response"].append(self._remember_write_index)
         return client

@@ -80,6 +80,11 @@ class SecretLookup(Protocol):
 class SecretsClient:
     """Calls to the broker over one mTLS channel, rebuilt when the certificate files change.
 
+    Point reads never go back a version: the client sends, per name, the newest Vault version
+    it has been given (``min_version``), and a replica whose cache is older asks Vault's active
+    node first. An answer below it that is not flagged stale is Vault's own word (a restore
+    from a snapshot), and the client follows it.
+
     grpcio cannot reload client credentials, and certificates rotate (an SVID lives about an
     hour). A thread checks the files' stamps every ``reload_interval``; a change that holds
     still for one interval (so a pair written file by file is not taken half-way) gets a new
@@ -95,6 +100,8 @@ class SecretsClient:
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._stamp = _stamps(config)
+        self._seen: dict[str, int] = {}
+        """The newest Vault version given per name (what min_version asks for)."""
         self._channel, self._stub = self._connect()
         self.reconnects = 0
         """How often the channel was rebuilt for changed files."""
@@ -149,12 +156,22 @@ class SecretsClient:
             raise TimeoutError(f"no connection to the broker at {self._config.target}") from None
 
     def get_secret(self, name: str, version: int | None = None) -> Secret:
-        request = broker_pb2.GetSecretRequest(name=name, version=version)
+        seen = self._seen.get(name) if version is None else None
+        request = broker_pb2.GetSecretRequest(name=name, version=version, min_version=seen)
         try:
             response = self._stub.GetSecret(request, timeout=self._config.deadline)
         except grpc.RpcError as exc:
             raise SecretUnavailable(name, exc.code(), exc.details() or "") from None
-        return secret_from_message(response.secret)
+        secret = secret_from_message(response.secret)
+        if version is None and secret.source is SecretSource.VAULT:
+            self._remember(name, secret, seen or 0)
+        return secret
+
+    def _remember(self, name: str, secret: Secret, asked: int) -> None:
+        if secret.stale or secret.version >= asked:
+            self._seen[name] = max(self._seen.get(name, 0), secret.version)
+        else:  # below what was asked, fresh from Vault's active node: a restore; follow it
+            self._seen[name] = secret.version
 
     def watch(self, names: Sequence[str]) -> grpc.CallIterator[broker_pb2.WatchSecretsResponse]:
         """A WatchSecrets stream with no deadline; cancel it to end it."""
