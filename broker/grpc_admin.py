@@ -189,7 +189,9 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
         """Record an admin action before it is answered; UNAVAILABLE when audit is fail-closed
         and the record cannot be written."""
         try:
-            self._audit.record("admin", rpc=rpc, identity=identity, decision=decision, **fields)
+            await self._audit.confirm(
+                self._audit.record("admin", rpc=rpc, identity=identity, decision=decision, **fields)
+            )
         except AuditUnavailable as exc:
             await abort(context, rpc, identity, exc)
 

@@ -2,15 +2,16 @@
 
 Ready means able to serve: Vault is reachable, unsealed and the broker is logged in;
 or, failing that, every declared secret can still be answered from the cache (within
-max_stale) or from the environment (rolled back). ``/readyz`` and the gRPC health
-service (``grpc.health.v1.Health``) both follow it.
+max_stale) or from the environment (rolled back). A fail-closed audit trail that cannot
+be written makes the broker not ready, whatever Vault's state. ``/readyz`` and the gRPC
+health service (``grpc.health.v1.Health``) both follow it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,10 +49,15 @@ class Readiness:
         secrets_: Mapping[str, SecretSpec],
         values: SecretValues,
         session: VaultSession,
+        audit_problem: Callable[[], str | None] = lambda: None,
     ) -> None:
+        """``audit_problem``: why a fail-closed audit trail cannot be written now, or None."""
         self._secrets = secrets_
         self._values = values
         self._session = session
+        self._audit_problem = audit_problem
+        self.listening = False
+        """Whether the broker takes calls yet (it warms up first)."""
         self.probed = False
         self.vault_reachable = False
         self.vault_sealed = False
@@ -73,6 +79,11 @@ class Readiness:
             elif vault is not None and not self._values.answerable(spec):
                 unanswerable.append(name)
         state = vault or "vault is reachable and the broker is logged in"
+        audit = self._audit_problem()
+        if audit is not None:
+            return ReadinessReport(False, f"{audit}; requests are refused (audit.fail_closed)")
+        if not self.listening:
+            return ReadinessReport(False, f"warming up, not taking calls yet: {state}")
         if unanswerable:
             return ReadinessReport(
                 False, f"{state}; no value to serve for: {', '.join(unanswerable)}"

@@ -12,10 +12,13 @@ become at most one record per HANDSHAKE_LOG_INTERVAL, with a count.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import re
 import sys
 import threading
@@ -47,19 +50,63 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document)
 
 
+LOG_QUEUE_SIZE = 10_000
+"""Records waiting for the log writer thread; past it, records are dropped and counted."""
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread; never blocks, and drops (counting) when the queue is
+    full: a stderr pipe nobody reads must not stop the event loop that logs."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            _DroppingQueueHandler.dropped += 1
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
 def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Log records are written by a thread of their own (a QueueListener): no log call waits
+    on the stream, however slow or stuck it is."""
+    global _listener
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         JsonFormatter()
         if fmt == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    if _listener is not None:
+        _listener.stop()
+    records: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_SIZE)
+    _listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
+    _listener.start()
+    atexit.register(flush_logs)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_DroppingQueueHandler(records)]
     root.setLevel(level)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     logging.getLogger(NATIVE_LOGGER).setLevel(root.level)
+
+
+def flush_logs(within: float = 5.0) -> None:
+    """Wait until the records logged so far are written (at most ``within`` seconds): before a
+    process's last words, so they come last."""
+    if _listener is None:
+        return
+    pending = _listener.queue
+    deadline = time.monotonic() + within
+    while getattr(pending, "unfinished_tasks", 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def dropped_log_records() -> int:
+    return _DroppingQueueHandler.dropped
 
 
 class NativeStderr:
@@ -80,6 +127,7 @@ class NativeStderr:
         the process's last words, so they come after every line native code wrote."""
         os.dup2(self._real_stderr.fileno(), 2)  # closes the pipe's only write end: EOF
         self._thread.join(timeout=5)
+        flush_logs()
 
     def _pump(self) -> None:
         for raw in self._lines:
