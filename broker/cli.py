@@ -20,6 +20,8 @@ from broker.ops import add_ops_commands, run_ops_command
 from broker.vault_policy import vault_policy
 
 EXIT_CONFIG_ERROR = 2
+EXIT_BACKGROUND_TASK_DIED = 70
+"""A background task of the broker died (logged CRITICAL): the orchestrator restarts it."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, os.environ)
         json_logs = config.log_format == "json"
         native = route_native_stderr(config.log_level, config.log_format)
-        asyncio.run(serve(config, native))
+        died = asyncio.run(serve(config, native))
     except ConfigError as exc:  # from the file, the environment, the TLS files, the listeners
         if native is not None:
             native.close()  # gRPC core's own lines about it first
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     if native is not None:
         native.close()
-    return 0
+    return EXIT_BACKGROUND_TASK_DIED if died is not None else 0
 
 
 def verify_audit(paths: list[Path], key_files: list[Path]) -> int:
@@ -104,8 +106,9 @@ def verify_audit(paths: list[Path], key_files: list[Path]) -> int:
     return 1
 
 
-async def serve(config: BrokerConfig, native: NativeStderr) -> None:
-    """Run until SIGINT or SIGTERM, then drain in-flight requests and stop."""
+async def serve(config: BrokerConfig, native: NativeStderr) -> str | None:
+    """Run until SIGINT or SIGTERM, then drain in-flight requests and stop. Returns the name
+    of a background task that died, which stopped it instead."""
     from broker.server import Broker
 
     broker = Broker(config, environ=os.environ)
@@ -116,5 +119,11 @@ async def serve(config: BrokerConfig, native: NativeStderr) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, broker.audit.reopen)  # after a log rotator's move
-    await stop.wait()
-    await broker.stop()
+    stopped = asyncio.ensure_future(stop.wait())
+    ended = asyncio.ensure_future(broker.wait())
+    await asyncio.wait((stopped, ended), return_when=asyncio.FIRST_COMPLETED)
+    died = ended.result() if ended.done() else None
+    stopped.cancel()
+    ended.cancel()
+    await broker.stop(delay=0 if died is not None else None)
+    return died

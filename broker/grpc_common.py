@@ -1,11 +1,13 @@
 """What both gRPC services share: the end of a failed call, request parsing that cannot fail,
-and timestamps."""
+the drain gate, and timestamps."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -50,28 +52,125 @@ def parsed(request: R | Unparsable) -> R:
     return request
 
 
+SHUTTING_DOWN = "the broker is shutting down: call another replica"
+
+
+class DrainGate:
+    """Lets a stopping broker end every call with a defined, retryable answer.
+
+    Closed, it answers each new call UNAVAILABLE at once (every gRPC client retries that on
+    another replica, health checking or not), ends open streams UNAVAILABLE (clients resume
+    them elsewhere), and ``drained`` waits for the unary calls in flight. Only then does the
+    server stop, so no call meets a server that cancels it (CANCELLED is not retryable)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+        self._closing: asyncio.Future[None] | None = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)
+
+    async def drained(self, grace: float) -> bool:
+        """Wait until no unary call is in flight, at most ``grace``; whether it got there."""
+        if self._inflight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
+
+    def unary(self, behavior: Callable[[Any, Context], Awaitable[Any]]) -> Callable[..., Any]:
+        async def gated(request: Any, context: Context) -> Any:
+            if self.closed:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            self._inflight += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self._inflight -= 1
+                if self._inflight == 0 and self._idle is not None:
+                    self._idle.set()
+
+        return gated
+
+    def stream(self, behavior: Callable[[Any, Context], AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def gated(request: Any, context: Context) -> AsyncIterator[Any]:
+            if self.closed:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            closing = self._closing_future()
+            responses = aiter(behavior(request, context))
+            following: asyncio.Future[Any] | None = None
+            try:
+                while True:
+                    following = asyncio.ensure_future(anext(responses))
+                    await asyncio.wait((following, closing), return_when=asyncio.FIRST_COMPLETED)
+                    if not following.done():
+                        break  # closing: the stream ends UNAVAILABLE below
+                    try:
+                        message = following.result()
+                    except StopAsyncIteration:
+                        return
+                    yield message
+            finally:
+                if following is not None and not following.done():
+                    following.cancel()
+                    with contextlib.suppress(BaseException):
+                        await following
+                await responses.aclose()  # type: ignore[attr-defined]
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+        return gated
+
+    def _closing_future(self) -> asyncio.Future[None]:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+            if self.closed:
+                self._closing.set_result(None)
+        return self._closing
+
+
 def add_servicer(
     add_to_server: Callable[[Any, Any], None],
     servicer: object,
     server: grpc.aio.Server,
     on_unparsable: Callable[[str], None] = lambda method: None,
+    gate: DrainGate | None = None,
 ) -> None:
     """Register ``servicer`` as the generated ``add_..._to_server`` does, with request parsing
     that never fails: a request that does not parse reaches the handler as an Unparsable, and
-    ``on_unparsable`` is told the method's name."""
+    ``on_unparsable`` is told the method's name. With ``gate``, every call passes it."""
     recorder = _Registrations()
     add_to_server(servicer, recorder)
     for service, handlers in recorder.services:
         total = {
-            name: handler._replace(
-                request_deserializer=_total(
-                    handler.request_deserializer, functools.partial(on_unparsable, name)
-                )
+            name: _gated(
+                handler._replace(
+                    request_deserializer=_total(
+                        handler.request_deserializer, functools.partial(on_unparsable, name)
+                    )
+                ),
+                gate,
             )
             for name, handler in handlers.items()
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, total),))
         server.add_registered_method_handlers(service, total)  # type: ignore[attr-defined]
+
+
+def _gated(handler: Any, gate: DrainGate | None) -> Any:
+    if gate is None:
+        return handler
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=gate.unary(handler.unary_unary))
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=gate.stream(handler.unary_stream))
+    return handler
 
 
 class _Registrations:

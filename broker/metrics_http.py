@@ -1,7 +1,8 @@
 """The broker's HTTP listener for Prometheus and probes, on its own port and thread:
 
 /metrics   the broker's registry, Prometheus text format
-/healthz   200 while the process is alive
+/healthz   200 while the process is alive: its event loop turns and no background task
+           died; else 503 and why (a liveness probe restarts it)
 /readyz    200 when ready to serve (broker/health.py), else 503; the reason as text
 """
 
@@ -24,7 +25,11 @@ log = logging.getLogger(__name__)
 
 class MetricsServer:
     def __init__(
-        self, listen: str, registry: CollectorRegistry, readiness: Callable[[], ReadinessReport]
+        self,
+        listen: str,
+        registry: CollectorRegistry,
+        readiness: Callable[[], ReadinessReport],
+        liveness: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
     ) -> None:
         host, _, port = listen.rpartition(":")
 
@@ -33,7 +38,9 @@ class MetricsServer:
                 if self.path == "/metrics":
                     self._send(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
-                    self._send(HTTPStatus.OK, b"ok\n")
+                    alive, reason = liveness()
+                    status = HTTPStatus.OK if alive else HTTPStatus.SERVICE_UNAVAILABLE
+                    self._send(status, f"{reason}\n".encode())
                 elif self.path == "/readyz":
                     report = readiness()
                     status = HTTPStatus.OK if report.ready else HTTPStatus.SERVICE_UNAVAILABLE
@@ -64,6 +71,7 @@ class MetricsServer:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for a serve_forever that never ran
+            self._server.shutdown()
+            self._thread.join(timeout=5)
         self._server.server_close()
-        self._thread.join(timeout=5)

@@ -110,7 +110,7 @@ def _rollback_call(args: argparse.Namespace) -> AdminCall | None:
 
 def _ask(replica: Replica, call: AdminCall) -> Answer | str:
     """The replica's state after ``call``, or why it did not answer."""
-    channel = secure_channel(replica.config)
+    channel = secure_channel(replica.config, routed=False)
     try:
         return call(broker_pb2_grpc.SecretBrokerAdminStub(channel))
     except grpc.RpcError as exc:
@@ -179,7 +179,7 @@ def describe_vault_nodes(nodes: Sequence[broker_pb2.VaultNode]) -> str:
 
 
 def _rotate(config: BrokerClientConfig, name: str) -> int:
-    channel = secure_channel(config)
+    channel = secure_channel(config)  # any replica that takes traffic
     try:
         admin = broker_pb2_grpc.SecretBrokerAdminStub(channel)
         rotated = admin.RotateSecret(broker_pb2.RotateSecretRequest(name=name), timeout=30)

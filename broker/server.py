@@ -6,6 +6,18 @@ tasks keep the Vault token fresh (sources/token_keeper.py), rotate secrets when
 due (rotation.py), notice new versions of watched secrets (watch.py) and probe
 Vault's health for readiness and metrics (health.py). Metrics and probes are served
 over HTTP on their own listener (metrics_http.py).
+
+Every background task is supervised: one that dies unexpectedly is logged CRITICAL with
+its traceback, turns the broker NOT_SERVING and ends ``wait()``, so the process exits
+with EXIT_BACKGROUND_TASK_DIED and its orchestrator restarts it.
+
+A starting broker binds its port at once but takes calls only once it holds a value
+for every declared secret (the warm-up: every Vault-served one is read at start, and
+again every probe interval until each is held), or once server.warmup_timeout has
+passed; until then a client's connection waits in the listen backlog, so no client,
+health-checking or not, sends it a call another replica could answer. Routing (the
+health name clients balance on, ROUTING_HEALTH_SERVICE) is SERVING from then until it
+starts to shut down, and not while a fail-closed audit trail cannot be written.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,8 +41,9 @@ from broker.audit import AuditTrail
 from broker.cache import SecretCache
 from broker.changes import ChangeFeed
 from broker.config import BrokerConfig, ConfigError
+from broker.errors import BrokerError, SourceUnavailable
 from broker.grpc_admin import SecretBrokerAdminService
-from broker.grpc_common import add_servicer
+from broker.grpc_common import DrainGate, add_servicer
 from broker.grpc_service import SecretBrokerService
 from broker.health import Readiness, probe_vault
 from broker.identity import IdentityResolver
@@ -54,6 +68,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 VAULT_IO_THREADS = 8
+EXIT_BACKGROUND_TASK_DIED = 70
+"""The process's exit code when a background task died (EX_SOFTWARE): restart it."""
+HEARTBEAT_INTERVAL = 1.0
+LOOP_STALL = 10.0
+"""Seconds without a heartbeat after which /healthz reports the event loop stuck."""
+ROUTING_INTERVAL = 0.5
+"""How often the routing health name is brought up to date."""
 
 
 class Broker:
@@ -99,8 +120,11 @@ class Broker:
                 config.audit.file,
                 fail_closed=config.audit.fail_closed,
                 on_failure=self.metrics.audit_failures.inc,
+                on_drop=self.metrics.audit_dropped.inc,
                 key=config.audit.key,
                 mode=config.audit.file_mode,
+                queue_size=config.audit.queue_size,
+                write_timeout=config.audit.write_timeout,
             )
         except OSError as exc:
             raise ConfigError(
@@ -122,6 +146,7 @@ class Broker:
         )
         self._warn_missing_env(config.categories)
         self.metrics.cache_entries.set_function(lambda: len(self.cache))
+        self.metrics.audit_queued.set_function(lambda: self.audit.queued)
         self.metrics.watch_streams.set_function(lambda: len(self.feed))
         self.metrics.follow_rollback(self.rollback.from_vault)
         reader = SecretReader(config.secrets, AccessPolicy(config.access), self.values)
@@ -133,44 +158,68 @@ class Broker:
             self.run_vault_io,
             metrics=self.metrics,
         )
-        self.readiness = Readiness(config.secrets, self.values, self.vault.session)
+        self.readiness = Readiness(
+            config.secrets,
+            self.values,
+            self.vault.session,
+            audit_problem=self.audit.problem if config.audit.fail_closed else lambda: None,
+        )
         self._health = HealthServicer()
         identities = self._identities = IdentityResolver(
             config.identity.trust_domains, config.identity.cn_fallback
         )
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        add_servicer(
-            broker_pb2_grpc.add_SecretBrokerServicer_to_server,
-            SecretBrokerService(
-                reader,
-                Watcher(reader, self.values, self.feed, config.limits, self.metrics),
-                identities,
-                self.audit,
-                self.metrics,
+        self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="vault-probe-loop")
+        self.died: asyncio.Future[str] | None = None
+        """Resolved with the task's name when a background task dies (see the module doc)."""
+        self.heartbeat = time.monotonic()
+        self._open_since: float | None = None
+        """When the broker started taking calls (warm, or warmup_timeout passed)."""
+        self._closed_doors = False
+        """The gRPC server was stopped because a fail-closed audit trail cannot be written."""
+        self._warmup_ends = 0.0
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._routing: bool | None = None
+        self._services: list[tuple[Callable[[Any, Any], None], object]] = [
+            (
+                broker_pb2_grpc.add_SecretBrokerServicer_to_server,
+                SecretBrokerService(
+                    reader,
+                    Watcher(reader, self.values, self.feed, config.limits, self.metrics),
+                    identities,
+                    self.audit,
+                    self.metrics,
+                ),
             ),
-            self._server,
-            self.metrics.unparsable,
-        )
-        add_servicer(
-            broker_pb2_grpc.add_SecretBrokerAdminServicer_to_server,
-            SecretBrokerAdminService(
-                config.admin.identities,
-                config.secrets,
-                self.rollback,
-                self.values,
-                self.rotator,
-                identities,
-                self.audit,
-                self.metrics,
-                vault_nodes=lambda: self.readiness.nodes,
+            (
+                broker_pb2_grpc.add_SecretBrokerAdminServicer_to_server,
+                SecretBrokerAdminService(
+                    config.admin.identities,
+                    config.secrets,
+                    self.rollback,
+                    self.values,
+                    self.rotator,
+                    identities,
+                    self.audit,
+                    self.metrics,
+                    vault_nodes=lambda: self.readiness.nodes,
+                ),
             ),
-            self._server,
-            self.metrics.unparsable,
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        ]
+        self._server, self._gate = self._build_server()
+        self._tls: ServerTlsReloader | None = None
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
+
+    def _build_server(self) -> tuple[grpc.aio.Server, DrainGate]:
+        """A gRPC server with every service, each call through a drain gate of its own."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        gate = DrainGate()
+        for add_to_server, servicer in self._services:
+            add_servicer(add_to_server, servicer, server, self.metrics.unparsable, gate)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        return server, gate
 
     @property
     def metrics_port(self) -> int | None:
@@ -178,38 +227,49 @@ class Broker:
 
     async def start(self) -> int:
         """Start serving. Raises ConfigError naming the key when a TLS file is wrong or an
-        address cannot be listened on: both are the config's to fix."""
+        address cannot be listened on: both are the config's to fix. A start that fails
+        half-way releases what it took (the port among them)."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(grace=0, delay=0)
+            raise
+
+    async def _start(self) -> int:
         listen = self.config.server.listen
-        tls = ServerTlsReloader(
+        self.died = asyncio.get_running_loop().create_future()
+        tls = self._tls = ServerTlsReloader(
             self.config.server,
             on_change=self.metrics.tls_files,
             on_rejected=self.metrics.tls_reloads.labels("rejected").inc,
         )
         self.metrics.tls_files(tls.current, reloaded=False)
-        try:
-            self.port = self._server.add_secure_port(listen, tls.credentials())
-        except RuntimeError:  # grpc's only word for it: "Failed to bind to address"
-            raise ConfigError("server.listen", f"cannot listen on {listen}: {_IN_USE}") from None
         if self.config.metrics.listen is not None:
             try:
                 self._metrics_server = MetricsServer(
                     self.config.metrics.listen,
                     self.metrics.registry,
                     lambda: self.readiness.current,
+                    self.liveness,
                 )
             except OSError as exc:
                 raise ConfigError(
                     "metrics.listen",
                     f"cannot listen on {self.config.metrics.listen}: {exc.strerror}",
                 ) from None
-        await self._server.start()
-        await self._health.set(ROUTING_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            self.port = self._server.add_secure_port(listen, tls.credentials())
+        except RuntimeError:  # grpc's only word for it: "Failed to bind to address"
+            raise ConfigError("server.listen", f"cannot listen on {listen}: {_IN_USE}") from None
+        self._warmup_ends = time.monotonic() + self.config.server.warmup_timeout
+        await self._health.set(ROUTING_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._metrics_server is not None:
             self._metrics_server.start()
             log.info(
                 "metrics on http://%s (port %d)", self.config.metrics.listen, self.metrics_port
             )
         rollout = self.config.rollout
+        self._background("event-loop-heartbeat", self._beat())
         self._background(
             "vault-token-keeper", keep_token_fresh(self.vault.session, self.run_vault_io)
         )
@@ -220,7 +280,7 @@ class Broker:
                 self.readiness,
                 self.metrics,
                 self._health,
-                self.run_vault_io,
+                self._run_probe,
                 self.config.metrics.vault_probe_interval,
             ),
         )
@@ -239,36 +299,205 @@ class Broker:
             ),
         )
         self._background("client-certificate-metrics", self._follow_client_certificates())
-        host = self.config.server.listen.rpartition(":")[0]
-        log.info("broker listening on %s:%d (mutual TLS)", host, self.port)
+        if await self._prefetch():
+            await self._open()
+        else:
+            self._background("warm-up", self._keep_warming_up())
+        self._background("routing", self._follow_routing())
         return self.port
 
-    async def wait(self) -> None:
-        await self._server.wait_for_termination()
+    async def _open(self) -> None:
+        """Start taking calls (the port was bound at start: until now a client's connection
+        waits in the listen backlog, as at a replica that is not there yet)."""
+        await self._server.start()
+        self._open_since = time.monotonic()
+        self.readiness.listening = True
+        self.readiness.current = self.readiness.check()
+        await self._update_routing()
+        host = self.config.server.listen.rpartition(":")[0]
+        log.info("broker listening on %s:%d (mutual TLS)", host, self.port)
+
+    async def wait(self) -> str | None:
+        """Until the broker is stopped, or a background task dies: then its name."""
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        watched: set[asyncio.Future[Any]] = {stopped}
+        if self.died is not None:
+            watched.add(self.died)
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        return self.died.result() if self.died is not None and self.died.done() else None
 
     async def stop(self, grace: float | None = None, delay: float | None = None) -> None:
         """Shut down in the order that loses no call: report NOT_SERVING (clients' health
         watches and load balancers stop sending here), keep serving for ``delay``
-        (server.shutdown_delay) while they move, then stop taking calls and give those in
-        flight ``grace`` (server.shutdown_grace) to finish. Watch streams still open then
-        are cancelled; clients resume them on another replica."""
+        (server.shutdown_delay) while they move; then answer new calls UNAVAILABLE (every
+        client retries that elsewhere) and end watch streams UNAVAILABLE (clients resume them
+        on another replica) while the calls in flight finish, within ``grace``
+        (server.shutdown_grace); only then stop the server. Closes every resource, whatever
+        failed before."""
         server = self.config.server
-        await self._health.enter_graceful_shutdown()
+        self._stopping = True
+        steps: list[tuple[str, Callable[[], Coroutine[Any, Any, object]]]] = [
+            ("report NOT_SERVING", self._health.enter_graceful_shutdown),
+            (
+                "drain",
+                lambda: self._drain(
+                    server.shutdown_grace if grace is None else grace,
+                    server.shutdown_delay if delay is None else delay,
+                ),
+            ),
+            ("stop background tasks", self._stop_background),
+            ("stop the metrics listener", self._stop_metrics),
+            # A Vault call in flight finishes (bounded by vault.call_budget): none outlives it.
+            ("stop Vault I/O", lambda: asyncio.to_thread(self._close_vault_io)),
+            ("close the audit trail", lambda: asyncio.to_thread(self.audit.close)),
+        ]
+        for what, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("shutdown: could not %s", what)
+        self._stopped.set()
+        log.info("broker stopped")
+
+    async def _drain(self, grace: float, delay: float) -> None:
+        if self._open_since is None:  # takes no calls: release the port it may hold
+            if self.port and not self._closed_doors:
+                await self._server.start()
+            await self._server.stop(0)
+            return
         log.info("shutting down: reported NOT_SERVING, draining")
-        await asyncio.sleep(server.shutdown_delay if delay is None else delay)
-        await self._server.stop(server.shutdown_grace if grace is None else grace)
+        await asyncio.sleep(delay)
+        await self._close_server(grace)
+
+    async def _close_server(self, grace: float) -> None:
+        """Answer new calls UNAVAILABLE and end streams while the calls in flight finish (at
+        most ``grace``), then stop the server: its clients' connections close, so clients of
+        every kind send their calls to other replicas."""
+        self._open_since = None
+        self.readiness.listening = False
+        self._gate.close()
+        if not await self._gate.drained(grace):
+            log.warning("calls still in flight after %gs are cancelled", grace)
+        log.info("no call in flight; stopping the gRPC server")
+        await self._server.stop(grace)
+
+    async def _stop_background(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):
                 await task
+
+    async def _stop_metrics(self) -> None:
         if self._metrics_server is not None:
-            self._metrics_server.stop()
-        # Let a Vault call in flight finish (bounded by vault.timeout) so none outlives the broker.
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+            await asyncio.to_thread(self._metrics_server.stop)
+
+    def _close_vault_io(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._probe_executor.shutdown(wait=False, cancel_futures=True)
         self.vault.session.nodes.close()
-        self.audit.close()
-        log.info("broker stopped")
+
+    def liveness(self) -> tuple[bool, str]:
+        """For /healthz (from its own thread): alive unless the event loop has stopped
+        turning or a background task died."""
+        if self.died is not None and self.died.done():
+            return False, f"background task {self.died.result()} died"
+        stalled = time.monotonic() - self.heartbeat
+        if stalled > LOOP_STALL:
+            return False, f"the event loop has not run for {stalled:.0f}s"
+        return True, "ok"
+
+    async def _beat(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _prefetch(self) -> bool:
+        """Read every Vault-served declared secret not held yet (in parallel, each within
+        vault.call_budget); whether each is now settled: held, or answered by Vault for good
+        (missing, denied). The broker takes calls once every one is (module docstring)."""
+        pending = [
+            spec
+            for spec in self.config.secrets.values()
+            if self.values.source_of(spec) is SourceKind.VAULT and not self.values.answerable(spec)
+        ]
+        results = await asyncio.gather(
+            *(self.values.prefetch(spec) for spec in pending), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, BrokerError):
+                raise result  # a bug, not Vault's answer
+        unsettled = [
+            spec.name
+            for spec, result in zip(pending, results, strict=True)
+            if isinstance(result, SourceUnavailable)
+        ]
+        if unsettled:
+            log.info("warming up: no value yet for %s", ", ".join(unsettled))
+            return False
+        log.info("warm: every declared secret is held or answered by vault")
+        return True
+
+    async def _keep_warming_up(self) -> None:
+        interval = self.config.metrics.vault_probe_interval
+        while time.monotonic() < self._warmup_ends:
+            await asyncio.sleep(interval)
+            if await self._prefetch():
+                break
+        else:
+            log.warning(
+                "not warm after server.warmup_timeout (%gs): taking calls anyway; reads of"
+                " secrets with no value fail until vault answers",
+                self.config.server.warmup_timeout,
+            )
+        await self._open()
+
+    async def _follow_routing(self) -> None:
+        while True:
+            await self._update_routing()
+            await asyncio.sleep(ROUTING_INTERVAL)
+
+    async def _update_routing(self) -> None:
+        """Set the routing health name (see the module docstring) when it changes; close the
+        doors while a fail-closed audit trail cannot be written, and open them again after."""
+        audit = self.audit.problem() if self.config.audit.fail_closed else None
+        if audit is not None and self._open_since is not None and not self._stopping:
+            log.warning("taking no calls: %s; the gRPC server stops until it recovers", audit)
+            self._closed_doors = True
+            await self._close_server(self.config.server.shutdown_grace)
+        elif audit is None and self._closed_doors and not self._stopping and self._tls:
+            self._server, self._gate = self._build_server()
+            host = self.config.server.listen.rpartition(":")[0]
+            self._server.add_secure_port(f"{host}:{self.port}", self._tls.credentials())
+            self._closed_doors = False
+            log.info("the audit trail is writable again")
+            await self._open()
+        serving = (
+            self._open_since is not None
+            and audit is None
+            and not self._stopping
+            and not self._dead()
+        )
+        if serving is self._routing:
+            return
+        self._routing = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set(ROUTING_HEALTH_SERVICE, status)
+        if serving:
+            log.info("taking traffic")
+
+    def _dead(self) -> bool:
+        return self.died is not None and self.died.done()
+
+    async def _run_probe(self, call: Callable[[], T]) -> T:
+        """The health probe has a thread of its own: a pool busy with hung Vault reads must
+        not stall it (readiness and node order depend on it)."""
+        return await asyncio.get_running_loop().run_in_executor(self._probe_executor, call)
 
     async def run_vault_io(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -286,10 +515,36 @@ class Broker:
             await asyncio.sleep(CLIENT_CERTIFICATE_INTERVAL)
 
     def _background(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=name))
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._ended)
+        self._tasks.append(task)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A background task ended: fine when cancelled (stop) or done (warm-up); otherwise
+        it died, and the broker must be restarted (module docstring)."""
+        if task.cancelled() or self._stopping:
+            return
+        error = task.exception()
+        if error is None:
+            return
+        name = task.get_name()
+        log.critical(
+            "background task %s died; the broker stops serving and exits with %d to be restarted",
+            name,
+            EXIT_BACKGROUND_TASK_DIED,
+            exc_info=error,
+        )
+        if self.died is not None and not self.died.done():
+            self.died.set_result(name)
+        self._tasks.append(asyncio.create_task(self._not_serving(), name="not-serving"))
+
+    async def _not_serving(self) -> None:
+        await self._health.enter_graceful_shutdown()
 
     def _flipped(self, categories: frozenset[str]) -> None:
-        """A committed flip (audited before it was applied) is pushed to watchers."""
+        """A committed flip (audited before it was applied) is pushed to watchers, and reads
+        waiting on Vault for a secret now served from env are answered from env."""
+        self.values.flipped()
         self.feed.publish(s.name for s in self.config.secrets.values() if s.category in categories)
         self._warn_missing_env(categories)
 

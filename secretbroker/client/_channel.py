@@ -20,32 +20,26 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 
 ROUTING_HEALTH_SERVICE = "secretbroker.v1.SecretBroker.accepting"
-"""The gRPC health name a broker reports SERVING under while it accepts requests, NOT_SERVING
-from the moment it starts to shut down. Not readiness: a replica that lacks a value for one
-secret still serves the others (env-served ones during a rollback among them)."""
+"""The gRPC health name a broker reports SERVING under while it takes calls: from the end of
+its warm-up (it holds every declared secret, or warmup_timeout passed) until it starts to shut
+down, and not while a fail-closed audit trail cannot be written. Not readiness: a replica that
+lacks a value for one secret still serves the others (env-served ones during a rollback)."""
 
 SERVICE_CONFIG = json.dumps(
     {
         # Spread calls over every broker the target resolves to, not only the first.
         "loadBalancingConfig": [{"round_robin": {}}],
-        # Leave a broker as soon as it says it is shutting down (it drains after that).
+        # Leave a broker as soon as it says it is shutting down (it drains after that), and
+        # stay away from one that is still warming up.
         "healthCheckConfig": {"serviceName": ROUTING_HEALTH_SERVICE},
-        # A GetSecret that meets a broker going away is sent again at once; round_robin
-        # picks the next broker. Longer outages are the RetryInterceptor's (with backoff).
-        "methodConfig": [
-            {
-                "name": [{"service": "secretbroker.v1.SecretBroker", "method": "GetSecret"}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.02s",
-                    "maxBackoff": "0.2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
+        # No retryPolicy here: the SDK's RetryInterceptor is the one retry layer, under one
+        # overall deadline (RetryPolicy). gRPC's transparent retry of a call no server saw
+        # (a stream refused by a stopping broker) stays on.
     }
 )
+
+
+UNROUTED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 def channel_credentials(
@@ -62,23 +56,26 @@ def channel_credentials(
         raise ClientConfigError(f"cannot read {exc.filename} ({exc.strerror})") from None
 
 
-def secure_channel(config: BrokerClientConfig) -> grpc.Channel:
-    """A channel to the broker's endpoint(s), authenticated both ways."""
-    return grpc.secure_channel(*_channel_args(config))
+def secure_channel(config: BrokerClientConfig, *, routed: bool = True) -> grpc.Channel:
+    """A channel to the broker's endpoint(s), authenticated both ways. ``routed`` (the default,
+    for reading secrets): balanced over the replicas that report SERVING on the routing health
+    name. Without it (operator calls to one replica, e.g. a rollback flip during an outage), the
+    channel calls the replica whatever it reports."""
+    return grpc.secure_channel(*_channel_args(config, routed))
 
 
-def secure_aio_channel(config: BrokerClientConfig) -> grpc.aio.Channel:
+def secure_aio_channel(config: BrokerClientConfig, *, routed: bool = True) -> grpc.aio.Channel:
     """The same channel for asyncio code."""
-    return grpc.aio.secure_channel(*_channel_args(config))
+    return grpc.aio.secure_channel(*_channel_args(config, routed))
 
 
 def _channel_args(
-    config: BrokerClientConfig,
+    config: BrokerClientConfig, routed: bool
 ) -> tuple[str, grpc.ChannelCredentials, list[tuple[str, str | int]]]:
     target = channel_target(config.target)
     options: list[tuple[str, str | int]] = [
         *CHANNEL_OPTIONS,
-        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.service_config", SERVICE_CONFIG if routed else UNROUTED_SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
     ]
     server_name = config.server_name or _address_list_host(target)
