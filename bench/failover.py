@@ -45,10 +45,12 @@ class FailoverSizes:
     """Load kept up after the new leader, to see the tail settle."""
     load_clients: tuple[int, ...]
     load_seconds: float
+    hung_seconds: float
+    """How long every Vault node stays hung (SIGSTOP) in the hang block."""
 
 
-FULL_FAILOVER = FailoverSizes(5.0, 5.0, (1, 10, 100), 20.0)
-QUICK_FAILOVER = FailoverSizes(1.0, 1.0, (1, 10), 4.0)
+FULL_FAILOVER = FailoverSizes(5.0, 5.0, (1, 10, 100), 20.0, 9.0)
+QUICK_FAILOVER = FailoverSizes(1.0, 1.0, (1, 10), 4.0, 3.0)
 
 
 @contextmanager
@@ -110,7 +112,67 @@ def measure_failover(workdir: Path, sizes: FailoverSizes) -> dict[str, Any]:
             **_latency_windows(report, killed_at, elected_at + 1.0),
         }
         result["vault_load"] = vault_load(replicas, catalog, sizes)
+        result["all_nodes_hung"] = measure_hang(vault, replicas, catalog, sizes)
         return result
+
+
+def measure_hang(
+    vault: ClusterVault, replicas: list[BrokerProcess], catalog: Any, sizes: FailoverSizes
+) -> dict[str, Any]:
+    """Every running Vault node SIGSTOPped (a black-holed network) for ``hung_seconds``, values
+    with a 2 s TTL, an SDK load and a plain grpcio load (NON_SDK_SERVICE_CONFIG); a third of the
+    way in, replica 1 is restarted cold. Failed reads, and p99/max against the steady state
+    before the hang, per client kind; and what the cold replica cost."""
+    loads = {
+        "sdk": CatalogLoad(catalog, SECRETS).start(ready_timeout=60),
+        "plain": CatalogLoad(catalog, SECRETS, plain=True).start(ready_timeout=60),
+    }
+    time.sleep(max(sizes.steady_seconds, 2.0))
+    nodes = vault.cluster.running()
+    hung_at = time.time()
+    for node in nodes:
+        vault.cluster.pause(node)
+    try:
+        time.sleep(sizes.hung_seconds / 3)
+        cold_at = time.time()
+        replicas[1].kill()
+        replicas[1].start()
+        time.sleep(sizes.hung_seconds * 2 / 3)
+    finally:
+        for node in nodes:
+            vault.cluster.resume(node)
+    resumed_at = time.time()
+    vault.cluster.wait_serving()
+    warm_after = _until_ready(replicas[1], resumed_at)
+    time.sleep(1.0)
+    reports = {kind: load.stop() for kind, load in loads.items()}
+    return {
+        "hung_seconds": sizes.hung_seconds,
+        **{
+            kind: {
+                "failed_reads": len(report.failed),
+                "reads": report.reads,
+                "stale_reads": report.stale,
+                **_latency_windows(report, hung_at, resumed_at, labels=("steady", "hung")),
+                "cold_replica": _p99_max(_window(report, cold_at, resumed_at)),
+            }
+            for kind, report in reports.items()
+        },
+        "cold_replica_ready_after_resume_s": warm_after,
+    }
+
+
+def _until_ready(replica: BrokerProcess, since: float) -> float:
+    """Seconds from ``since`` until the replica's /readyz answers 200 (it is warm)."""
+    while True:
+        try:
+            if replica.scrape("/readyz")[0] == 200:
+                return time.time() - since
+        except OSError:
+            pass
+        if time.time() - since > 60:
+            raise RuntimeError("the cold replica was not ready within 60 s of Vault's return")
+        time.sleep(0.05)
 
 
 def _rotate_until_it_works(
@@ -148,17 +210,20 @@ def _elected(vault: ClusterVault) -> float:
     return time.time()
 
 
-def _latency_windows(report: LoadReport, start: float, end: float) -> dict[str, Any]:
-    """GetSecret latency before the kill (steady) and from the kill to a second after the new
-    leader (election), p99 and max, in ms."""
+def _latency_windows(
+    report: LoadReport,
+    start: float,
+    end: float,
+    labels: tuple[str, str] = ("steady", "election"),
+) -> dict[str, Any]:
+    """GetSecret latency before ``start`` (steady) and from ``start`` to ``end`` (by default the
+    kill to a second after the new leader: the election), p99 and max, in ms."""
     steady = [s for s, t in zip(report.latencies, report.ended_at, strict=True) if t < start]
-    election = [
-        s for s, t in zip(report.latencies, report.ended_at, strict=True) if start <= t <= end
-    ]
-    return {
-        "steady": _p99_max(steady),
-        "election": _p99_max(election),
-    }
+    return {labels[0]: _p99_max(steady), labels[1]: _p99_max(_window(report, start, end))}
+
+
+def _window(report: LoadReport, start: float, end: float) -> list[float]:
+    return [s for s, t in zip(report.latencies, report.ended_at, strict=True) if start <= t <= end]
 
 
 def _p99_max(seconds: list[float]) -> dict[str, float]:

@@ -7,18 +7,21 @@ thing.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import hvac
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,10 +33,15 @@ from secretbroker.client import (
     BrokerClientConfig,
     LiveSecrets,
     RetryPolicy,
+    Secret,
     SecretsClient,
     SecretSource,
     SecretUnavailable,
+    channel_credentials,
+    channel_target,
+    secret_from_message,
 )
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 
 @dataclass
@@ -86,9 +94,19 @@ def start_cluster_vault(
 
 
 class BrokerProcess:
-    """``python -m broker serve`` as its own process, so a test can SIGKILL or SIGTERM it."""
+    """``python -m broker serve`` as its own process, so a test can SIGKILL or SIGTERM it.
 
-    def __init__(self, workdir: Path, document: dict[str, Any]) -> None:
+    ``environ``: variables for it besides this process's own (VAULT_* excepted), e.g. the
+    values a rollback serves. ``stalled_stdout``: its standard output is a pipe nobody reads,
+    as a log pipeline that stopped would leave it (the audit trail's "-" writes there)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        document: dict[str, Any],
+        environ: Mapping[str, str] | None = None,
+        stalled_stdout: bool = False,
+    ) -> None:
         self.port = free_port_pair()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -104,12 +122,15 @@ class BrokerProcess:
         self.config = write_broker_config(workdir / "broker.toml", document)
         self.log_path = workdir / "broker.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._environ = dict(environ or {})
+        self._stalled_stdout = stalled_stdout
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> BrokerProcess:
+        """Start it (again, after a kill: the same port and config)."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("VAULT_")}
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
@@ -117,9 +138,9 @@ class BrokerProcess:
                     [sys.executable, "-m", "broker", "serve", "--config", str(self.config)]
                 ),
                 stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
+                stdout=subprocess.PIPE if self._stalled_stdout else log_file,
+                stderr=log_file if self._stalled_stdout else subprocess.STDOUT,
+                env={**env, **self._environ},
                 cwd=self.workdir,
             )
         return self
@@ -142,15 +163,31 @@ class BrokerProcess:
 
     def stop(self) -> None:
         stop_server(self.process)
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+        """GET ``path`` from its metrics listener: status and body."""
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return int(response.status), response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample of a scrape; None when the series is not there."""
+        for family in text_string_to_metric_families(self.scrape()[1]):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None
 
     def vault_reads(self) -> float:
         """KV reads this replica has sent to Vault so far (from its /metrics)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
         return sum(
             sample.value
-            for family in text_string_to_metric_families(text)
+            for family in text_string_to_metric_families(self.scrape()[1])
             for sample in family.samples
             if sample.name == "secretbroker_vault_requests_total"
             and sample.labels.get("operation") == "read"
@@ -171,6 +208,57 @@ def client_config(
         deadline=deadline,
         retry=RetryPolicy(overall_deadline=10.0),
     )
+
+
+NON_SDK_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": "secretbroker.v1.SecretBroker", "method": "GetSecret"}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.01s",
+                "maxBackoff": "0.2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            },
+        }
+    ],
+}
+"""What the README tells clients without the SDK (Go, Java, Node) to configure: round_robin
+and a retry of GetSecret on UNAVAILABLE and CANCELLED (gRPC core cancels a call that reached
+a stopping broker but was not yet dispatched); no client-side health checking, which many do
+not have."""
+NON_SDK_DEADLINE = 3.0
+
+
+class PlainClient:
+    """GetSecret over a plain grpcio channel configured as NON_SDK_SERVICE_CONFIG: how a client
+    in another language sees the brokers. Same ``get_secret`` as the SDK's, for CatalogLoad."""
+
+    def __init__(self, config: BrokerClientConfig) -> None:
+        target = channel_target(config.target)
+        options: list[tuple[str, str | int]] = [
+            ("grpc.service_config", json.dumps(NON_SDK_SERVICE_CONFIG)),
+            ("grpc.enable_retries", 1),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+        ]
+        if config.server_name is None and target.startswith("ipv4:"):
+            options.append(("grpc.ssl_target_name_override", "127.0.0.1"))
+        credentials = channel_credentials(config.ca_file, config.cert_file, config.key_file)
+        self._channel = grpc.secure_channel(target, credentials, options)
+        self._stub = broker_pb2_grpc.SecretBrokerStub(self._channel)
+
+    def get_secret(self, name: str) -> Secret:
+        request = broker_pb2.GetSecretRequest(name=name)
+        try:
+            response = self._stub.GetSecret(request, timeout=NON_SDK_DEADLINE)
+        except grpc.RpcError as exc:
+            raise SecretUnavailable(name, exc.code(), exc.details() or "") from None
+        return secret_from_message(response.secret)
+
+    def close(self) -> None:
+        self._channel.close()
 
 
 @dataclass
@@ -204,7 +292,9 @@ class CatalogLoad:
         names: Sequence[str],
         readers: int = 2,
         pause: float = 0.005,
+        plain: bool = False,
     ) -> None:
+        """``plain``: the readers call through a PlainClient (no SDK), the watcher is the SDK's."""
         self._config = config
         self._names = list(names)
         self._readers = readers
@@ -213,6 +303,7 @@ class CatalogLoad:
         self._lock = threading.Lock()
         self.report = LoadReport()
         self.client = SecretsClient(config)
+        self._reader: SecretsClient | PlainClient = PlainClient(config) if plain else self.client
         self.live = LiveSecrets(self.client, self._names)
         self._threads: list[threading.Thread] = []
 
@@ -232,6 +323,8 @@ class CatalogLoad:
             thread.join(timeout=30)
         self.live.close()
         self.client.close()
+        if self._reader is not self.client:
+            self._reader.close()
         return self.report
 
     def _read(self, index: int) -> None:
@@ -242,11 +335,11 @@ class CatalogLoad:
             turn += 1
             started = time.perf_counter()
             try:
-                secret = self.client.get_secret(name)
+                secret = self._reader.get_secret(name)
             except SecretUnavailable as exc:
                 with self._lock:
                     self.report.reads += 1
-                    self.report.failed.append(f"{name}: {exc.code.name}")
+                    self.report.failed.append(f"{name}: {exc} at {time.time():.3f}")
                 continue
             elapsed = time.perf_counter() - started
             with self._lock:
@@ -271,6 +364,8 @@ class CatalogLoad:
                     with self._lock:
                         self.report.live_missing += 1
                     continue
+                if secret.source is not SecretSource.VAULT:
+                    continue  # env values (a rollback) have no versions
                 if secret.version < seen.get(name, 0):
                     with self._lock:
                         self.report.went_back.append(

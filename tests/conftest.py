@@ -250,9 +250,11 @@ def broker_settings(
     limits: Mapping[str, Any] | None = None,
     server_files: CertFiles | None = None,
     client_ca: Path | None = None,
+    server: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The broker's TOML document as a dict: what a user would write. Admin is OPS_ID."""
-    return broker_document(
+    """The broker's TOML document as a dict: what a user would write. Admin is OPS_ID.
+    ``server``: [server] keys besides the listener and its files."""
+    document = broker_document(
         listen=listen,
         server=server_files or pki.server,
         client_ca=client_ca or pki.ca,
@@ -275,6 +277,8 @@ def broker_settings(
         cache=cache or {},
         log={"level": log_level},
     )
+    document["server"].update(server or {})
+    return document
 
 
 def example_config(folder: Path) -> Path:
@@ -369,6 +373,23 @@ class RunningBroker:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+
+    def forget(self, *names: str) -> None:
+        """Drop the cached values of ``names``: a secret this broker holds no value for (a
+        started broker holds every declared one: it warms up before it takes traffic)."""
+
+        async def forget() -> None:
+            for name in names:
+                self.broker.cache.invalidate(name)
+
+        self.run(forget())
+
+    def audit_lines(self) -> list[str]:
+        """The audit trail's lines, once every record queued so far is written (the trail's
+        writer thread writes after the answer)."""
+        assert self.broker.config.audit.file is not None
+        assert self.broker.audit.flush()
+        return self.broker.config.audit.file.read_text().splitlines()
 
     def admin(self, client: CertFiles, ca: Path) -> broker_pb2_grpc.SecretBrokerAdminStub:
         return broker_pb2_grpc.SecretBrokerAdminStub(secure_channel(self.port, ca, client))

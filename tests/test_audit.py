@@ -4,24 +4,36 @@ and a fail-closed mode."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from broker.audit import AuditTrail
+from broker.audit import AuditTrail, Written
+from broker.errors import AuditUnavailable
 from secretbroker.v1 import broker_pb2
-from tests.conftest import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, get, status_of
+from tests.conftest import (
+    API,
+    DATABASE,
+    BrokerFactory,
+    Pki,
+    RunningBroker,
+    Vault,
+    eventually,
+    get,
+    status_of,
+)
 
 
 def records(broker: RunningBroker) -> list[dict[str, Any]]:
-    path = broker.config.audit.file
-    assert path is not None
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in broker.audit_lines()]
 
 
 def verify(path: Path) -> subprocess.CompletedProcess[str]:
@@ -38,6 +50,7 @@ def test_every_allowed_and_denied_request_leaves_exactly_one_record(
     vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
     broker = start_broker(vault)
+    broker.forget(DATABASE)  # the first read below is Vault's, the second the cache's
     stub = broker.stub(pki.catalog, pki.ca)
     get(stub, DATABASE)
     get(stub, DATABASE)
@@ -150,8 +163,10 @@ def test_fail_closed_audit_refuses_to_serve_unrecorded_reads(
 
     open_ = start_broker(vault, audit={"file": "/dev/full"})
     assert get(open_.stub(pki.catalog, pki.ca), DATABASE).name == DATABASE
-    _, text = open_.scrape()
-    assert "secretbroker_audit_failures_total 1.0" in text
+    eventually(  # written by the trail's own thread, after the answer
+        lambda: "secretbroker_audit_failures_total 1.0" in open_.scrape()[1],
+        what="the failed write counted",
+    )
 
 
 def test_admin_actions_name_who_did_what(
@@ -198,3 +213,98 @@ def test_the_fast_allow_record_is_the_same_record_as_the_general_one(tmp_path: P
     }
     assert (general["seq"], fast["seq"]) == (1, 2)
     assert verify(tmp_path / "audit.jsonl").returncode == 0
+
+
+@pytest.fixture
+def stalled_sink(tmp_path: Path) -> Iterator[Path]:
+    """A named pipe whose reader never reads: a log pipeline that stopped. Closing the reader at
+    the end breaks the pipe, which ends the blocked write."""
+    fifo = tmp_path / "sink"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    yield fifo
+    os.close(reader)
+
+
+def fill(trail: AuditTrail, count: int) -> list[Written | None]:
+    """``count`` records of about 100 bytes: 2,000 are past a pipe's 64 KiB."""
+    return [
+        trail.record("access", rpc="GetSecret", identity="spiffe://x", secret=f"s/{n}")
+        for n in range(count)
+    ]
+
+
+def test_a_stalled_sink_never_blocks_a_fail_open_trail_and_counts_what_it_drops(
+    stalled_sink: Path,
+) -> None:
+    dropped: list[int] = []
+    trail = AuditTrail(
+        stalled_sink, queue_size=100, write_timeout=0.1, on_drop=lambda: dropped.append(1)
+    )
+
+    confirmations = fill(trail, 5000)  # returns: nothing in it waits for the sink
+
+    assert confirmations == [None] * 5000, "fail-open: no request waits for its record"
+    assert 0 < len(dropped) < 5000
+    eventually(lambda: (trail.problem() or "").startswith("the audit trail is stalled"))
+    trail.close(within=0.2)  # bounded, though the sink never reads
+
+
+def test_a_stalled_sink_refuses_fail_closed_requests_within_the_write_timeout_then_at_once(
+    stalled_sink: Path,
+) -> None:
+    trail = AuditTrail(stalled_sink, fail_closed=True, queue_size=100_000, write_timeout=0.2)
+
+    async def scenario() -> tuple[int, str]:
+        pending = fill(trail, 2000)
+        await asyncio.sleep(0.1)
+        refused = 0
+        for written in pending[-10:]:
+            try:
+                await trail.confirm(written)
+            except AuditUnavailable:
+                refused += 1
+        return refused, str(await _refusal(trail))
+
+    refused, message = asyncio.run(scenario())
+
+    assert refused == 10, "record before answer: none of them could be written"
+    assert message.startswith("the audit trail is stalled: a write has taken"), "at once"
+    assert (trail.problem() or "").startswith("the audit trail is stalled")
+    trail.close(within=0.2)
+
+
+async def _refusal(trail: AuditTrail) -> AuditUnavailable:
+    with pytest.raises(AuditUnavailable) as refused:
+        trail.record("access", rpc="GetSecret")  # refused before it is queued
+    return refused.value
+
+
+def test_a_fail_closed_broker_leaves_while_its_sink_is_stalled_and_returns_after(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory, stalled_sink: Path
+) -> None:
+    """Stalled: refused at once, not ready, and its gRPC server stops, so clients of every kind
+    call other replicas. Once the sink reads again, it takes calls again, with no restart."""
+    broker = start_broker(
+        vault, audit={"file": str(stalled_sink), "fail_closed": True, "write_timeout": "200ms"}
+    )
+    stub = broker.stub(pki.catalog, pki.ca)
+    for _ in range(5000):  # about 200 bytes of audit each: the pipe's 64 KiB fill up
+        try:
+            get(stub, DATABASE, timeout=5)
+        except grpc.RpcError:
+            break
+    eventually(lambda: "the audit trail is stalled" in broker.scrape("/readyz")[1])
+    assert broker.scrape("/readyz")[0] == 503
+    eventually(
+        lambda: status_of(lambda: get(stub, DATABASE, timeout=1)) == grpc.StatusCode.UNAVAILABLE
+    )
+
+    with open(stalled_sink, "rb") as sink:  # the log pipeline reads again
+        os.set_blocking(sink.fileno(), False)
+        eventually(
+            lambda: sink.read() is None and get(stub, DATABASE, timeout=1).name == DATABASE,
+            ignoring=(grpc.RpcError,),
+            what="calls answered again",
+        )
+        assert broker.scrape("/readyz")[0] == 200

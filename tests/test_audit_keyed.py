@@ -107,6 +107,7 @@ def test_rotated_files_chain_on_and_verify_in_seq_order_or_as_a_folder(tmp_path:
     trail = AuditTrail(path, key=load_key(key))
     for number in (2, 1):  # logrotate's numbering: the higher, the older
         write(trail, 3)
+        assert trail.flush()
         path.rename(folder / f"audit.jsonl.{number}")
         trail.reopen()
     write(trail, 2)

@@ -48,4 +48,8 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
     assert failover["election"]["n"] > 0
     assert failover["rotation_works_again_after_s"] > 0
     assert [row["clients"] for row in failover["vault_load"]["rows"]] == [1, 10]
+    hung = failover["all_nodes_hung"]
+    for kind in ("sdk", "plain"):
+        assert hung[kind]["failed_reads"] == 0, f"{kind}: a read failed while Vault hung"
+        assert hung[kind]["hung"]["n"] > 0
     assert "failed catalog reads during the leader kill" in result.stdout

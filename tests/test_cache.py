@@ -11,7 +11,9 @@ from tests.conftest import API, BrokerFactory, Measure, Pki, Vault, get
 
 
 def test_cache_hits_do_not_touch_vault(vault: Vault, pki: Pki, start_broker: BrokerFactory) -> None:
-    stub = start_broker(vault, secrets_={API: {"ttl": "1h"}}).stub(pki.catalog, pki.ca)
+    broker = start_broker(vault, secrets_={API: {"ttl": "1h"}})
+    broker.forget(API)
+    stub = broker.stub(pki.catalog, pki.ca)
     offset = vault.audit_offset()
 
     versions = {get(stub, API).version for _ in range(50)}
@@ -23,7 +25,9 @@ def test_cache_hits_do_not_touch_vault(vault: Vault, pki: Pki, start_broker: Bro
 def test_concurrent_misses_for_one_secret_coalesce_into_one_vault_read(
     vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
-    stub = start_broker(vault, secrets_={API: {"ttl": "1h"}}).stub(pki.catalog, pki.ca)
+    broker = start_broker(vault, secrets_={API: {"ttl": "1h"}})
+    broker.forget(API)
+    stub = broker.stub(pki.catalog, pki.ca)
     request = broker_pb2.GetSecretRequest(name=API)
     offset = vault.audit_offset()
 
@@ -59,8 +63,7 @@ def test_steady_reads_never_wait_for_vault_and_cost_about_one_read_per_ttl(
     broker = start_broker(vault, secrets_={API: {"ttl": f"{ttl}s"}})
     stub = broker.stub(pki.catalog, pki.ca)
     get(stub, API)  # the first read is a miss
-    assert broker.config.audit.file is not None
-    trail_offset = len(broker.config.audit.file.read_text().splitlines())
+    trail_offset = len(broker.audit_lines())
     vault_offset = vault.audit_offset()
 
     deadline = time.monotonic() + 5 * ttl
@@ -68,7 +71,7 @@ def test_steady_reads_never_wait_for_vault_and_cost_about_one_read_per_ttl(
         get(stub, API)
         time.sleep(0.02)
 
-    records = [json.loads(line) for line in broker.config.audit.file.read_text().splitlines()]
+    records = [json.loads(line) for line in broker.audit_lines()]
     sources = {record["source"] for record in records[trail_offset:]}
     assert sources == {"cache"}, "a request waited on Vault"
     reads = vault.reads_since(vault_offset, API)

@@ -23,7 +23,9 @@ class FakeSource:
         self.reads = 0
         self.failure: Exception | None = None
 
-    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+    def read(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
         self.reads += 1
         if self.failure is not None:
             raise self.failure
@@ -122,7 +124,9 @@ class BlockedSource:
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+    def read(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
         self.started.set()
         self.release.wait(timeout=10)
         return SecretValue({"k": "old"}, 1, SourceKind.VAULT, fetched_at=0.0)
@@ -167,7 +171,9 @@ class Replayed:
     def __init__(self, *answers: tuple[int, float] | tuple[int, float, float]) -> None:
         self._answers = list(answers)
 
-    def read(self, spec: SecretSpec, version: int | None = None) -> SecretValue:
+    def read(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
         number, written, *age = self._answers.pop(0)
         fetched = time.time() - (age[0] if age else 0.0)
         return SecretValue({"k": f"v{number}"}, number, SourceKind.VAULT, fetched, written)
@@ -214,3 +220,95 @@ def test_a_read_that_finds_a_new_version_tells_the_watchers_whoever_asked() -> N
         get(cache)
         clock.now += 11
     assert told == [SPEC.name], "once: for version 6, not for the same 5 or the lagging 4"
+
+
+class Gated:
+    """A source whose reads wait for ``release`` (a slow or hung Vault), counting them; it can
+    also fail at once, or answer a given version."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.newest_reads = 0
+        self.release = threading.Event()
+        self.version = 1
+        self.failure: Exception | None = None
+
+    def read(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
+        self.reads += 1
+        self.newest_reads += newest
+        if self.failure is not None:
+            raise self.failure
+        self.release.wait(timeout=10)
+        number = self.version
+        return SecretValue({"k": f"v{number}"}, number, SourceKind.VAULT, time.time(), 0.0)
+
+
+def gated_cache(source: Gated, clock: Clock) -> SecretCache:
+    config = CacheConfig(default_ttl=10, max_stale=100, error_backoff=5, revalidate_wait=0.05)
+    return SecretCache(source, config, ThreadPoolExecutor(2), clock)
+
+
+def test_an_expired_value_is_served_stale_while_a_slow_vault_revalidates_it() -> None:
+    source, clock = Gated(), Clock()
+    cache = gated_cache(source, clock)
+
+    async def scenario() -> list[tuple[int, bool]]:
+        source.release.set()
+        await cache.get(SPEC)
+        source.release.clear()  # Vault hangs from now on
+        source.version = 2
+        clock.now += 11
+        first = await cache.get(SPEC)  # waits revalidate_wait at most, then stale
+        rest = [await cache.get(SPEC) for _ in range(20)]  # the read is slow: no wait at all
+        source.release.set()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if (hit := cache.fresh(SPEC)) is not None:
+                rest.append((await cache.get(SPEC)) if hit.value.version == 2 else hit)
+                break
+        return [(c.value.version, c.stale) for c in [first, *rest]]
+
+    answers = asyncio.run(scenario())
+
+    assert answers[:21] == [(1, True)] * 21
+    assert answers[-1] == (2, False), "the one background read lands"
+    assert source.reads == 2, "one read for 21 requests"
+
+
+def test_nothing_servable_and_vault_just_failed_is_unavailable_at_once_without_a_read() -> None:
+    source, clock = Gated(), Clock()
+    cache = gated_cache(source, clock)
+    source.failure = SourceUnavailable("vault is not reachable")
+
+    with pytest.raises(SourceUnavailable, match="not reachable"):
+        asyncio.run(cache.get(SPEC))
+    with pytest.raises(SourceUnavailable, match="not reachable"):
+        asyncio.run(cache.get(SPEC))
+    assert source.reads == 1, "within error_backoff: no second read of a failing Vault"
+    clock.now += 6
+    source.failure = None
+    source.release.set()
+    assert asyncio.run(cache.get(SPEC)).value.version == 1
+    assert source.reads == 2
+
+
+def test_a_caller_that_saw_a_newer_version_gets_it_from_the_active_node_once() -> None:
+    source, clock = Gated(), Clock()
+    source.release.set()
+    cache = gated_cache(source, clock)
+
+    async def versions(*min_versions: int) -> list[int]:
+        return [(await cache.get(SPEC, min_version=m)).value.version for m in min_versions]
+
+    assert asyncio.run(versions(1)) == [1]
+    source.version = 2  # written elsewhere; another replica served it to the caller
+    assert asyncio.run(versions(1, 2, 2, 1)) == [1, 2, 2, 2]
+    assert (source.reads, source.newest_reads) == (2, 1)
+    assert asyncio.run(versions(3)) == [2], "what the active node said holds for its TTL"
+    assert source.newest_reads == 1
+    source.version = 1  # a restore: the active node itself holds the older version now
+    clock.now += 11
+    assert asyncio.run(versions(3, 3, 3)) == [1, 1, 1], "Vault's word, once it is asked again"
+    assert source.newest_reads == 2

@@ -3,6 +3,7 @@ SECRETBROKER_ADDR; several reach whichever broker answers."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -116,3 +117,28 @@ def test_rotated_client_certificates_reach_a_broker_that_only_trusts_the_new_one
             live.close()
     refused = status_of(lambda: get(second.stub(pki.catalog, pki.ca), API))
     assert refused == grpc.StatusCode.UNAVAILABLE, "the old certificate is no longer accepted"
+
+
+def test_point_reads_never_go_back_a_version_across_replicas_whose_caches_disagree(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """Replica 1 holds the old version for an hour; once the SDK has been given the new one
+    (by replica 0), replica 1 asks Vault's active node before it answers (min_version)."""
+    replicas = [start_broker(vault, secrets_={API: {"ttl": "1h"}}) for _ in range(2)]
+    old = get(replicas[1].stub(pki.catalog, pki.ca), API).version
+    new = vault.write(API, value="newer", other="o")
+    replicas[0].forget(API)
+    plain = replicas[1].stub(pki.catalog, pki.ca)
+    assert get(plain, API).version == old < new, "a plain read of replica 1 is a version behind"
+    config = BrokerClientConfig(
+        target=[f"127.0.0.1:{replica.port}" for replica in replicas],
+        ca_file=pki.ca,
+        cert_file=pki.catalog.cert,
+        key_file=pki.catalog.key,
+    )
+    with SecretsClient(config) as client:
+        versions = [client.get_secret(API).version for _ in range(20)]
+
+    assert versions == sorted(versions), f"a point read went back: {versions}"
+    assert versions[-1] == new
+    assert [r["version"] for r in map(json.loads, replicas[1].audit_lines())][-1] == new

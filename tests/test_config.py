@@ -272,3 +272,28 @@ def test_vault_addresses_name_every_node_and_vault_addr_overrides_them(tmp_path:
     document["vault"]["addresses"] = ["https://bao-0:8200", "bao-1:8200"]
     with pytest.raises(ConfigError, match=r"vault\.addresses: must start with http"):
         parse_config(document, tmp_path, environ={})
+
+
+def test_the_resilience_settings_default_as_documented_and_a_wrong_one_names_its_key(
+    files: Path,
+) -> None:
+    config = parse_config(settings(), files, environ={})
+    assert (
+        config.vault.call_budget,
+        config.cache.revalidate_wait,
+        config.server.warmup_timeout,
+        config.audit.queue_size,
+        config.audit.write_timeout,
+    ) == (3.0, 0.05, 30.0, 10_000, 0.5)
+    for table, key, value in [
+        ("vault", "call_budget", "0s"),
+        ("cache", "revalidate_wait", "soon"),
+        ("server", "warmup_timeout", "-1s"),
+        ("audit", "queue_size", 0),
+        ("audit", "write_timeout", "0s"),
+    ]:
+        data = settings()
+        data.setdefault(table, {})[key] = value
+        with pytest.raises(ConfigError) as caught:
+            parse_config(data, files, environ={})
+        assert caught.value.key == f"{table}.{key}"

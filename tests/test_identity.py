@@ -48,8 +48,7 @@ def admin_status(broker: RunningBroker, client: CertFiles, pki: Pki) -> grpc.Sta
 
 
 def denials(broker: RunningBroker) -> list[dict[str, object]]:
-    assert broker.config.audit.file is not None
-    lines = broker.config.audit.file.read_text().splitlines()
+    lines = broker.audit_lines()
     return [r for r in map(json.loads, lines) if r.get("decision") == "deny"]
 
 

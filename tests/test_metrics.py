@@ -40,13 +40,16 @@ def test_requests_hits_misses_and_denials_are_counted(
     vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
     broker = start_broker(vault)
+    broker.forget(DATABASE)
+    warm_up_misses = metric(broker, "secretbroker_cache_lookups_total", result="miss")
     stub = broker.stub(pki.catalog, pki.ca)
     get(stub, DATABASE)
     get(stub, DATABASE)
     with pytest.raises(grpc.RpcError):
         get(broker.stub(pki.intruder, pki.ca), DATABASE)
 
-    assert metric(broker, "secretbroker_cache_lookups_total", result="miss") == 1
+    assert warm_up_misses == 2, "one read of each declared secret before taking traffic"
+    assert metric(broker, "secretbroker_cache_lookups_total", result="miss") == 1 + 2
     assert metric(broker, "secretbroker_cache_lookups_total", result="hit") == 1
     assert metric(broker, "secretbroker_grpc_requests_total", method="GetSecret", code="OK") == 2
     assert (
@@ -59,9 +62,12 @@ def test_requests_hits_misses_and_denials_are_counted(
     assert (
         metric(broker, "secretbroker_grpc_request_duration_seconds_count", method="GetSecret") == 3
     )
-    assert metric(broker, "secretbroker_vault_requests_total", operation="read", outcome="ok") == 1
+    vault_reads = metric(
+        broker, "secretbroker_vault_requests_total", operation="read", outcome="ok"
+    )
+    assert vault_reads == 2 + 1, "the warm-up's two, and the miss"
     assert metric(broker, "secretbroker_secret_version", secret=DATABASE) >= 1
-    assert metric(broker, "secretbroker_cache_entries") == 1
+    assert metric(broker, "secretbroker_cache_entries") == 2
     assert metric(broker, "process_resident_memory_bytes") > 0
 
 
@@ -198,7 +204,7 @@ def test_readiness_and_grpc_health_follow_vault(
 
     eventually(lambda: broker.scrape("/readyz")[0] == 200)
     eventually(lambda: serving() == health_pb2.HealthCheckResponse.SERVING)
-    get(broker.stub(pki.catalog, pki.ca), DATABASE)  # cached; EXTERNAL is not
+    broker.forget(EXTERNAL)  # DATABASE is cached (the warm-up read it); EXTERNAL is not
 
     private_vault.server.pause()
     try:

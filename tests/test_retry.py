@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from secretbroker.client import Backoff, RetryInterceptor, RetryPolicy
+from secretbroker.client._channel import SERVICE_CONFIG
 
 METHOD = "/secretbroker.v1.SecretBroker/GetSecret"
 
@@ -74,3 +76,36 @@ def test_backoff_is_jittered_and_capped() -> None:
     waits = [policy.backoff.delay(retry) for retry in range(10) for _ in range(20)]
     assert all(0 <= w <= 0.5 for w in waits)
     assert len(set(waits)) > 1
+
+
+def test_a_call_never_outlasts_the_overall_deadline_however_its_attempts_fail() -> None:
+    """Each attempt hangs for all the time it is given (a hung broker), and every wait is
+    the longest the backoff allows: attempts and waits together stay within the deadline."""
+    now = [0.0]
+    given: list[float] = []
+
+    def continuation(details: Any, request: Any) -> Outcome:
+        given.append(details.timeout)
+        now[0] += details.timeout
+        return Outcome(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    policy = RetryPolicy(
+        max_attempts=50, backoff=Backoff(initial=0.5, maximum=2.0, draw=lambda low, high: high)
+    )
+    interceptor = RetryInterceptor(policy, frozenset({METHOD}), sleep=sleep, clock=lambda: now[0])
+    outcome = interceptor.intercept_unary_unary(continuation, Details(METHOD, 2.0), request=None)
+
+    assert outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert now[0] <= policy.overall_deadline
+    assert len(given) > 1, "it did retry"
+
+
+def test_the_sdk_channel_has_no_second_retry_layer() -> None:
+    """Retries nested in retries multiply (3 x 5 attempts once): the RetryInterceptor is the
+    only one; the channel keeps gRPC's transparent retry of calls no server saw."""
+    config = json.loads(SERVICE_CONFIG)
+    assert "methodConfig" not in config
+    assert "retryPolicy" not in SERVICE_CONFIG

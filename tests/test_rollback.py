@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -232,8 +234,7 @@ def test_flips_are_in_the_audit_trail(vault: Vault, pki: Pki, start_broker: Brok
             broker_pb2.SetRollbackOverrideRequest(), timeout=10
         )
     )
-    assert broker.config.audit.file is not None
-    records = [json.loads(line) for line in broker.config.audit.file.read_text().splitlines()]
+    records = [json.loads(line) for line in broker.audit_lines()]
 
     admin = [r for r in records if r["event"] == "admin"]
     assert [(r["identity"], r["decision"]) for r in admin] == [
@@ -291,8 +292,7 @@ def test_a_flip_that_cannot_be_saved_answers_unavailable_and_changes_nothing(
     assert code == grpc.StatusCode.UNAVAILABLE
     assert broker.broker.rollback.status() == before
     assert get(broker.stub(pki.catalog, pki.ca), DATABASE).source == VAULT
-    assert broker.config.audit.file is not None
-    records = [json.loads(line) for line in broker.config.audit.file.read_text().splitlines()]
+    records = [json.loads(line) for line in broker.audit_lines()]
     flips = [r for r in records if r.get("rpc") == "SetRollbackOverride"]
     assert [r["decision"] for r in flips] == ["allow", "failed"]
     assert "cannot be saved" in flips[-1]["reason"]
@@ -377,3 +377,35 @@ def test_readiness_says_not_logged_in_when_vault_answers_but_refuses_the_login(
     status, reason = broker.scrape("/readyz")
     assert status == 503
     assert reason.startswith("the broker is not logged in to vault yet; no value to serve for")
+
+
+def test_a_read_waiting_on_a_hung_vault_is_answered_from_env_the_moment_a_flip_moves_it(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """The flip helps the calls already waiting, not only those after it (in-process: the
+    read waits on a Vault read held back by the test)."""
+    broker = start_broker(vault, environ=dict(ENV_VALUES), timeout="30s")
+    broker.forget(DATABASE)
+    release = threading.Event()
+    vault_source = broker.broker.vault
+    real_read = vault_source.read
+
+    def hung_read(*args: Any, **kwargs: Any) -> Any:
+        release.wait(30)
+        return real_read(*args, **kwargs)
+
+    vault_source.read = hung_read  # type: ignore[method-assign]
+    try:
+        stub = broker.stub(pki.catalog, pki.ca)
+        waiting = stub.GetSecret.future(broker_pb2.GetSecretRequest(name=DATABASE), timeout=20)
+        time.sleep(0.3)
+        assert not waiting.done(), "the read waits on Vault"
+        admin = broker.admin(pki.ops, pki.ca)
+        admin.SetRollbackOverride(
+            broker_pb2.SetRollbackOverrideRequest(vault_enabled_categories=["api"]), timeout=10
+        )
+        answer = waiting.result(timeout=5).secret
+    finally:
+        release.set()
+    assert answer.source == ENV
+    assert dict(answer.data) == {k: f"env-{DATABASE}-{k}" for k in SECRET_KEYS}

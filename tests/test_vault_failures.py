@@ -42,6 +42,7 @@ def test_hung_vault_serves_stale_then_unavailable_and_recovers_after_sigcont(
         cache={"max_stale": "3s", "error_backoff": "200ms"},
         timeout=VAULT_TIMEOUT,
     )
+    broker.forget(API)
     stub = broker.stub(pki.catalog, pki.ca)
     fresh = get(stub, DATABASE)
     _expire(0.4)
@@ -81,6 +82,7 @@ def test_killed_vault_serves_cached_secrets_stale_and_uncached_ones_unavailable(
         cache={"max_stale": "1h"},
         timeout=VAULT_TIMEOUT,
     )
+    broker.forget(API)
     stub = broker.stub(pki.catalog, pki.ca)
     fresh = get(stub, DATABASE)
 
@@ -117,6 +119,7 @@ def test_sealed_vault_serves_cached_secrets_stale_and_uncached_ones_unavailable(
         cache={"error_backoff": "100ms"},
         timeout=VAULT_TIMEOUT,
     )
+    broker.forget(API)
     stub = broker.stub(pki.catalog, pki.ca)
     fresh = get(stub, DATABASE)
 
@@ -136,15 +139,12 @@ def test_broker_started_while_vault_is_down_serves_once_vault_answers(
     private_vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
     """Like Vault Agent, the broker starts without Vault and logs in when it can; nothing is
-    served meanwhile (there is nothing cached to serve)."""
+    served meanwhile (there is nothing cached to serve): it takes no calls until it is warm."""
     private_vault.server.pause()
     try:
         broker = start_broker(private_vault, secrets_={API: {}}, timeout=VAULT_TIMEOUT)
         stub = broker.stub(pki.catalog, pki.ca)
-        assert (
-            status_of(lambda: get(stub, API, timeout=CLIENT_DEADLINE))
-            == grpc.StatusCode.UNAVAILABLE
-        )
+        assert status_of(lambda: get(stub, API, timeout=1)) == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         private_vault.server.resume()
 
@@ -204,6 +204,9 @@ def test_a_sealed_vault_shows_in_metrics_and_readiness(
     eventually(lambda: broker.scrape("/readyz")[0] == 200)
     private_vault.admin.sys.seal()
     eventually(lambda: "secretbroker_vault_sealed 1.0" in broker.scrape()[1])
-    eventually(lambda: broker.scrape("/readyz")[0] == 503)
-    assert "vault is sealed" in broker.scrape("/readyz")[1]
+    eventually(lambda: "vault is sealed" in broker.scrape("/readyz")[1])
+    assert broker.scrape("/readyz")[0] == 200, "every declared secret is held: still ready"
     assert "secretbroker_vault_up 0.0" in broker.scrape()[1]
+    broker.forget(API)
+    eventually(lambda: broker.scrape("/readyz")[0] == 503)
+    assert f"vault is sealed; no value to serve for: {API}" in broker.scrape("/readyz")[1]
