@@ -159,7 +159,7 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
             secrets=sorted(s.name for s in self._secrets.values() if s.category in flip.changed),
         )
         try:
-            return self._rollback.commit(flip)
+            return await self._rollback.commit(flip)
         except BrokerError as exc:
             self._record_denial(identity, rpc, exc, outcome="failed")
             await abort(context, rpc, identity, exc)

@@ -82,12 +82,11 @@ class Readiness:
         audit = self._audit_problem()
         if audit is not None:
             return ReadinessReport(False, f"{audit}; requests are refused (audit.fail_closed)")
+        lacking = f"; no value to serve for: {', '.join(unanswerable)}" if unanswerable else ""
         if not self.listening:
-            return ReadinessReport(False, f"warming up, not taking calls yet: {state}")
+            return ReadinessReport(False, f"warming up, not taking calls yet: {state}{lacking}")
         if unanswerable:
-            return ReadinessReport(
-                False, f"{state}; no value to serve for: {', '.join(unanswerable)}"
-            )
+            return ReadinessReport(False, f"{state}{lacking}")
         if vault is None:
             return ReadinessReport(True, state)
         return ReadinessReport(True, f"{state}; every secret is answerable from cache or env")

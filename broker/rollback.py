@@ -7,8 +7,9 @@ One rule decides, and ``RollbackState.rule`` names it:
 2. else ``VAULT_ENABLED_SECRETS`` as read at start-up;
 3. else every category is served from Vault.
 
-Reads (``from_vault``) are one set lookup on the event loop. Flips run on the
-event loop too, so a flip takes effect for the very next request.
+Reads (``from_vault``) are one set lookup on the event loop. Flips are applied on the
+event loop too (the file is written in a thread first), so a flip takes effect for the
+very next request.
 
 A flip is all or nothing, in two steps: ``plan_set``/``plan_clear`` validate and say
 what would change, touching nothing; the caller records it in the audit trail; then
@@ -18,6 +19,7 @@ an override that cannot be saved, leaves the rule in force as it was.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import logging
@@ -79,6 +81,7 @@ class RollbackState:
         self._startup = startup
         self._state_file = state_file
         self._on_flip = on_flip
+        self._committing = asyncio.Lock()
         self._override = _load_override(state_file, categories)
         self._vault = self._in_force(self._override)
         status = self.status()
@@ -114,19 +117,21 @@ class RollbackState:
     def plan_clear(self) -> Flip:
         return self._plan(None)
 
-    def commit(self, flip: Flip) -> RollbackStatus:
-        """Persist, apply and publish ``flip``. Raises StateUnavailable, having changed nothing,
-        when the override cannot be saved."""
-        try:
-            _save_override(self._state_file, flip.override)
-        except OSError as exc:
-            raise StateUnavailable(
-                f"the rollback override cannot be saved in admin.state_file ({exc.strerror})"
-            ) from None
-        self._override, self._vault = flip.override, flip.vault_categories
-        if flip.changed:
-            self._on_flip(flip.changed)
-        return self.status()
+    async def commit(self, flip: Flip) -> RollbackStatus:
+        """Persist (in a thread: the file is fsynced), then apply and publish ``flip``. Raises
+        StateUnavailable, having changed nothing, when the override cannot be saved."""
+        async with self._committing:  # one flip at a time: the file and the state agree
+            try:
+                await asyncio.to_thread(_save_override, self._state_file, flip.override)
+            except OSError as exc:
+                raise StateUnavailable(
+                    f"the rollback override cannot be saved in admin.state_file ({exc.strerror})"
+                ) from None
+            changed = self._vault ^ flip.vault_categories
+            self._override, self._vault = flip.override, flip.vault_categories
+            if changed:
+                self._on_flip(changed)
+            return self.status()
 
     def _plan(self, override: Override | None) -> Flip:
         after = self._in_force(override)

@@ -301,6 +301,8 @@ class Broker:
         self._background("client-certificate-metrics", self._follow_client_certificates())
         if await self._prefetch():
             await self._open()
+        elif time.monotonic() >= self._warmup_ends:
+            await self._open_unwarmed()
         else:
             self._background("warm-up", self._keep_warming_up())
         self._background("routing", self._follow_routing())
@@ -444,13 +446,16 @@ class Broker:
         while time.monotonic() < self._warmup_ends:
             await asyncio.sleep(interval)
             if await self._prefetch():
-                break
-        else:
-            log.warning(
-                "not warm after server.warmup_timeout (%gs): taking calls anyway; reads of"
-                " secrets with no value fail until vault answers",
-                self.config.server.warmup_timeout,
-            )
+                await self._open()
+                return
+        await self._open_unwarmed()
+
+    async def _open_unwarmed(self) -> None:
+        log.warning(
+            "not warm after server.warmup_timeout (%gs): taking calls anyway; reads of"
+            " secrets with no value fail until vault answers",
+            self.config.server.warmup_timeout,
+        )
         await self._open()
 
     async def _follow_routing(self) -> None:

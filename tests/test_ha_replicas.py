@@ -75,20 +75,13 @@ def test_calls_spread_over_every_replica(replicas: list[BrokerProcess], pki: Pki
     assert all(count > 0 for count in counts), f"GetSecret answers per replica: {counts}"
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_a_replica_that_dies_or_shuts_down_loses_no_catalog_read(
-    replicas: list[BrokerProcess], pki: Pki, how: str
-) -> None:
+def test_a_replica_that_dies_loses_no_catalog_read(replicas: list[BrokerProcess], pki: Pki) -> None:
+    """SIGKILL: gone without a goodbye. (SIGTERM, with a client without health checks beside
+    the SDK: tests/test_resilience.py.)"""
     load = load_on(replicas, pki).start()
     time.sleep(1.0)
 
-    if how == "SIGKILL":
-        replicas[0].kill()
-    else:
-        assert replicas[0].terminate() == 0
-        log = replicas[0].log()
-        assert log.index("reported NOT_SERVING") < log.index("broker stopped")
-        assert "Traceback" not in log
+    replicas[0].kill()
     time.sleep(LOAD_SECONDS)
 
     before = [served_by(replica) for replica in replicas[1:]]

@@ -51,7 +51,7 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         secrets_={
             DATABASE: {"ttl": "300ms"},
             API: {"ttl": 0, "rotation": {"key": "value"}},
-            "media-catalog/external": {},
+            "media-catalog/external": {"ttl": "300ms"},  # read at start-up only
         },
         cache={"max_stale": "2s", "error_backoff": "100ms"},
         listen=f"127.0.0.1:{port}",
@@ -106,7 +106,7 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         time.sleep(0.4)
         served.append(get(stub, DATABASE))  # stale
         with pytest.raises(grpc.RpcError):
-            get(stub, "media-catalog/external")  # uncached: UNAVAILABLE
+            get(stub, "media-catalog/external")  # past max_stale since start-up: UNAVAILABLE
         vault.server.resume()
         assert served[-1].stale
         scraped = "".join(

@@ -362,21 +362,27 @@ def test_ready_means_every_secret_is_answerable_from_its_current_source(
 
 
 def test_readiness_says_not_logged_in_when_vault_answers_but_refuses_the_login(
-    vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path
 ) -> None:
+    """Its own OpenBao: refused logins count towards the role's lockout (5 in 15 minutes)."""
     wrong = tmp_path / "wrong-secret-id"
     wrong.write_text("not-the-secret-id")
     auth = {
         "method": "approle",
-        "role_id_file": str(vault.approle.role_id_file),
+        "role_id_file": str(private_vault.approle.role_id_file),
         "secret_id_file": str(wrong),
     }
-    broker = start_broker(vault, auth=auth)
+    offset = private_vault.audit_offset()
+    broker = start_broker(private_vault, auth=auth)
 
     eventually(lambda: "no value to serve for" in broker.scrape("/readyz")[1])
     status, reason = broker.scrape("/readyz")
     assert status == 503
-    assert reason.startswith("the broker is not logged in to vault yet; no value to serve for")
+    assert reason.startswith(
+        "warming up, not taking calls yet: the broker is not logged in to vault yet;"
+        " no value to serve for"
+    )
+    assert private_vault.logins_since(offset) <= 2, "reads add no login after a refusal"
 
 
 def test_a_read_waiting_on_a_hung_vault_is_answered_from_env_the_moment_a_flip_moves_it(

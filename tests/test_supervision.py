@@ -28,6 +28,7 @@ from broker.server import Broker
 from broker.sources.vault_nodes import VaultNodes
 from devstack.openbao import free_port_pair
 from secretbroker.client import ROUTING_HEALTH_SERVICE, channel_credentials
+from secretbroker.v1 import broker_pb2_grpc
 from tests.conftest import (
     API,
     DATABASE,
@@ -35,6 +36,7 @@ from tests.conftest import (
     Pki,
     RunningBroker,
     Vault,
+    Watch,
     broker_settings,
     eventually,
     get,
@@ -203,7 +205,7 @@ def test_a_broker_that_cannot_warm_up_takes_traffic_after_warmup_timeout(
 
 
 async def _flip_database_to_env(broker: Broker) -> None:
-    broker.rollback.commit(broker.rollback.plan_set(["api"], by="test"))
+    await broker.rollback.commit(broker.rollback.plan_set(["api"], by="test"))
 
 
 class HungNode:
@@ -274,3 +276,21 @@ def test_logging_never_waits_on_a_stderr_pipe_nobody_reads(tmp_path: Path) -> No
     )
     assert done.returncode == 0, done.stderr
     assert 0 < int(done.stdout) < 50_000
+
+
+def test_a_stopping_broker_ends_watch_streams_unavailable_not_cancelled(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """Clients resume a stream that ends UNAVAILABLE; CANCELLED is not retryable."""
+    broker = start_broker(vault)
+    credentials = channel_credentials(pki.ca, pki.catalog.cert, pki.catalog.key)
+    with grpc.secure_channel(f"127.0.0.1:{broker.port}", credentials) as channel:
+        watch = Watch(broker_pb2_grpc.SecretBrokerStub(channel), [API])
+        assert watch.next().name == API
+        stopping = threading.Thread(target=broker.stop, kwargs={"delay": 0.2, "grace": 5})
+        stopping.start()
+        with pytest.raises(grpc.RpcError) as ended:
+            watch.next()
+        stopping.join(timeout=30)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (ended.value.details() or "")

@@ -149,7 +149,12 @@ def test_a_refused_token_is_named_in_the_log_without_being_shown(
     token_file = tmp_path / "token"
     write_private(token_file, forged.encode())
     caplog.set_level(logging.WARNING)
-    broker = start_broker(jwt_vault, auth=jwt_auth(token_file), secrets_={API: {}})
+    broker = start_broker(
+        jwt_vault,
+        auth=jwt_auth(token_file),
+        secrets_={API: {}},
+        server={"warmup_timeout": "0s"},  # answer at once, not warm: what a caller then sees
+    )
 
     assert status_of(lambda: get(broker.stub(pki.catalog, pki.ca), API)) in (
         grpc.StatusCode.INTERNAL,

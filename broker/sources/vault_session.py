@@ -62,11 +62,19 @@ class VaultSession:
         self._checked_alive: tuple[str, float] | None = None  # token and when lookup-self passed
         self._replaced_at: float | None = None
         self._unwrapped: tuple[bytes, Sensitive] | None = None  # wrapping token digest, secret_id
+        self._refused: LoginRefused | None = None
+        """Vault's refusal of the last login, until a login succeeds."""
 
     def token(self) -> str:
-        """The current token, logging in first when there is none."""
+        """The current token, logging in first when there is none; but not after Vault refused
+        the last login: then only the token keeper tries again, with its backoff. Vault locks a
+        role out after a few refused logins in a row (user lockout), and no read may add to
+        them."""
         token = self._token
         if token is None:
+            refused = self._refused
+            if refused is not None:
+                raise LoginRefused(str(refused))
             return self._login_if_current(None)
         return token
 
@@ -201,9 +209,14 @@ class VaultSession:
             lease, renewable = float(data["ttl"]), bool(data["renewable"])
         else:
             login, operation = self._login_call(auth)
-            result = self.nodes.call(
-                "login", operation, lambda client: login(client)["auth"], write=True, login=True
-            )
+            try:
+                result = self.nodes.call(
+                    "login", operation, lambda client: login(client)["auth"], write=True, login=True
+                )
+            except LoginRefused as exc:
+                self._refused = exc
+                raise
+            self._refused = None
             token = str(result["client_token"])
             lease, renewable = float(result["lease_duration"]), bool(result["renewable"])
         self.nodes.set_token(token)
