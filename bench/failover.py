@@ -50,7 +50,7 @@ class FailoverSizes:
 
 
 FULL_FAILOVER = FailoverSizes(5.0, 5.0, (1, 10, 100), 20.0, 9.0)
-QUICK_FAILOVER = FailoverSizes(1.0, 1.0, (1, 10), 4.0, 3.0)
+QUICK_FAILOVER = FailoverSizes(1.0, 1.0, (1, 10), 4.0, 2.0)
 
 
 @contextmanager
@@ -127,7 +127,7 @@ def measure_hang(
         "sdk": CatalogLoad(catalog, SECRETS).start(ready_timeout=60),
         "plain": CatalogLoad(catalog, SECRETS, plain=True).start(ready_timeout=60),
     }
-    time.sleep(max(sizes.steady_seconds, 2.0))
+    time.sleep(sizes.steady_seconds)
     nodes = vault.cluster.running()
     hung_at = time.time()
     for node in nodes:

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -34,6 +34,7 @@ from devstack.bootstrap import (
     write_policy,
 )
 from devstack.broker_config import approle_auth, broker_document, write_broker_config
+from devstack.ha import ClusterVault, start_cluster_vault
 from devstack.openbao import OpenBaoDevServer
 from devstack.pki import CertFiles, DevCA, issue_loopback_server, write_private
 from devstack.stack import client_env
@@ -218,6 +219,24 @@ def private_vault(tmp_path: Path) -> Iterator[Vault]:
     started.server.stop()
 
 
+def bootstrapped_cluster(tmp_path: Path, ttls: RoleTTLs | None = None) -> ClusterVault:
+    """A 3-node OpenBao raft cluster with the deploy policy, the AppRole and both secrets."""
+    return start_cluster_vault(
+        tmp_path,
+        DEPLOY_POLICY.read_text(),
+        {path: {key: secrets.token_urlsafe(16) for key in SECRET_KEYS} for path in (DATABASE, API)},
+        KV_MOUNT,
+        ttls,
+    )
+
+
+@pytest.fixture
+def cluster_vault(tmp_path: Path) -> Iterator[ClusterVault]:
+    started = bootstrapped_cluster(tmp_path)
+    yield started
+    started.stop()
+
+
 DEFAULT_SECRETS: Mapping[str, Mapping[str, Any]] = {DATABASE: {}, API: {}}
 
 
@@ -304,7 +323,14 @@ def write_config(path: Path, settings: Mapping[str, Any]) -> Path:
     return write_broker_config(path, settings)
 
 
-def ops_cli(brokers: list[RunningBroker], pki: Pki, *args: str) -> subprocess.CompletedProcess[str]:
+class Listening(Protocol):
+    """A broker in this process or its own (RunningBroker, BrokerProcess)."""
+
+    @property
+    def port(self) -> int: ...
+
+
+def ops_cli(brokers: Sequence[Listening], pki: Pki, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m broker ARGS`` as ops (SECRETBROKER_* env) against every broker in ``brokers``."""
     addresses = ",".join(f"127.0.0.1:{broker.port}" for broker in brokers)
     return subprocess.run(

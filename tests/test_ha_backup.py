@@ -6,21 +6,10 @@ brokers log in again and serve the snapshot's versions; catalog clients lose no 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from devstack.ha import ClusterVault
 from tests.conftest import API, BrokerFactory, Measure, Pki, RunningBroker, eventually, get
-from tests.test_ha_vault import assert_no_read_lost, bootstrapped_cluster, load_on, replicas_of
-
-
-@pytest.fixture
-def cluster_vault(tmp_path: Path) -> Iterator[ClusterVault]:
-    started = bootstrapped_cluster(tmp_path)
-    yield started
-    started.stop()
+from tests.test_ha_vault import assert_no_read_lost, load_on, replicas_of
 
 
 def fresh_version(broker: RunningBroker, pki: Pki) -> int | None:

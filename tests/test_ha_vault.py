@@ -9,31 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 import requests
 
 from broker.config import parse_config
 from broker.sources.vault import VaultSource
 from devstack.bootstrap import RoleTTLs
-from devstack.ha import BrokerProcess, CatalogLoad, ClusterVault, client_config, start_cluster_vault
+from devstack.ha import BrokerProcess, CatalogLoad, ClusterVault, client_config
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (
     API,
     DATABASE,
-    DEPLOY_POLICY,
     KV_MOUNT,
-    SECRET_KEYS,
     BrokerFactory,
     Pki,
     RunningBroker,
+    bootstrapped_cluster,
     broker_settings,
     eventually,
     get,
@@ -51,23 +48,6 @@ SETTINGS: dict[str, Any] = {
 }
 STEADY = 1.5
 """Seconds of load before each failure, for a baseline."""
-
-
-def bootstrapped_cluster(tmp_path: Path, ttls: RoleTTLs | None = None) -> ClusterVault:
-    return start_cluster_vault(
-        tmp_path,
-        DEPLOY_POLICY.read_text(),
-        {path: {key: secrets.token_urlsafe(16) for key in SECRET_KEYS} for path in (DATABASE, API)},
-        KV_MOUNT,
-        ttls,
-    )
-
-
-@pytest.fixture
-def cluster_vault(tmp_path: Path) -> Iterator[ClusterVault]:
-    started = bootstrapped_cluster(tmp_path)
-    yield started
-    started.stop()
 
 
 def replicas_of(

@@ -9,11 +9,7 @@ long as one Vault timeout (the latency figures themselves are the bench's)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +23,6 @@ from devstack.ha import (
     LoadReport,
     client_config,
 )
-from devstack.stack import client_env
 from tests.conftest import (
     API,
     DATABASE,
@@ -37,8 +32,8 @@ from tests.conftest import (
     VaultServers,
     broker_settings,
     eventually,
+    ops_cli,
 )
-from tests.test_ha_vault import bootstrapped_cluster
 
 VAULT_TIMEOUT = 1.0
 ENV_VALUES = {f"MEDIA_CATALOG_DATABASE_{key.upper()}": f"env-{key}" for key in SECRET_KEYS}
@@ -85,25 +80,6 @@ def assert_nothing_failed_or_waited(loads: list[CatalogLoad]) -> list[LoadReport
     return reports
 
 
-def ops(replicas: list[BrokerProcess], pki: Pki, *args: str) -> subprocess.CompletedProcess[str]:
-    addresses = ",".join(r.endpoint for r in replicas)
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **client_env(addresses, pki.ca, pki.ops)},
-    )
-
-
-@pytest.fixture
-def cluster_vault(tmp_path: Path) -> Iterator[ClusterVault]:
-    started = bootstrapped_cluster(tmp_path)
-    yield started
-    started.stop()
-
-
 def test_every_vault_node_hung_with_a_cold_replica_and_a_flip_fails_and_delays_no_read(
     cluster_vault: ClusterVault, pki: Pki, tmp_path: Path
 ) -> None:
@@ -114,12 +90,12 @@ def test_every_vault_node_hung_with_a_cold_replica_and_a_flip_fails_and_delays_n
     ]
     try:
         loads = loads_on(replicas, pki)
-        time.sleep(1.5)
+        time.sleep(1.0)
         nodes = cluster_vault.cluster.running()
         for node in nodes:
             cluster_vault.cluster.pause(node)
         try:
-            time.sleep(3.0)  # three TTLs: every cached value expires
+            time.sleep(2.5)  # past two TTLs: every cached value has expired
             replicas[1].kill()
             replicas[1].start()  # cold, while every node hangs
             eventually(
@@ -127,10 +103,10 @@ def test_every_vault_node_hung_with_a_cold_replica_and_a_flip_fails_and_delays_n
                 what="the cold replica up",
                 ignoring=(OSError,),
             )
-            time.sleep(3.0)
+            time.sleep(2.5)
             status, reason = replicas[1].scrape("/readyz")
             assert (status, reason.split(":")[0]) == (503, "warming up, not taking calls yet")
-            flipped = ops(replicas[:1], pki, "rollback", "set", '["api"]')
+            flipped = ops_cli(replicas[:1], pki, "rollback", "set", '["api"]')
             assert flipped.returncode == 0, flipped.stdout + flipped.stderr
             time.sleep(1.0)
         finally:
@@ -190,6 +166,7 @@ def test_a_stalled_stdout_audit_sink_fails_no_read(
             assert (stalled.metric("secretbroker_audit_dropped_total") or 0) > 0
             assert stalled.scrape("/readyz")[0] == 200
     finally:
+        stalled.kill()  # its graceful stop is not under test here (and waits on the sink)
         stalled.stop()
         healthy.stop()
 

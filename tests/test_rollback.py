@@ -382,7 +382,8 @@ def test_readiness_says_not_logged_in_when_vault_answers_but_refuses_the_login(
         "warming up, not taking calls yet: the broker is not logged in to vault yet;"
         " no value to serve for"
     )
-    assert private_vault.logins_since(offset) <= 2, "reads add no login after a refusal"
+    # The token keeper's first login and its retries (1 s, then up to 2 s): reads add none.
+    assert private_vault.logins_since(offset) <= 3, "reads add no login after a refusal"
 
 
 def test_a_read_waiting_on_a_hung_vault_is_answered_from_env_the_moment_a_flip_moves_it(

@@ -71,12 +71,14 @@ class VaultSession:
         role out after a few refused logins in a row (user lockout), and no read may add to
         them."""
         token = self._token
-        if token is None:
-            refused = self._refused
-            if refused is not None:
-                raise LoginRefused(str(refused))
-            return self._login_if_current(None)
-        return token
+        if token is not None:
+            return token
+        with self._login_lock:
+            if self._token is not None:
+                return self._token  # another thread logged in meanwhile
+            if self._refused is not None:
+                raise LoginRefused(str(self._refused))
+            return self._login()
 
     def replace_if_dead(self, rejected: str) -> bool:
         """Vault refused a call made with ``rejected``. True when a retry can help: another
