@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import hvac
 import requests
+import requests.adapters
 
 from broker.config import VaultConfig
 from broker.errors import LoginRefused, SourceUnavailable
@@ -44,21 +45,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class _BudgetedSession(requests.Session):
-    """A requests session whose timeout never exceeds what is left of the calling thread's
-    Vault call budget (hvac passes its fixed timeout with every request)."""
+class _BudgetedAdapter(requests.adapters.HTTPAdapter):
+    """A transport whose timeout never exceeds what is left of the calling thread's Vault call
+    budget (hvac passes its fixed timeout with every request)."""
 
     def __init__(self, budget: threading.local) -> None:
         super().__init__()
         self._budget = budget
 
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:
         deadline: float | None = getattr(self._budget, "deadline", None)
         if deadline is not None:
             left = max(deadline - time.monotonic(), 0.001)
             timeout = kwargs.get("timeout")
-            kwargs["timeout"] = left if timeout is None else min(float(timeout), left)
-        return super().request(*args, **kwargs)
+            kwargs["timeout"] = left if not isinstance(timeout, int | float) else min(timeout, left)
+        return super().send(request, *args, **kwargs)
 
 
 INDEX_HEADER = "X-Vault-Index"
@@ -193,8 +194,10 @@ class VaultNodes:
             token=token,
             timeout=self._config.timeout,
             verify=str(self._config.ca_file) if self._config.ca_file else True,
-            session=_BudgetedSession(self._budget),
         )
+        budgeted = _BudgetedAdapter(self._budget)
+        for scheme in ("http://", "https://"):
+            client.adapter.session.mount(scheme, budgeted)
         client.adapter.session.hooks["response"].append(self._remember_write_index)
         return client
 
