@@ -228,6 +228,11 @@ class SecretCache:
         self._count("miss")
         return CachedSecret(value, stale=False, from_cache=False)
 
+    async def settled(self) -> None:
+        """Until every read in flight has ended (background refreshes included)."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
     def answerable(self, name: str) -> bool:
         """Whether the current value of ``name`` could be served now, fresh or stale."""
         entry = self._entries.get((name, None))

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from broker.cache import SecretCache
+from broker.cache import CachedSecret, SecretCache
 from broker.config import CacheConfig, SecretSpec
 from broker.errors import SecretMissingInSource, SourceDenied, SourceUnavailable
 from broker.lru import BoundedLru
@@ -48,7 +48,14 @@ def parts() -> tuple[SecretCache, FakeSource, Clock]:
 
 
 def get(cache: SecretCache) -> tuple[int, bool]:
-    cached = asyncio.run(cache.get(SPEC))
+    """One request, then whatever reads it started in the background, ended."""
+
+    async def request() -> CachedSecret:
+        cached = await cache.get(SPEC)
+        await cache.settled()
+        return cached
+
+    cached = asyncio.run(request())
     return cached.value.version, cached.stale
 
 
