@@ -181,15 +181,14 @@ class AuditTrail:
         if self.fail_closed:
             problem = self.problem()
             if problem is not None:  # refused at once: the caller's retry goes elsewhere
-                self._on_drop()
                 raise AuditUnavailable(problem)
         written: Written | None = concurrent.futures.Future() if self.fail_closed else None
         try:
             self._queue.put_nowait((body, written))
         except queue.Full:
-            self._on_drop()
-            if self.fail_closed:
+            if self.fail_closed:  # refused, not lost: the request gets no answer
                 raise AuditUnavailable("the audit trail cannot be written (queue full)") from None
+            self._on_drop()
             return None
         return written
 

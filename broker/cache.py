@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from broker.config import CacheConfig, SecretSpec
 from broker.errors import SourceUnavailable
 from broker.metrics import BrokerMetrics
-from broker.sources.base import SecretSource, SecretValue, SourceKind, behind
+from broker.sources.base import SecretSource, SecretValue, behind
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +210,7 @@ class SecretCache:
         """The current value read from the active node, when the cached one is older than
         ``min_version`` and was not itself such a read; None when the cache can answer."""
         entry = self._entries.get((spec.name, None))
-        if (
-            entry is None
-            or entry.value.version >= min_version
-            or entry.value.source is not (SourceKind.VAULT)
-        ):
+        if entry is None or entry.value.version >= min_version:
             return None
         if entry.newest and self._clock() < entry.fresh_until:
             return None  # what the active node held a moment ago: Vault has nothing newer
@@ -270,11 +266,7 @@ class SecretCache:
         key = (spec.name, None) if newest else key
         replaced = self._replaced.get(spec.name, 0)
         loop = asyncio.get_running_loop()
-        read = (
-            functools.partial(self._source.read, spec, key[1], newest=True)
-            if newest
-            else (functools.partial(self._source.read, spec, key[1]))
-        )
+        read = functools.partial(self._source.read, spec, key[1], newest=newest)
         try:
             value = await loop.run_in_executor(self._executor, read)
         except SourceUnavailable as exc:

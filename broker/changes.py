@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+from broker.errors import ShuttingDown
+
 
 class Subscription:
     def __init__(self, feed: ChangeFeed, names: frozenset[str]) -> None:
@@ -18,14 +20,18 @@ class Subscription:
         self._feed = feed
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
+        self._ended = False
 
     def _mark(self, name: str) -> None:
         self._dirty.add(name)
         self._wake.set()
 
     async def changed(self) -> set[str]:
-        """Wait for, then take, the names marked since the last call."""
+        """Wait for, then take, the names marked since the last call. Raises ShuttingDown once
+        the feed has ended every subscription (the broker stops taking calls)."""
         await self._wake.wait()
+        if self._ended:
+            raise ShuttingDown("the broker is shutting down: resume the watch on another replica")
         self._wake.clear()
         dirty, self._dirty = self._dirty, set()
         return dirty
@@ -56,6 +62,14 @@ class ChangeFeed:
         for name in names:
             for subscription in self._by_name.get(name, ()):
                 subscription._mark(name)
+
+    def end_all(self) -> None:
+        """End every open subscription: each stream's next wait raises ShuttingDown, so it
+        ends UNAVAILABLE (clients resume it elsewhere), not cancelled with the server."""
+        for followers in self._by_name.values():
+            for subscription in followers:
+                subscription._ended = True
+                subscription._wake.set()
 
     def watched(self) -> frozenset[str]:
         """Names with at least one subscriber."""

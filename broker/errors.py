@@ -55,6 +55,10 @@ class SourceUnavailable(BrokerError):
     """The source cannot answer now: unreachable, sealed, too slow or not logged in."""
 
 
+class ShuttingDown(BrokerError):
+    """This replica stops taking calls: the caller retries, or resumes a stream, on another."""
+
+
 class LoginRefused(SourceUnavailable):
     """Vault answers but refuses the broker's own login (its credential, its role, or a
     wrapping token): Vault's secrets are out of reach until that is fixed, so cached values

@@ -4,7 +4,6 @@ the drain gate, and timestamps."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.errors import BrokerError, InvalidRequest
+from broker.errors import BrokerError, InvalidRequest, ShuttingDown
 from broker.grpc_status import status_for
 from broker.names import quoted
 
@@ -30,7 +29,9 @@ _SERVER_SIDE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
 async def abort(context: Context, rpc: str, identity: str | None, error: BrokerError) -> NoReturn:
     """End the call with the status code the one table gives ``error``."""
     code = status_for(error)
-    level = logging.WARNING if code in _SERVER_SIDE else logging.DEBUG
+    # A replica that stops (and says so) is routing, not a failure: at most DEBUG per call.
+    server_side = code in _SERVER_SIDE and not isinstance(error, ShuttingDown)
+    level = logging.WARNING if server_side else logging.DEBUG
     who = quoted(identity) if identity is not None else "an unidentified caller"
     log.log(level, "%s by %s failed: %s %s", rpc, who, code.name, error)
     await context.abort(code, str(error))
@@ -59,20 +60,17 @@ class DrainGate:
     """Lets a stopping broker end every call with a defined, retryable answer.
 
     Closed, it answers each new call UNAVAILABLE at once (every gRPC client retries that on
-    another replica, health checking or not), ends open streams UNAVAILABLE (clients resume
-    them elsewhere), and ``drained`` waits for the unary calls in flight. Only then does the
+    another replica, health checking or not), and ``drained`` waits for the unary calls in
+    flight. Only then does the
     server stop, so no call meets a server that cancels it (CANCELLED is not retryable)."""
 
     def __init__(self) -> None:
         self.closed = False
         self._inflight = 0
         self._idle: asyncio.Event | None = None
-        self._closing: asyncio.Future[None] | None = None
 
     def close(self) -> None:
         self.closed = True
-        if self._closing is not None and not self._closing.done():
-            self._closing.set_result(None)
 
     async def drained(self, grace: float) -> bool:
         """Wait until no unary call is in flight, at most ``grace``; whether it got there."""
@@ -100,39 +98,16 @@ class DrainGate:
         return gated
 
     def stream(self, behavior: Callable[[Any, Context], AsyncIterator[Any]]) -> Callable[..., Any]:
+        """Refuses new streams once closed; open ones are ended by the change feed
+        (ChangeFeed.end_all), from inside, with UNAVAILABLE."""
+
         async def gated(request: Any, context: Context) -> AsyncIterator[Any]:
             if self.closed:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-            closing = self._closing_future()
-            responses = aiter(behavior(request, context))
-            following: asyncio.Future[Any] | None = None
-            try:
-                while True:
-                    following = asyncio.ensure_future(anext(responses))
-                    await asyncio.wait((following, closing), return_when=asyncio.FIRST_COMPLETED)
-                    if not following.done():
-                        break  # closing: the stream ends UNAVAILABLE below
-                    try:
-                        message = following.result()
-                    except StopAsyncIteration:
-                        return
-                    yield message
-            finally:
-                if following is not None and not following.done():
-                    following.cancel()
-                    with contextlib.suppress(BaseException):
-                        await following
-                await responses.aclose()  # type: ignore[attr-defined]
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            async for message in behavior(request, context):
+                yield message
 
         return gated
-
-    def _closing_future(self) -> asyncio.Future[None]:
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_future()
-            if self.closed:
-                self._closing.set_result(None)
-        return self._closing
 
 
 def add_servicer(

@@ -15,6 +15,7 @@ from broker.errors import (
     NotApplicable,
     SecretMissingInSource,
     SecretNotDeclared,
+    ShuttingDown,
     SourceDenied,
     SourceUnavailable,
     StateUnavailable,
@@ -30,6 +31,7 @@ STATUS_BY_ERROR: Mapping[type[BrokerError], grpc.StatusCode] = {
     SourceUnavailable: grpc.StatusCode.UNAVAILABLE,
     AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
     StateUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     # The broker's own Vault policy or credentials are wrong: no caller can fix that.
     SourceDenied: grpc.StatusCode.INTERNAL,
     VersionOutOfRange: grpc.StatusCode.OUT_OF_RANGE,

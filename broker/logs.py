@@ -82,10 +82,11 @@ def configure_logging(level: str, fmt: str = "text", stream: TextIO | None = Non
     )
     if _listener is not None:
         _listener.stop()
+    else:
+        atexit.register(flush_logs)
     records: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_SIZE)
     _listener = logging.handlers.QueueListener(records, handler, respect_handler_level=True)
     _listener.start()
-    atexit.register(flush_logs)
     root = logging.getLogger()
     root.handlers[:] = [_DroppingQueueHandler(records)]
     root.setLevel(level)

@@ -9,7 +9,7 @@ over HTTP on their own listener (metrics_http.py).
 
 Every background task is supervised: one that dies unexpectedly is logged CRITICAL with
 its traceback, turns the broker NOT_SERVING and ends ``wait()``, so the process exits
-with EXIT_BACKGROUND_TASK_DIED and its orchestrator restarts it.
+with broker.cli's EXIT_BACKGROUND_TASK_DIED and its orchestrator restarts it.
 
 A starting broker binds its port at once but takes calls only once it holds a value
 for every declared secret (the warm-up: every Vault-served one is read at start, and
@@ -68,8 +68,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 VAULT_IO_THREADS = 8
-EXIT_BACKGROUND_TASK_DIED = 70
-"""The process's exit code when a background task died (EX_SOFTWARE): restart it."""
 HEARTBEAT_INTERVAL = 1.0
 LOOP_STALL = 10.0
 """Seconds without a heartbeat after which /healthz reports the event loop stuck."""
@@ -172,8 +170,8 @@ class Broker:
         self.died: asyncio.Future[str] | None = None
         """Resolved with the task's name when a background task dies (see the module doc)."""
         self.heartbeat = time.monotonic()
-        self._open_since: float | None = None
-        """When the broker started taking calls (warm, or warmup_timeout passed)."""
+        self._taking_calls = False
+        """The gRPC server runs (warm, or warmup_timeout passed; not after it stopped)."""
         self._closed_doors = False
         """The gRPC server was stopped because a fail-closed audit trail cannot be written."""
         self._warmup_ends = 0.0
@@ -312,7 +310,7 @@ class Broker:
         """Start taking calls (the port was bound at start: until now a client's connection
         waits in the listen backlog, as at a replica that is not there yet)."""
         await self._server.start()
-        self._open_since = time.monotonic()
+        self._taking_calls = True
         self.readiness.listening = True
         self.readiness.current = self.readiness.check()
         await self._update_routing()
@@ -363,7 +361,7 @@ class Broker:
         log.info("broker stopped")
 
     async def _drain(self, grace: float, delay: float) -> None:
-        if self._open_since is None:  # takes no calls: release the port it may hold
+        if not self._taking_calls:  # takes no calls: release the port it may hold
             if self.port and not self._closed_doors:
                 await self._server.start()
             await self._server.stop(0)
@@ -376,9 +374,10 @@ class Broker:
         """Answer new calls UNAVAILABLE and end streams while the calls in flight finish (at
         most ``grace``), then stop the server: its clients' connections close, so clients of
         every kind send their calls to other replicas."""
-        self._open_since = None
+        self._taking_calls = False
         self.readiness.listening = False
         self._gate.close()
+        self.feed.end_all()
         if not await self._gate.drained(grace):
             log.warning("calls still in flight after %gs are cancelled", grace)
         log.info("no call in flight; stopping the gRPC server")
@@ -403,7 +402,7 @@ class Broker:
     def liveness(self) -> tuple[bool, str]:
         """For /healthz (from its own thread): alive unless the event loop has stopped
         turning or a background task died."""
-        if self.died is not None and self.died.done():
+        if self.died is not None and self.died.done():  # the one place that names the task
             return False, f"background task {self.died.result()} died"
         stalled = time.monotonic() - self.heartbeat
         if stalled > LOOP_STALL:
@@ -467,7 +466,7 @@ class Broker:
         """Set the routing health name (see the module docstring) when it changes; close the
         doors while a fail-closed audit trail cannot be written, and open them again after."""
         audit = self.audit.problem() if self.config.audit.fail_closed else None
-        if audit is not None and self._open_since is not None and not self._stopping:
+        if audit is not None and self._taking_calls and not self._stopping:
             log.warning("taking no calls: %s; the gRPC server stops until it recovers", audit)
             self._closed_doors = True
             await self._close_server(self.config.server.shutdown_grace)
@@ -478,12 +477,7 @@ class Broker:
             self._closed_doors = False
             log.info("the audit trail is writable again")
             await self._open()
-        serving = (
-            self._open_since is not None
-            and audit is None
-            and not self._stopping
-            and not self._dead()
-        )
+        serving = self._taking_calls and audit is None and not self._stopping and not self._dead()
         if serving is self._routing:
             return
         self._routing = serving
@@ -534,9 +528,8 @@ class Broker:
             return
         name = task.get_name()
         log.critical(
-            "background task %s died; the broker stops serving and exits with %d to be restarted",
+            "background task %s died; the broker stops serving and exits to be restarted",
             name,
-            EXIT_BACKGROUND_TASK_DIED,
             exc_info=error,
         )
         if self.died is not None and not self.died.done():
