@@ -1,6 +1,6 @@
 """Command line: ``python -m broker serve --config broker.toml``, ``vault-policy``, ``audit
-verify``, the operator commands ``status``, ``rollback`` and ``rotate`` (broker/ops.py), and the
-migration commands ``diff`` and ``migrate`` (broker/migration.py)."""
+verify``, the operator commands ``status``, ``rollback`` and ``rotate`` (broker/tools/ops.py),
+and the migration commands ``diff`` and ``migrate`` (broker/tools/migration.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import signal
 import sys
 from pathlib import Path
 
-from broker.audit_chain import KeyFileError, load_key, verify_files
+from broker.audit.chain import KeyFileError, load_key, verify_files
 from broker.config import BrokerConfig, ConfigError, load_config
-from broker.logs import NativeStderr, route_native_stderr
-from broker.migration import add_migration_commands, run_migration_command
-from broker.ops import add_ops_commands, run_ops_command
-from broker.vault_policy import vault_policy
+from broker.observe.logs import NativeStderr, route_native_stderr
+from broker.tools.migration import add_migration_commands, run_migration_command
+from broker.tools.ops import add_ops_commands, run_ops_command
+from broker.tools.vault_policy import vault_policy
 
 EXIT_CONFIG_ERROR = 2
 EXIT_BACKGROUND_TASK_DIED = 70
@@ -112,7 +112,7 @@ async def serve(config: BrokerConfig, native: NativeStderr) -> str | None:
     from broker.server import Broker
 
     broker = Broker(config, environ=os.environ)
-    native.on_handshake_failure = broker.metrics.tls_handshake_failures.inc
+    native.on_handshake_failure = broker.metrics.tls_handshake_failed
     await broker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

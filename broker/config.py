@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.audit_chain import ChainKey, KeyFileError, load_key
+from broker.audit.chain import ChainKey, KeyFileError, load_key
 from broker.errors import InvalidSecretName
-from broker.identity import CN_PREFIX, spiffe_trust_domain
 from broker.names import quoted_list, validate_secret_name
+from broker.security.identity import CN_PREFIX, spiffe_trust_domain
 
 
 class ConfigError(Exception):
@@ -244,7 +244,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    """How a caller's certificate becomes an identity (see broker/identity.py)."""
+    """How a caller's certificate becomes an identity (see broker/security/identity.py)."""
 
     trust_domains: frozenset[str] = frozenset()
     """SPIFFE trust domains whose IDs are accepted. Default: the trust domains of the SPIFFE

@@ -2,7 +2,7 @@
 
 Every failure the broker can report to a caller is one of these. They are raised
 by the parts (names, policy, sources, cache) and turned into gRPC status codes in
-exactly one table, ``broker.grpc_status.STATUS_BY_ERROR``. Foreign exceptions
+exactly one table, ``broker.api.status.STATUS_BY_ERROR``. Foreign exceptions
 (hvac, requests) are translated into them in exactly one place, the Vault source.
 
 Messages name what is wrong and never carry a secret value, a token or the

@@ -3,9 +3,9 @@
 One event loop serves every RPC and every watch stream; blocking Vault calls run
 in a small thread pool, so thousands of idle streams cost no threads. Background
 tasks keep the Vault token fresh (sources/token_keeper.py), rotate secrets when
-due (rotation.py), notice new versions of watched secrets (watch.py) and probe
-Vault's health for readiness and metrics (health.py). Metrics and probes are served
-over HTTP on their own listener (metrics_http.py).
+due (core/rotation.py), notice new versions of watched secrets (core/watch.py) and
+probe Vault's health for readiness and metrics (observe/health.py). Metrics and probes
+are served over HTTP on their own listener (observe/metrics_http.py).
 
 Every background task is supervised: one that dies unexpectedly is logged CRITICAL with
 its traceback, turns the broker NOT_SERVING and ends ``wait()``, so the process exits
@@ -35,31 +35,30 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # public as grpc_health.v1.health.aio
-from prometheus_client import CollectorRegistry
 
-from broker.audit import AuditTrail
-from broker.cache import SecretCache
-from broker.changes import ChangeFeed
+from broker.api.admin import SecretBrokerAdminService
+from broker.api.calls import CallPlumbing, CallRules, DrainGate, add_servicer
+from broker.api.service import SecretBrokerService
+from broker.audit.trail import AuditTrail
 from broker.config import BrokerConfig, ConfigError
+from broker.core.cache import SecretCache
+from broker.core.changes import ChangeFeed
+from broker.core.policy import AccessPolicy
+from broker.core.reader import SecretReader
+from broker.core.rollback import RollbackState
+from broker.core.rotation import Rotator
+from broker.core.values import SecretValues
+from broker.core.watch import Watcher, poll_watched_versions
 from broker.errors import BrokerError, SourceUnavailable
-from broker.grpc_admin import SecretBrokerAdminService
-from broker.grpc_common import DrainGate, add_servicer
-from broker.grpc_service import SecretBrokerService
-from broker.health import Readiness, probe_vault
-from broker.identity import IdentityResolver
-from broker.metrics import BrokerMetrics
-from broker.metrics_http import MetricsServer
-from broker.policy import AccessPolicy
-from broker.reader import SecretReader
-from broker.rollback import RollbackState
-from broker.rotation import Rotator
+from broker.observe.health import Readiness, probe_vault
+from broker.observe.metrics import BrokerMetrics, ScrapedState
+from broker.observe.metrics_http import MetricsServer
+from broker.security.identity import IdentityResolver
+from broker.security.tls import ServerTlsReloader
 from broker.sources.base import SourceKind
 from broker.sources.env import EnvSource
 from broker.sources.token_keeper import keep_token_fresh
 from broker.sources.vault import VaultSource
-from broker.tls import ServerTlsReloader
-from broker.values import SecretValues
-from broker.watch import Watcher, poll_watched_versions
 from secretbroker.client import ROUTING_HEALTH_SERVICE
 from secretbroker.v1 import broker_pb2_grpc
 
@@ -79,15 +78,14 @@ class Broker:
     """A running broker. ``await start()``, then ``await stop()``.
 
     ``environ`` is where rolled-back secrets are read from: the process environment
-    unless a test passes its own. ``registry`` receives the metrics: a fresh one unless
-    given (never prometheus_client's global registry).
+    unless a test passes its own. The metrics go to a registry of the broker's own (never
+    prometheus_client's global one).
     """
 
     def __init__(
         self,
         config: BrokerConfig,
         environ: Mapping[str, str] | None = None,
-        registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         # First: these may refuse to start (a folder that cannot be made, an unreadable override
@@ -103,22 +101,16 @@ class Broker:
             config.admin.state_file,
             on_flip=self._flipped,
         )
-        self.metrics = BrokerMetrics(
-            registry or CollectorRegistry(),
-            config.secrets,
-            config.categories,
-            identities=[*config.access, *config.admin.identities],
-            vault_nodes=config.vault.addresses,
-        )
-        self.vault = VaultSource(config.vault, metrics=self.metrics)
+        self.metrics = BrokerMetrics(config.secrets, vault_nodes=config.vault.addresses)
+        self.vault = VaultSource(config.vault, observer=self.metrics)
         self._executor = ThreadPoolExecutor(VAULT_IO_THREADS, thread_name_prefix="vault-io")
         self.feed = ChangeFeed()
         try:
             self.audit = AuditTrail(
                 config.audit.file,
                 fail_closed=config.audit.fail_closed,
-                on_failure=self.metrics.audit_failures.inc,
-                on_drop=self.metrics.audit_dropped.inc,
+                on_failure=self.metrics.audit_failed,
+                on_drop=self.metrics.audit_record_dropped,
                 key=config.audit.key,
                 mode=config.audit.file_mode,
                 queue_size=config.audit.queue_size,
@@ -143,10 +135,6 @@ class Broker:
             metrics=self.metrics,
         )
         self._warn_missing_env(config.categories)
-        self.metrics.cache_entries.set_function(lambda: len(self.cache))
-        self.metrics.audit_queued.set_function(lambda: self.audit.queued)
-        self.metrics.watch_streams.set_function(lambda: len(self.feed))
-        self.metrics.follow_rollback(self.rollback.from_vault)
         reader = SecretReader(config.secrets, AccessPolicy(config.access), self.values)
         self.rotator = Rotator(
             config.secrets,
@@ -178,34 +166,40 @@ class Broker:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._routing: bool | None = None
-        self._services: list[tuple[Callable[[Any, Any], None], object]] = [
+
+        def plumbing(rules: CallRules) -> CallPlumbing:
+            return CallPlumbing(rules, identities, self.audit, self.metrics)
+
+        self._services: list[tuple[Callable[[Any, Any], None], object, CallPlumbing]] = [
             (
                 broker_pb2_grpc.add_SecretBrokerServicer_to_server,
                 SecretBrokerService(
                     reader,
                     Watcher(reader, self.values, self.feed, config.limits, self.metrics),
-                    identities,
                     self.audit,
-                    self.metrics,
                 ),
+                plumbing(SecretBrokerService.RULES),
             ),
             (
                 broker_pb2_grpc.add_SecretBrokerAdminServicer_to_server,
                 SecretBrokerAdminService(
-                    config.admin.identities,
                     config.secrets,
                     self.rollback,
                     self.values,
                     self.rotator,
-                    identities,
                     self.audit,
-                    self.metrics,
                     vault_nodes=lambda: self.readiness.nodes,
                 ),
+                plumbing(SecretBrokerAdminService.rules(config.admin.identities)),
             ),
         ]
         self._server, self._gate = self._build_server()
         self._tls: ServerTlsReloader | None = None
+        self.metrics.follow_state(
+            self._scraped_state(),
+            categories=config.categories,
+            identities=[*config.access, *config.admin.identities],
+        )
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
@@ -214,8 +208,8 @@ class Broker:
         """A gRPC server with every service, each call through a drain gate of its own."""
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         gate = DrainGate()
-        for add_to_server, servicer in self._services:
-            add_servicer(add_to_server, servicer, server, self.metrics.unparsable, gate)
+        for add_to_server, servicer, plumbing in self._services:
+            add_servicer(add_to_server, servicer, server, plumbing, gate, self.metrics.unparsable)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         return server, gate
 
@@ -238,10 +232,9 @@ class Broker:
         self.died = asyncio.get_running_loop().create_future()
         tls = self._tls = ServerTlsReloader(
             self.config.server,
-            on_change=self.metrics.tls_files,
-            on_rejected=self.metrics.tls_reloads.labels("rejected").inc,
+            on_change=lambda _: self.metrics.tls_reloaded(),
+            on_rejected=self.metrics.tls_rejected,
         )
-        self.metrics.tls_files(tls.current, reloaded=False)
         if self.config.metrics.listen is not None:
             try:
                 self._metrics_server = MetricsServer(
@@ -276,7 +269,6 @@ class Broker:
             probe_vault(
                 self.vault.session,
                 self.readiness,
-                self.metrics,
                 self._health,
                 self._run_probe,
                 self.config.metrics.vault_probe_interval,
@@ -296,7 +288,6 @@ class Broker:
                 rollout.watch_poll_interval,
             ),
         )
-        self._background("client-certificate-metrics", self._follow_client_certificates())
         if await self._prefetch():
             await self._open()
         elif time.monotonic() >= self._warmup_ends:
@@ -501,17 +492,21 @@ class Broker:
     async def run_vault_io(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
-    async def publish_client_certificates(self) -> None:
-        """Put the first-expiring client certificate in use per identity in the metrics. Runs
-        on the event loop, which owns the identity memo."""
-        self.metrics.client_certificates(
-            self._identities.certificates_in_use(CLIENT_CERTIFICATE_WINDOW)
+    def _scraped_state(self) -> ScrapedState:
+        """What the state metrics read at each scrape (observe/metrics.py)."""
+        return ScrapedState(
+            server_tls=lambda: self._tls.current if self._tls is not None else None,
+            client_certificates=lambda: self._identities.certificates_in_use(
+                CLIENT_CERTIFICATE_WINDOW
+            ),
+            vault_nodes=lambda: self.readiness.nodes,
+            vault_sealed=lambda: self.readiness.vault_sealed,
+            token_expires_at=lambda: self.vault.session.token_expires_at,
+            from_vault=self.rollback.from_vault,
+            cache_entries=lambda: len(self.cache),
+            audit_queued=lambda: self.audit.queued,
+            watch_streams=lambda: len(self.feed),
         )
-
-    async def _follow_client_certificates(self) -> None:
-        while True:
-            await self.publish_client_certificates()
-            await asyncio.sleep(CLIENT_CERTIFICATE_INTERVAL)
 
     def _background(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -564,7 +559,6 @@ class Broker:
 
 CLIENT_CERTIFICATE_WINDOW = 600.0
 """Seconds a client certificate counts as in use after it was last presented."""
-CLIENT_CERTIFICATE_INTERVAL = 15.0
 
 _IN_USE = "the address is in use, or not an address of this host"
 

@@ -1,6 +1,6 @@
 """Bootstrap a Vault (OpenBao) the way production is bootstrapped, with an admin token.
 
-KV v2 mount, the broker's policy (derived from its config: ``broker/vault_policy.py``),
+KV v2 mount, the broker's policy (derived from its config: ``broker/tools/vault_policy.py``),
 an AppRole role for the broker whose token carries only that policy, and its role_id
 and secret_id written to files (mode 0600) the way Vault Agent reads them.
 """

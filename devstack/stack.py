@@ -23,9 +23,9 @@ from typing import Any
 import hvac
 
 from broker.config import load_config
-from broker.logs import configure_logging
+from broker.observe.logs import configure_logging
 from broker.sources.env import variable_name
-from broker.vault_policy import vault_policy
+from broker.tools.vault_policy import vault_policy
 from catalog.config import Config
 from devstack.bootstrap import (
     BROKER_POLICY,

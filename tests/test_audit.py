@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.audit import AuditTrail, Written
+from broker.audit.trail import AuditTrail, Written
 from broker.errors import AuditUnavailable
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import AuditTrail
-from broker.audit_chain import KeyFileError, line_hash, load_key
+from broker.audit.chain import KeyFileError, line_hash, load_key
+from broker.audit.trail import AuditTrail
 from broker.config import ConfigError, parse_config
 from devstack.pki import write_private
 from secretbroker.v1 import broker_pb2_grpc

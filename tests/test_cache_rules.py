@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from broker.cache import CachedSecret, SecretCache
 from broker.config import CacheConfig, SecretSpec
+from broker.core.cache import CachedSecret, SecretCache
 from broker.errors import SecretMissingInSource, SourceDenied, SourceUnavailable
 from broker.lru import BoundedLru
 from broker.sources.base import SecretValue, SourceKind

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from broker.config import ConfigError, parse_config
-from broker.identity import IdentityResolver
+from broker.security.identity import IdentityResolver
 from devstack.pki import CertFiles
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (
@@ -148,8 +148,6 @@ def test_the_first_expiring_client_certificate_in_use_per_named_identity_is_in_t
     assert status_of(lambda: get(broker.stub(stranger, pki.ca), API)) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
-
-    broker.run(broker.broker.publish_client_certificates())
 
     name = "secretbroker_client_certificate_expiry_timestamp_seconds"
     assert metric(broker, name, identity=CATALOG_ID) == int(soon.timestamp())

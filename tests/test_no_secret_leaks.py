@@ -136,7 +136,7 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
     assert "serving 'media-catalog/database' stale" in logs
     assert any(
         r["level"] == "WARNING"
-        and r["logger"] == "broker.grpc_common"
+        and r["logger"] == "broker.api.calls"
         and r["message"].startswith(
             "GetSecret by 'spiffe://media.local/catalog' failed: UNAVAILABLE"
         )

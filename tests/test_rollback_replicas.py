@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from broker.replicas import resolve_replicas
+from broker.tools.replicas import resolve_replicas
 from secretbroker.client import BrokerClientConfig
 from secretbroker.v1 import broker_pb2
 from tests.conftest import API, BrokerFactory, Pki, Vault, get, ops_cli

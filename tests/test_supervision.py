@@ -50,7 +50,6 @@ BACKGROUND_TASKS = [
     "vault-health-probe",
     "rotation-schedule",
     "watch-version-poller",
-    "client-certificate-metrics",
     "routing",
 ]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -263,7 +262,7 @@ def test_logging_never_waits_on_a_stderr_pipe_nobody_reads(tmp_path: Path) -> No
     never reads return at once; what the full queue cannot take is dropped and counted."""
     program = (
         "import logging, os, sys\n"
-        "from broker.logs import configure_logging, dropped_log_records\n"
+        "from broker.observe.logs import configure_logging, dropped_log_records\n"
         "read_end, write_end = os.pipe()\n"
         "configure_logging('INFO', 'text', os.fdopen(write_end, 'w'))\n"
         "for n in range(50_000):\n"

@@ -140,8 +140,7 @@ def test_unparsable_requests_are_invalid_argument_audited_and_counted(caller: Ca
 
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == "request does not parse as a GetSecretRequest"
-    assert caller.broker.config.audit.file is not None
-    last = json.loads(caller.broker.config.audit.file.read_text().splitlines()[-1])
+    last = json.loads(caller.broker.audit_lines()[-1])
     assert last["decision"] == "deny"
     assert last["identity"] == "spiffe://media.local/catalog"
     assert last["reason"].startswith("INVALID_ARGUMENT: request does not parse")

@@ -19,8 +19,8 @@ from broker.errors import (
     SourceUnavailable,
     WriteConflict,
 )
-from broker.metrics import BrokerMetrics
 from broker.sources.base import SecretValue, SourceKind
+from broker.sources.observer import VaultObserver
 from broker.sources.vault_errors import translate_vault_errors
 from broker.sources.vault_session import VaultSession
 
@@ -48,10 +48,10 @@ class VaultSource:
         self,
         config: VaultConfig,
         session: VaultSession | None = None,
-        metrics: BrokerMetrics | None = None,
+        observer: VaultObserver | None = None,
     ) -> None:
         self._config = config
-        self.session = session or VaultSession(config, metrics=metrics)
+        self.session = session or VaultSession(config, observer=observer)
 
     def read(
         self, spec: SecretSpec, version: int | None = None, *, newest: bool = False

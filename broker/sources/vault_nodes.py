@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import hvac
@@ -37,8 +37,8 @@ import requests.adapters
 
 from broker.config import VaultConfig
 from broker.errors import LoginRefused, SourceUnavailable
-from broker.metrics import BrokerMetrics
 from broker.sources.node_health import NodeHealth, NodeRole, role_of_status
+from broker.sources.observer import Unobserved, VaultObserver
 from broker.sources.vault_errors import translate_vault_errors
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ class VaultNode:
 class VaultNodes:
     """Every configured node, and the one way to send a call to the cluster."""
 
-    def __init__(self, config: VaultConfig, metrics: BrokerMetrics | None = None) -> None:
+    def __init__(self, config: VaultConfig, observer: VaultObserver | None = None) -> None:
         self._config = config
-        self._metrics = metrics
+        self._observer = observer or Unobserved()
         self._index_lock = threading.Lock()
         self._budget = threading.local()
         self.nodes = [VaultNode(address, self._client(address, "")) for address in config.addresses]
@@ -123,7 +123,7 @@ class VaultNodes:
         deadline = time.monotonic() + self._config.call_budget
         self._budget.deadline = deadline if outer is None else min(outer, deadline)
         try:
-            with self._observe(operation):
+            with self._observer.vault_call(operation):
                 return self._attempts(description, call, write or prefer_active, login, token)
         finally:
             self._budget.deadline = outer
@@ -144,7 +144,7 @@ class VaultNodes:
                 break
             try:
                 with (
-                    self._count_node(node),
+                    self._observer.vault_node_call(node.address),
                     translate_vault_errors(description, timeout, login=login),
                     self._client_for(node, token) as client,
                 ):
@@ -217,12 +217,6 @@ class VaultNodes:
                 headers[INDEX_HEADER] = index
                 headers[INCONSISTENT_HEADER] = "forward-active-node"
 
-    def _observe(self, operation: str) -> AbstractContextManager[None]:
-        return self._metrics.vault_call(operation) if self._metrics else nullcontext()
-
-    def _count_node(self, node: VaultNode) -> AbstractContextManager[None]:
-        return self._metrics.vault_node_call(node.address) if self._metrics else nullcontext()
-
     # health --------------------------------------------------------------------------------
 
     def probe(self) -> list[NodeHealth]:
@@ -230,10 +224,7 @@ class VaultNodes:
         per node) and remember the answers for ``call``'s order. Needs no token."""
         if self._probe_pool is None:
             self._probe_pool = ThreadPoolExecutor(len(self.nodes), thread_name_prefix="vault-probe")
-        found = list(self._probe_pool.map(self._probe_one, self.nodes))
-        if self._metrics is not None:
-            self._metrics.vault_nodes(found)
-        return found
+        return list(self._probe_pool.map(self._probe_one, self.nodes))
 
     def _probe_one(self, node: VaultNode) -> NodeHealth:
         try:
@@ -247,9 +238,7 @@ class VaultNodes:
             health = NodeHealth(node.address, reachable=True, role=role)
         except requests.RequestException:
             health = NodeHealth(node.address, reachable=False, role=NodeRole.UNKNOWN)
-        if self._metrics is not None:
-            outcome = "ok" if health.reachable else "unavailable"
-            self._metrics.vault_node_request(node.address, outcome)
+        self._observer.vault_node_request(node.address, "ok" if health.reachable else "unavailable")
         node.health = health
         node.failed = not health.usable
         return health

@@ -30,9 +30,9 @@ import hvac
 
 from broker.config import AppRoleAuth, JwtAuth, Sensitive, TokenAuth, VaultAuth, VaultConfig
 from broker.errors import BrokerError, LoginRefused, SourceDenied, SourceUnavailable
-from broker.metrics import BrokerMetrics
 from broker.names import quoted
 from broker.sources.node_health import NodeHealth
+from broker.sources.observer import VaultObserver
 from broker.sources.vault_nodes import VaultNodes
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,17 @@ class VaultSession:
         self,
         config: VaultConfig,
         clock: Callable[[], float] = time.monotonic,
-        metrics: BrokerMetrics | None = None,
+        observer: VaultObserver | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
-        self._metrics = metrics
-        self.nodes = VaultNodes(config, metrics)
+        self.nodes = VaultNodes(config, observer)
         self._login_lock = threading.Lock()
         self._token: str | None = None
         self._lease_seconds = 0.0
         self._expires_at: float | None = None  # None: not logged in, or a token that never expires
+        self.token_expires_at = 0.0
+        """When the token expires (Unix time, for the metrics); 0: none yet, or never."""
         self._renewable = False
         self._checked_alive: tuple[str, float] | None = None  # token and when lookup-self passed
         self._replaced_at: float | None = None
@@ -300,8 +301,7 @@ class VaultSession:
         return secret_id
 
     def _set_lease(self, seconds: float, renewable: bool) -> None:
-        if self._metrics is not None:
-            self._metrics.token_lease(seconds)
+        self.token_expires_at = time.time() + seconds if seconds > 0 else 0.0
         self._lease_seconds = seconds
         self._renewable = renewable and seconds > 0
         self._expires_at = self._clock() + seconds if seconds > 0 else None

@@ -9,7 +9,7 @@ Connection settings come from flags or from SECRETBROKER_ADDR, SECRETBROKER_CA_F
 SECRETBROKER_CERT_FILE, SECRETBROKER_KEY_FILE and SECRETBROKER_SERVER_NAME.
 
 Each replica keeps its own rollback override, so ``status`` and ``rollback`` talk to every
-replica behind the address (broker/replicas.py), each on its own channel: they show each
+replica behind the address (broker/tools/replicas.py), each on its own channel: they show each
 replica's state, and exit 1 naming every replica that did not answer or that disagrees.
 Nothing here needs Vault: a flip works while Vault is down, which is when it is needed.
 ``rotate`` goes to any one replica: the new version is in Vault, and the others follow it.
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker.replicas import Replica, resolve_replicas
+from broker.tools.replicas import Replica, resolve_replicas
 from secretbroker.client import ENV_PREFIX, BrokerClientConfig, ClientConfigError, secure_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 

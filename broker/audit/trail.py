@@ -1,7 +1,7 @@
 """The audit trail: one JSON Lines record per access decision and per admin action.
 
 Never a value. Records are numbered (``seq``) and each carries ``prev``, the link to
-the previous record's line (broker/audit_chain.py): its HMAC under the audit key when
+the previous record's line (broker/audit/chain.py): its HMAC under the audit key when
 one is configured, so nobody without the key can recompute the chain, else its SHA-256.
 ``python -m broker audit verify`` finds the first edited, inserted or deleted record.
 Appending to an existing file continues its chain; ``reopen`` (on SIGHUP, after a log
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from broker.audit_chain import ChainKey, genesis, link
+from broker.audit.chain import ChainKey, genesis, link
 from broker.errors import AuditUnavailable
 from broker.lru import BoundedLru
 

@@ -18,11 +18,10 @@ from typing import Protocol
 from grpc_health.v1 import health_pb2
 
 from broker.config import SecretSpec
-from broker.metrics import BrokerMetrics
+from broker.core.values import SecretValues
 from broker.sources.base import RunBlocking, SourceKind
 from broker.sources.node_health import NodeHealth, NodeRole
 from broker.sources.vault_session import VaultSession
-from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +106,12 @@ class Readiness:
 async def probe_vault(
     session: VaultSession,
     readiness: Readiness,
-    metrics: BrokerMetrics,
     health_servicer: HealthStatusSetter,
     run_blocking: RunBlocking,
     interval: float,
 ) -> None:
-    """Every ``interval``: ask Vault's health, update the gauges, readiness and gRPC health."""
+    """Every ``interval``: ask Vault's health, update readiness and gRPC health (the metrics
+    read the answers at scrape time)."""
     serving: bool | None = None
     while True:
         nodes = await run_blocking(session.probe)
@@ -122,8 +121,6 @@ async def probe_vault(
             node.role is NodeRole.SEALED for node in nodes
         )
         readiness.probed = True
-        metrics.vault_sealed.set(1 if readiness.vault_sealed else 0)
-        metrics.vault_up.set(1 if any(node.usable for node in nodes) else 0)
         report = readiness.current = readiness.check()
         if report.ready is not serving:
             level = logging.INFO if report.ready or serving is None else logging.WARNING

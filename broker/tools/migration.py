@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.audit import AuditTrail
+from broker.audit.trail import AuditTrail
 from broker.config import BrokerConfig, ConfigError, SecretSpec, Sensitive, TokenAuth, load_config
 from broker.errors import BrokerError, SecretMissingInSource, WriteConflict
 from broker.sources.env import variable_name

@@ -13,17 +13,17 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-from broker.cache import CachedSecret
-from broker.changes import ChangeFeed
 from broker.config import LimitsConfig, SecretSpec
+from broker.core.cache import CachedSecret
+from broker.core.changes import ChangeFeed
+from broker.core.reader import SecretReader
+from broker.core.values import SecretValues
 from broker.errors import BrokerError, InvalidRequest, LimitExceeded
-from broker.logs import Throttle
-from broker.metrics import BrokerMetrics
 from broker.names import quoted
-from broker.reader import SecretReader
+from broker.observe.logs import Throttle
+from broker.observe.metrics import BrokerMetrics
 from broker.sources.base import RunBlocking, SecretValue, SourceKind, behind
 from broker.sources.vault import VaultSource
-from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Watcher:
 
     def _refuse(self, identity: str, limit: str, problem: str) -> LimitExceeded:
         if self._metrics is not None:
-            self._metrics.limit_refusals.labels(limit).inc()
+            self._metrics.limit_refused(limit)
         held_back = self._limit_log.allow(f"{limit} {identity}")
         if held_back is not None:
             log.warning(

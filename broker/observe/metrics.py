@@ -4,6 +4,13 @@ Names are part of the contract and all start with ``secretbroker_``. Every label
 comes from the broker's config (secret names, categories) or from a fixed set (RPC
 methods, status codes, cache results, Vault operations and outcomes): nothing a
 client sends can add a series. No metric carries a secret value.
+
+Two kinds: events (requests, Vault calls, rotations, refusals) are counted where they
+happen, through ``BrokerMetrics``' methods; state (TLS files, client certificates in use,
+Vault nodes, the token's expiry, rollback, sizes) is read at scrape time by
+``StateCollector`` from the parts that hold it (``ScrapedState``), so no loop pushes it and
+no series is removed by hand. Each gauge has exactly one writer. No module outside this
+package touches a prometheus_client object.
 """
 
 from __future__ import annotations
@@ -11,14 +18,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from broker.errors import (
     BrokerError,
@@ -28,9 +38,9 @@ from broker.errors import (
     SourceUnavailable,
     WriteConflict,
 )
-from broker.identity import CertificateLife
+from broker.security.identity import CertificateLife
+from broker.security.tls import ServerTls
 from broker.sources.node_health import NodeHealth, NodeRole
-from broker.tls import ServerTls
 
 # Sub-millisecond buckets: a cached answer takes well under a millisecond.
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
@@ -93,21 +103,14 @@ def vault_outcome(error: BrokerError | None) -> str:
 
 
 class BrokerMetrics:
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        secrets: Iterable[str] = (),
-        categories: Iterable[str] = (),
-        identities: Iterable[str] = (),
-        vault_nodes: Iterable[str] = (),
-    ) -> None:
-        self.registry = registry
+    """The broker's event metrics, counted where the events happen (also the sources'
+    ``VaultObserver``)."""
+
+    def __init__(self, secrets: Iterable[str] = (), vault_nodes: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry()
         self._secrets = frozenset(secrets)
-        self._categories = frozenset(categories)
-        self._identities = frozenset(identities)
-        self._client_certificate_labels: set[str] = set()
         self._vault_nodes = tuple(vault_nodes)
-        r = registry
+        r = self.registry
         self.grpc_requests = Counter(
             "secretbroker_grpc_requests",
             "gRPC requests by method and status code.",
@@ -135,9 +138,6 @@ class BrokerMetrics:
             ("result",),
             registry=r,
         )
-        self.cache_entries = Gauge(
-            "secretbroker_cache_entries", "Values held in the cache.", registry=r
-        )
         self.vault_requests = Counter(
             "secretbroker_vault_requests",
             "Calls to Vault by operation and outcome.",
@@ -151,48 +151,10 @@ class BrokerMetrics:
             buckets=VAULT_BUCKETS,
             registry=r,
         )
-        self.vault_up = Gauge(
-            "secretbroker_vault_up",
-            "1 when the last call to Vault reached it, else 0.",
-            registry=r,
-        )
-        self.vault_sealed = Gauge(
-            "secretbroker_vault_sealed", "1 when Vault reported itself sealed.", registry=r
-        )
-        self.vault_node_up = Gauge(
-            "secretbroker_vault_node_up",
-            "Per configured Vault node: 1 when its last health probe was answered.",
-            ("node",),
-            registry=r,
-        )
-        self.vault_node_sealed = Gauge(
-            "secretbroker_vault_node_sealed",
-            "Per Vault node: 1 when it reported itself sealed.",
-            ("node",),
-            registry=r,
-        )
-        self.vault_node_active = Gauge(
-            "secretbroker_vault_node_active",
-            "Per Vault node: 1 for the active node (the raft leader), 0 for a standby or a"
-            " node that did not answer.",
-            ("node",),
-            registry=r,
-        )
         self.vault_node_requests = Counter(
             "secretbroker_vault_node_requests",
             "Calls to each Vault node (health probes included) by outcome.",
             ("node", "outcome"),
-            registry=r,
-        )
-        self.token_expiry = Gauge(
-            "secretbroker_vault_token_expiry_timestamp_seconds",
-            "When the broker's Vault token expires (Unix time); 0 when it does not.",
-            registry=r,
-        )
-        self.vault_enabled = Gauge(
-            "secretbroker_vault_enabled",
-            "1: the category is served from Vault; 0: rolled back to environment variables.",
-            ("category",),
             registry=r,
         )
         self.secret_version = Gauge(
@@ -222,9 +184,6 @@ class BrokerMetrics:
             ("secret",),
             registry=r,
         )
-        self.watch_streams = Gauge(
-            "secretbroker_watch_streams", "Open WatchSecrets streams.", registry=r
-        )
         self.limit_refusals = Counter(
             "secretbroker_limit_refusals",
             "Requests refused with RESOURCE_EXHAUSTED, by the limit they hit.",
@@ -242,31 +201,6 @@ class BrokerMetrics:
             "Client connections refused during the TLS handshake (as reported by gRPC core).",
             registry=r,
         )
-        self.tls_not_after = Gauge(
-            "secretbroker_tls_certificate_expiry_timestamp_seconds",
-            "When the broker's server certificate, and the first of its client CAs, expire.",
-            ("certificate",),
-            registry=r,
-        )
-        self.tls_not_before = Gauge(
-            "secretbroker_tls_certificate_not_before_timestamp_seconds",
-            "When the broker's certificates became valid (with the expiry: their lifetime).",
-            ("certificate",),
-            registry=r,
-        )
-        self.client_not_after = Gauge(
-            "secretbroker_client_certificate_expiry_timestamp_seconds",
-            "Per identity the config names: when the first-expiring certificate its clients"
-            " presented in the last 10 minutes expires.",
-            ("identity",),
-            registry=r,
-        )
-        self.client_not_before = Gauge(
-            "secretbroker_client_certificate_not_before_timestamp_seconds",
-            "When that client certificate became valid (with the expiry: its lifetime).",
-            ("identity",),
-            registry=r,
-        )
         self.tls_reloads = Counter(
             "secretbroker_tls_reloads",
             "Changed TLS files: loaded, or rejected (the current ones kept).",
@@ -279,11 +213,6 @@ class BrokerMetrics:
         self.audit_dropped = Counter(
             "secretbroker_audit_dropped",
             "Audit records dropped because the writer's queue was full (a stalled sink).",
-            registry=r,
-        )
-        self.audit_queued = Gauge(
-            "secretbroker_audit_queued_records",
-            "Audit records waiting for the writer thread.",
             registry=r,
         )
         ProcessCollector(registry=r)
@@ -304,9 +233,6 @@ class BrokerMetrics:
         for result in TLS_RELOAD_RESULTS:
             self.tls_reloads.labels(result)
         for node in self._vault_nodes:
-            self.vault_node_up.labels(node)
-            self.vault_node_sealed.labels(node)
-            self.vault_node_active.labels(node)
             for outcome in VAULT_OUTCOMES:
                 self.vault_node_requests.labels(node, outcome)
         for operation in VAULT_OPERATIONS:
@@ -337,28 +263,37 @@ class BrokerMetrics:
         if code is grpc.StatusCode.PERMISSION_DENIED:
             self.access_denied.labels(method).inc()
 
+    def follow_state(
+        self, state: ScrapedState, *, categories: Iterable[str], identities: Iterable[str]
+    ) -> None:
+        """Publish the broker's state gauges, read from ``state`` at each scrape."""
+        self.registry.register(
+            StateCollector(
+                state, categories=categories, identities=identities, vault_nodes=self._vault_nodes
+            )
+        )
+
+    # events outside a request ----------------------------------------------------------------
+
+    def tls_reloaded(self) -> None:
+        self.tls_reloads.labels("loaded").inc()
+
+    def tls_rejected(self) -> None:
+        self.tls_reloads.labels("rejected").inc()
+
+    def tls_handshake_failed(self) -> None:
+        self.tls_handshake_failures.inc()
+
+    def audit_failed(self) -> None:
+        self.audit_failures.inc()
+
+    def audit_record_dropped(self) -> None:
+        self.audit_dropped.inc()
+
+    def limit_refused(self, limit: str) -> None:
+        self.limit_refusals.labels(limit).inc()
+
     # cache -----------------------------------------------------------------------------------
-
-    def tls_files(self, tls: ServerTls, reloaded: bool = True) -> None:
-        self.tls_not_after.labels("server").set(tls.not_after)
-        self.tls_not_before.labels("server").set(tls.not_before)
-        self.tls_not_after.labels("client_ca").set(tls.ca_not_after)
-        self.tls_not_before.labels("client_ca").set(tls.ca_not_before)
-        if reloaded:
-            self.tls_reloads.labels("loaded").inc()
-
-    def client_certificates(self, in_use: Mapping[str, CertificateLife]) -> None:
-        """Publish the first-expiring certificate in use per identity; identities the config
-        does not name get no series (a certificate is client input), and an identity whose
-        clients stopped calling loses its series."""
-        shown = {identity for identity in in_use if identity in self._identities}
-        for identity in self._client_certificate_labels - shown:
-            self.client_not_after.remove(identity)
-            self.client_not_before.remove(identity)
-        for identity in shown:
-            self.client_not_after.labels(identity).set(in_use[identity].not_after)
-            self.client_not_before.labels(identity).set(in_use[identity].not_before)
-        self._client_certificate_labels = shown
 
     def unparsable(self, method: str) -> None:
         if method in RPC_METHODS:
@@ -383,7 +318,6 @@ class BrokerMetrics:
     def _vault_call_done(self, operation: str, started: float, outcome: str) -> None:
         self.vault_duration.labels(operation).observe(time.perf_counter() - started)
         self.vault_requests.labels(operation, outcome).inc()
-        self.vault_up.set(0 if outcome == "unavailable" else 1)
 
     def vault_node_call(self, node: str) -> AbstractContextManager[None]:
         """One attempt of a call on one node, counted by node and outcome."""
@@ -392,29 +326,6 @@ class BrokerMetrics:
     def vault_node_request(self, node: str, outcome: str) -> None:
         if node in self._vault_nodes:
             self.vault_node_requests.labels(node, outcome).inc()
-
-    def vault_nodes(self, found: Iterable[NodeHealth]) -> None:
-        for health in found:
-            if health.address not in self._vault_nodes:
-                continue
-            self.vault_node_up.labels(health.address).set(1 if health.reachable else 0)
-            self.vault_node_sealed.labels(health.address).set(
-                1 if health.role is NodeRole.SEALED else 0
-            )
-            self.vault_node_active.labels(health.address).set(
-                1 if health.role is NodeRole.ACTIVE else 0
-            )
-
-    def token_lease(self, seconds: float) -> None:
-        self.token_expiry.set(time.time() + seconds if seconds > 0 else 0)
-
-    # rollback, rotation, watch -----------------------------------------------------------------
-
-    def follow_rollback(self, from_vault: Callable[[str], bool]) -> None:
-        for category in self._categories:
-            self.vault_enabled.labels(category).set_function(
-                functools.partial(_as_gauge, from_vault, category)
-            )
 
     def rotating(self, name: str, period: float) -> None:
         self.rotation_period.labels(name).set(period)
@@ -429,10 +340,6 @@ class BrokerMetrics:
     def version_written(self, name: str, written_at: float) -> None:
         """When the current version of a rotating secret was written, by anyone."""
         self.rotation_time.labels(name).set(written_at)
-
-
-def _as_gauge(predicate: Callable[[str], bool], value: str) -> float:
-    return 1.0 if predicate(value) else 0.0
 
 
 class RpcObservation:
@@ -470,3 +377,190 @@ class RpcObservation:
                 else grpc.StatusCode.UNKNOWN
             )
         self._metrics._rpc_done(self._method, code, seconds)
+
+
+@dataclass(frozen=True)
+class ScrapedState:
+    """Where the state metrics come from: each read at scrape time, on the scraping thread, so
+    each must be safe to call from any thread and must not block."""
+
+    server_tls: Callable[[], ServerTls | None]
+    client_certificates: Callable[[], Mapping[str, CertificateLife]]
+    vault_nodes: Callable[[], Sequence[NodeHealth]]
+    """The answers of the last health probe (none before the first)."""
+    vault_sealed: Callable[[], bool]
+    token_expires_at: Callable[[], float]
+    from_vault: Callable[[str], bool]
+    cache_entries: Callable[[], int]
+    audit_queued: Callable[[], int]
+    watch_streams: Callable[[], int]
+
+
+class StateCollector(Collector):
+    """The state gauges, read from the broker's parts at scrape time (see the module
+    docstring). Identities the config does not name get no client-certificate series (a
+    certificate is client input); an identity whose clients stopped calling has none."""
+
+    def __init__(
+        self,
+        state: ScrapedState,
+        *,
+        categories: Iterable[str],
+        identities: Iterable[str],
+        vault_nodes: Iterable[str],
+    ) -> None:
+        self._state = state
+        self._categories = sorted(categories)
+        self._identities = frozenset(identities)
+        self._vault_nodes = tuple(vault_nodes)
+
+    def describe(self) -> list[Metric]:
+        return [family for family, _ in self._families()]
+
+    def collect(self) -> Iterator[Metric]:
+        for family, fill in self._families():
+            fill(family)
+            yield family
+
+    def _families(self) -> list[tuple[GaugeMetricFamily, Callable[[GaugeMetricFamily], None]]]:
+        return [
+            (
+                _gauge("vault_up", "1 when a Vault node answered the last health probe unsealed."),
+                self._vault_up,
+            ),
+            (
+                _gauge("vault_sealed", "1 when Vault reported itself sealed at the last probe."),
+                self._vault_sealed,
+            ),
+            (
+                _gauge(
+                    "vault_node_up",
+                    "Per configured Vault node: 1 when its last health probe was answered.",
+                    ("node",),
+                ),
+                functools.partial(self._per_node, lambda health: health.reachable),
+            ),
+            (
+                _gauge(
+                    "vault_node_sealed",
+                    "Per Vault node: 1 when it reported itself sealed.",
+                    ("node",),
+                ),
+                functools.partial(self._per_node, lambda health: health.role is NodeRole.SEALED),
+            ),
+            (
+                _gauge(
+                    "vault_node_active",
+                    "Per Vault node: 1 for the active node (the raft leader), 0 for a standby"
+                    " or a node that did not answer.",
+                    ("node",),
+                ),
+                functools.partial(self._per_node, lambda health: health.role is NodeRole.ACTIVE),
+            ),
+            (
+                _gauge(
+                    "vault_token_expiry_timestamp_seconds",
+                    "When the broker's Vault token expires (Unix time); 0 when it does not.",
+                ),
+                self._token_expiry,
+            ),
+            (
+                _gauge(
+                    "vault_enabled",
+                    "1: the category is served from Vault; 0: rolled back to environment"
+                    " variables.",
+                    ("category",),
+                ),
+                self._vault_enabled,
+            ),
+            (
+                _gauge(
+                    "tls_certificate_expiry_timestamp_seconds",
+                    "When the broker's server certificate, and the first of its client CAs,"
+                    " expire.",
+                    ("certificate",),
+                ),
+                functools.partial(self._tls, lambda tls: (tls.not_after, tls.ca_not_after)),
+            ),
+            (
+                _gauge(
+                    "tls_certificate_not_before_timestamp_seconds",
+                    "When the broker's certificates became valid (with the expiry: their"
+                    " lifetime).",
+                    ("certificate",),
+                ),
+                functools.partial(self._tls, lambda tls: (tls.not_before, tls.ca_not_before)),
+            ),
+            (
+                _gauge(
+                    "client_certificate_expiry_timestamp_seconds",
+                    "Per identity the config names: when the first-expiring certificate its"
+                    " clients presented in the last 10 minutes expires.",
+                    ("identity",),
+                ),
+                functools.partial(self._clients, lambda life: life.not_after),
+            ),
+            (
+                _gauge(
+                    "client_certificate_not_before_timestamp_seconds",
+                    "When that client certificate became valid (with the expiry: its lifetime).",
+                    ("identity",),
+                ),
+                functools.partial(self._clients, lambda life: life.not_before),
+            ),
+            (
+                _gauge("cache_entries", "Values held in the cache."),
+                functools.partial(_size, self._state.cache_entries),
+            ),
+            (
+                _gauge("audit_queued_records", "Audit records waiting for the writer thread."),
+                functools.partial(_size, self._state.audit_queued),
+            ),
+            (
+                _gauge("watch_streams", "Open WatchSecrets streams."),
+                functools.partial(_size, self._state.watch_streams),
+            ),
+        ]
+
+    def _vault_up(self, family: GaugeMetricFamily) -> None:
+        family.add_metric([], float(any(health.usable for health in self._state.vault_nodes())))
+
+    def _vault_sealed(self, family: GaugeMetricFamily) -> None:
+        family.add_metric([], float(self._state.vault_sealed()))
+
+    def _per_node(self, value: Callable[[NodeHealth], bool], family: GaugeMetricFamily) -> None:
+        found = {health.address: health for health in self._state.vault_nodes()}
+        for node in self._vault_nodes:
+            health = found.get(node)
+            family.add_metric([node], float(health is not None and value(health)))
+
+    def _token_expiry(self, family: GaugeMetricFamily) -> None:
+        family.add_metric([], self._state.token_expires_at())
+
+    def _vault_enabled(self, family: GaugeMetricFamily) -> None:
+        for category in self._categories:
+            family.add_metric([category], float(self._state.from_vault(category)))
+
+    def _tls(
+        self, values: Callable[[ServerTls], tuple[float, float]], family: GaugeMetricFamily
+    ) -> None:
+        tls = self._state.server_tls()
+        if tls is not None:
+            server, client_ca = values(tls)
+            family.add_metric(["server"], server)
+            family.add_metric(["client_ca"], client_ca)
+
+    def _clients(
+        self, value: Callable[[CertificateLife], float], family: GaugeMetricFamily
+    ) -> None:
+        for identity, life in sorted(self._state.client_certificates().items()):
+            if identity in self._identities:
+                family.add_metric([identity], value(life))
+
+
+def _gauge(name: str, documentation: str, labels: Sequence[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"secretbroker_{name}", documentation, labels=labels)
+
+
+def _size(read: Callable[[], int], family: GaugeMetricFamily) -> None:
+    family.add_metric([], read())

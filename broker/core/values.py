@@ -11,11 +11,11 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-from broker.cache import CachedSecret, SecretCache
 from broker.config import SecretSpec
+from broker.core.cache import CachedSecret, SecretCache
+from broker.core.rollback import RollbackState
 from broker.errors import InvalidRequest, NotApplicable, VersionOutOfRange
-from broker.metrics import BrokerMetrics
-from broker.rollback import RollbackState
+from broker.observe.metrics import BrokerMetrics
 from broker.sources.base import SecretValue, SourceKind
 from broker.sources.env import EnvSource
 

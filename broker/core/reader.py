@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from broker.cache import CachedSecret
 from broker.config import SecretSpec
+from broker.core.cache import CachedSecret
+from broker.core.policy import AccessPolicy
+from broker.core.values import SecretValues
 from broker.errors import AccessDenied, SecretNotDeclared
 from broker.lru import BoundedLru
 from broker.names import quoted, validate_secret_name
-from broker.policy import AccessPolicy
-from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
 

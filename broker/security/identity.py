@@ -110,8 +110,8 @@ class IdentityResolver:
     def certificates_in_use(self, within: float) -> dict[str, CertificateLife]:
         """For each accepted identity, the certificate presented in the last ``within`` seconds
         that expires first: the one whose renewal matters next. A certificate its client has
-        replaced drops out once it is no longer presented. Call from the event loop, as
-        ``identity`` is (the memo is not thread-safe)."""
+        replaced drops out once it is no longer presented. Safe from any thread (the metrics
+        scrape calls it): it reads a snapshot of the memo, taken in one step under the GIL."""
         since = self._clock() - within
         first: dict[str, CertificateLife] = {}
         for seen in self._by_pem.values():

@@ -3,7 +3,7 @@
 /metrics   the broker's registry, Prometheus text format
 /healthz   200 while the process is alive: its event loop turns and no background task
            died; else 503 and why (a liveness probe restarts it)
-/readyz    200 when ready to serve (broker/health.py), else 503; the reason as text
+/readyz    200 when ready to serve (broker/observe/health.py), else 503; the reason as text
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from broker.health import ReadinessReport
 from broker.names import quoted
+from broker.observe.health import ReadinessReport
 
 log = logging.getLogger(__name__)
 

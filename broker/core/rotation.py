@@ -15,13 +15,13 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 
-from broker.changes import ChangeFeed
 from broker.config import RotationSpec, SecretSpec
+from broker.core.changes import ChangeFeed
+from broker.core.values import SecretValues
 from broker.errors import BrokerError, NotApplicable, WriteConflict
-from broker.metrics import BrokerMetrics
+from broker.observe.metrics import BrokerMetrics
 from broker.sources.base import RunBlocking, SecretValue, SourceKind
 from broker.sources.vault import VaultSource, declared_keys_of
-from broker.values import SecretValues
 
 log = logging.getLogger(__name__)
 

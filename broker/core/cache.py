@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 from broker.config import CacheConfig, SecretSpec
 from broker.errors import SourceUnavailable
-from broker.metrics import BrokerMetrics
+from broker.observe.metrics import BrokerMetrics
 from broker.sources.base import SecretSource, SecretValue, behind
 
 log = logging.getLogger(__name__)
