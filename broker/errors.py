@@ -91,3 +91,12 @@ class StateUnavailable(BrokerError):
 
 class LimitExceeded(BrokerError):
     """The caller is past one of the broker's configured limits; the message names it."""
+
+
+class ConfigError(Exception):
+    """The config is invalid. ``key`` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem

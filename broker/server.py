@@ -40,7 +40,7 @@ from broker.api.admin import SecretBrokerAdminService
 from broker.api.calls import CallPlumbing, CallRules, DrainGate, add_servicer
 from broker.api.service import SecretBrokerService
 from broker.audit.trail import AuditTrail
-from broker.config import BrokerConfig, ConfigError
+from broker.config import BrokerConfig
 from broker.core.cache import SecretCache
 from broker.core.changes import ChangeFeed
 from broker.core.policy import AccessPolicy
@@ -49,7 +49,7 @@ from broker.core.rollback import RollbackState
 from broker.core.rotation import Rotator
 from broker.core.values import SecretValues
 from broker.core.watch import Watcher, poll_watched_versions
-from broker.errors import BrokerError, SourceUnavailable
+from broker.errors import BrokerError, ConfigError, SourceUnavailable
 from broker.observe.health import Readiness, probe_vault
 from broker.observe.metrics import BrokerMetrics, ScrapedState
 from broker.observe.metrics_http import MetricsServer

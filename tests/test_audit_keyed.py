@@ -17,7 +17,8 @@ import pytest
 
 from broker.audit.chain import KeyFileError, line_hash, load_key
 from broker.audit.trail import AuditTrail
-from broker.config import ConfigError, parse_config
+from broker.config import parse_config
+from broker.errors import ConfigError
 from devstack.pki import write_private
 from secretbroker.v1 import broker_pb2_grpc
 from tests.conftest import (

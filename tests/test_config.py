@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import AppRoleAuth, ConfigError, TokenAuth, load_config, parse_config
+from broker.config import AppRoleAuth, TokenAuth, load_config, parse_config
+from broker.errors import ConfigError
 from tests.conftest import DEPLOY, example_config
 
 

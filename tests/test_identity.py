@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.config import ConfigError, parse_config
+from broker.config import parse_config
+from broker.errors import ConfigError
 from broker.security.identity import IdentityResolver
 from devstack.pki import CertFiles
 from secretbroker.v1 import broker_pb2

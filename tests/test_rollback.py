@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.config import ConfigError
+from broker.errors import ConfigError
 from broker.sources.env import variable_name
 from devstack.pki import CertFiles
 from secretbroker.v1 import broker_pb2

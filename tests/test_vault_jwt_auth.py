@@ -16,7 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from broker.config import ConfigError, JwtAuth, parse_config
+from broker.config import JwtAuth, parse_config
+from broker.errors import ConfigError
 from devstack.pki import write_private
 from tests.conftest import (
     API,

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.config import ConfigError, StartupRollback, check_categories
-from broker.errors import InvalidRequest, StateUnavailable
+from broker.config import StartupRollback, check_categories
+from broker.errors import ConfigError, InvalidRequest, StateUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,30 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from broker.errors import AccessDenied
+from broker.errors import AccessDenied, ConfigError
 from broker.lru import BoundedLru
 from broker.names import quoted
 
 CN_PREFIX = "cn:"
 MAX_SPIFFE_ID_BYTES = 2048
 _SPIFFE_ID = re.compile(r"spiffe://([a-z0-9._-]+)((?:/[A-Za-z0-9._-]+)*)")
+
+
+def check_identities(
+    named: Iterable[tuple[str, str]], trust_domains: frozenset[str], cn_fallback: bool
+) -> None:
+    """Every identity the config names (config key, identity) must be one a certificate can
+    have: a SPIFFE ID in a trusted domain, or "cn:NAME" with the CN fallback on."""
+    for key, identity in named:
+        if identity.startswith(CN_PREFIX):
+            if not cn_fallback:
+                raise ConfigError(key, f"names {identity!r}, but identity.cn_fallback is off")
+            continue
+        trust_domain = spiffe_trust_domain(identity)
+        if trust_domain is None:
+            raise ConfigError(key, f'{identity!r} is neither a SPIFFE ID nor "cn:NAME"')
+        if trust_domain not in trust_domains:
+            raise ConfigError(key, f"{identity!r} is not in identity.trust_domains")
 
 
 def spiffe_trust_domain(identity: str) -> str | None:

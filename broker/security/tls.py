@@ -27,7 +27,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from broker.config import ConfigError, ServerConfig
+from broker.config import ServerConfig
+from broker.errors import ConfigError
 from secretbroker.client import FileStamp, file_stamps
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from typing import Any
 
 import hvac
 
-from broker.config import AppRoleAuth, JwtAuth, Sensitive, TokenAuth, VaultAuth, VaultConfig
+from broker.config import AppRoleAuth, JwtAuth, TokenAuth, VaultAuth, VaultConfig
+from broker.config_reader import Sensitive
 from broker.errors import BrokerError, LoginRefused, SourceDenied, SourceUnavailable
 from broker.names import quoted
 from broker.sources.node_health import NodeHealth

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.audit.trail import AuditTrail
-from broker.config import BrokerConfig, ConfigError, SecretSpec, Sensitive, TokenAuth, load_config
-from broker.errors import BrokerError, SecretMissingInSource, WriteConflict
+from broker.config import BrokerConfig, SecretSpec, TokenAuth, load_config
+from broker.config_reader import Sensitive
+from broker.errors import BrokerError, ConfigError, SecretMissingInSource, WriteConflict
 from broker.sources.env import variable_name
 from broker.sources.vault import VaultSource
 
