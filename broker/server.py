@@ -45,9 +45,9 @@ from broker.core.cache import SecretCache
 from broker.core.changes import ChangeFeed
 from broker.core.policy import AccessPolicy
 from broker.core.reader import SecretReader
+from broker.core.resolver import SecretResolver
 from broker.core.rollback import RollbackState
 from broker.core.rotation import Rotator
-from broker.core.values import SecretValues
 from broker.core.watch import Watcher, poll_watched_versions
 from broker.errors import BrokerError, ConfigError, SourceUnavailable
 from broker.observe.health import Readiness, probe_vault
@@ -99,7 +99,7 @@ class Broker:
             config.categories,
             config.startup_rollback,
             config.admin.state_file,
-            on_flip=self._flipped,
+            on_flip=self._on_flip,
         )
         self.metrics = BrokerMetrics(config.secrets, vault_nodes=config.vault.addresses)
         self.vault = VaultSource(config.vault, observer=self.metrics)
@@ -127,7 +127,7 @@ class Broker:
             metrics=self.metrics,
             on_new_version=lambda name: self.feed.publish([name]),
         )
-        self.values = SecretValues(
+        self.resolver = SecretResolver(
             self.cache,
             EnvSource(os.environ if environ is None else environ),
             self.rollback,
@@ -135,18 +135,18 @@ class Broker:
             metrics=self.metrics,
         )
         self._warn_missing_env(config.categories)
-        reader = SecretReader(config.secrets, AccessPolicy(config.access), self.values)
+        reader = SecretReader(config.secrets, AccessPolicy(config.access), self.resolver)
         self.rotator = Rotator(
             config.secrets,
             self.vault,
-            self.values,
+            self.resolver,
             self.feed,
             self.run_vault_io,
             metrics=self.metrics,
         )
         self.readiness = Readiness(
             config.secrets,
-            self.values,
+            self.resolver,
             self.vault.session,
             audit_problem=self.audit.problem if config.audit.fail_closed else lambda: None,
         )
@@ -175,7 +175,7 @@ class Broker:
                 broker_pb2_grpc.add_SecretBrokerServicer_to_server,
                 SecretBrokerService(
                     reader,
-                    Watcher(reader, self.values, self.feed, config.limits, self.metrics),
+                    Watcher(reader, self.resolver, self.feed, config.limits, self.metrics),
                     self.audit,
                 ),
                 plumbing(SecretBrokerService.RULES),
@@ -185,7 +185,7 @@ class Broker:
                 SecretBrokerAdminService(
                     config.secrets,
                     self.rollback,
-                    self.values,
+                    self.resolver,
                     self.rotator,
                     self.audit,
                     vault_nodes=lambda: self.readiness.nodes,
@@ -281,7 +281,7 @@ class Broker:
             "watch-version-poller",
             poll_watched_versions(
                 self.config.secrets,
-                self.values,
+                self.resolver,
                 self.vault,
                 self.feed,
                 self.run_vault_io,
@@ -369,7 +369,7 @@ class Broker:
         self.readiness.listening = False
         self._gate.close()
         self.feed.end_all()
-        if not await self._gate.drained(grace):
+        if not await self._gate.wait_drained(grace):
             log.warning("calls still in flight after %gs are cancelled", grace)
         log.info("no call in flight; stopping the gRPC server")
         await self._server.stop(grace)
@@ -412,10 +412,11 @@ class Broker:
         pending = [
             spec
             for spec in self.config.secrets.values()
-            if self.values.source_of(spec) is SourceKind.VAULT and not self.values.answerable(spec)
+            if self.resolver.source_of(spec) is SourceKind.VAULT
+            and not self.resolver.answerable(spec)
         ]
         results = await asyncio.gather(
-            *(self.values.prefetch(spec) for spec in pending), return_exceptions=True
+            *(self.resolver.prefetch(spec) for spec in pending), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, BrokerError):
@@ -534,10 +535,10 @@ class Broker:
     async def _not_serving(self) -> None:
         await self._health.enter_graceful_shutdown()
 
-    def _flipped(self, categories: frozenset[str]) -> None:
+    def _on_flip(self, categories: frozenset[str]) -> None:
         """A committed flip (audited before it was applied) is pushed to watchers, and reads
         waiting on Vault for a secret now served from env are answered from env."""
-        self.values.flipped()
+        self.resolver.on_flip()
         self.feed.publish(s.name for s in self.config.secrets.values() if s.category in categories)
         self._warn_missing_env(categories)
 
@@ -545,9 +546,12 @@ class Broker:
         """Name the unset variables of secrets in ``categories`` that are served from env: their
         reads fail (UNAVAILABLE) until the variables are set."""
         for spec in self.config.secrets.values():
-            if spec.category not in categories or self.values.source_of(spec) is not SourceKind.ENV:
+            if (
+                spec.category not in categories
+                or self.resolver.source_of(spec) is not SourceKind.ENV
+            ):
                 continue
-            missing = self.values.missing_env_variables(spec)
+            missing = self.resolver.missing_env_variables(spec)
             if missing:
                 log.warning(
                     "%s is served from environment variables, and %s %s not set: its reads fail",

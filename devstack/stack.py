@@ -109,7 +109,7 @@ def dev_broker_config(
         },
         rollout={"watch_poll_interval": "2s"},
     )
-    header = "Written by `python -m devstack`; see deploy/broker.example.toml for every key."
+    header = "PendingWrite by `python -m devstack`; see deploy/broker.example.toml for every key."
     return write_broker_config(path, document, header)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.audit.trail import AuditTrail, Written
+from broker.audit.trail import AuditTrail, PendingWrite
 from broker.errors import AuditUnavailable
 from secretbroker.v1 import broker_pb2
 from tests.conftest import (
@@ -202,7 +202,7 @@ def test_the_fast_allow_record_is_the_same_record_as_the_general_one(tmp_path: P
         "stale": True,
     }
     trail.record("access", **fields)
-    trail.allowed("GetSecret", 'spiffe://x/"quoted"\\', "bench/s0000", 3, "cache", True)
+    trail.record_allowed("GetSecret", 'spiffe://x/"quoted"\\', "bench/s0000", 3, "cache", True)
     trail.close()
     general, fast = (
         json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()
@@ -226,7 +226,7 @@ def stalled_sink(tmp_path: Path) -> Iterator[Path]:
     os.close(reader)
 
 
-def fill(trail: AuditTrail, count: int) -> list[Written | None]:
+def fill(trail: AuditTrail, count: int) -> list[PendingWrite | None]:
     """``count`` records of about 100 bytes: 2,000 are past a pipe's 64 KiB."""
     return [
         trail.record("access", rpc="GetSecret", identity="spiffe://x", secret=f"s/{n}")

@@ -52,7 +52,7 @@ def get(cache: SecretCache) -> tuple[int, bool]:
 
     async def request() -> CachedSecret:
         cached = await cache.get(SPEC)
-        await cache.settled()
+        await cache.wait_settled()
         return cached
 
     cached = asyncio.run(request())

@@ -9,9 +9,9 @@ from collections.abc import Callable, Mapping
 from broker.api.calls import Call, CallRules, timestamp
 from broker.audit.trail import AuditTrail
 from broker.config import SecretSpec
+from broker.core.resolver import SecretResolver
 from broker.core.rollback import Flip, RollbackState, RollbackStatus, Rule
 from broker.core.rotation import Rotator
-from broker.core.values import SecretValues
 from broker.errors import SecretNotDeclared
 from broker.names import validate_secret_name
 from broker.sources.base import SourceKind
@@ -42,7 +42,7 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
         self,
         secrets_: Mapping[str, SecretSpec],
         rollback: RollbackState,
-        values: SecretValues,
+        resolver: SecretResolver,
         rotator: Rotator,
         audit: AuditTrail,
         vault_nodes: Callable[[], list[NodeHealth]] = list,
@@ -50,7 +50,7 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
         self._vault_nodes = vault_nodes
         self._secrets = secrets_
         self._rollback = rollback
-        self._values = values
+        self._resolver = resolver
         self._rotator = rotator
         self._audit = audit
 
@@ -137,13 +137,13 @@ class SecretBrokerAdminService(broker_pb2_grpc.SecretBrokerAdminServicer):
     def _state_message(self) -> broker_pb2.RollbackState:
         message = state_message(self._rollback.status())
         for spec in self._secrets.values():
-            missing = self._values.missing_env_variables(spec)
+            missing = self._resolver.missing_env_variables(spec)
             if missing:
                 message.missing_env.add(
                     secret=spec.name,
                     category=spec.category,
                     variables=missing,
-                    served_from_env=self._values.source_of(spec) is SourceKind.ENV,
+                    served_from_env=self._resolver.source_of(spec) is SourceKind.ENV,
                 )
         return message
 

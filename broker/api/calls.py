@@ -98,7 +98,7 @@ class DrainGate:
     def close(self) -> None:
         self.closed = True
 
-    async def drained(self, grace: float) -> bool:
+    async def wait_drained(self, grace: float) -> bool:
         """Wait until no unary call is in flight, at most ``grace``; whether it got there."""
         if self.inflight == 0:
             return True

@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from broker.api.calls import Call, CallRules, timestamp
-from broker.audit.trail import AuditTrail, Written
+from broker.audit.trail import AuditTrail, PendingWrite
 from broker.core.cache import CachedSecret
 from broker.core.reader import SecretReader
 from broker.core.watch import Watcher
@@ -51,11 +51,11 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
             await self._audit.confirm(self._allowed(call, name, cached))
             yield broker_pb2.WatchSecretsResponse(secret=secret_message(name, cached))
 
-    def _allowed(self, call: Call, name: str, cached: CachedSecret) -> Written | None:
+    def _allowed(self, call: Call, name: str, cached: CachedSecret) -> PendingWrite | None:
         """Queues the record; what to confirm before answering when audit is fail-closed."""
         value = cached.value
         source = "cache" if cached.from_cache else value.source.value
-        return self._audit.allowed(
+        return self._audit.record_allowed(
             call.method, call.identity, name, value.version, source, cached.stale
         )
 

@@ -57,7 +57,7 @@ MAX_FIELD_CHARS = 300
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
-Written = concurrent.futures.Future[None]
+PendingWrite = concurrent.futures.Future[None]
 """Resolved by the writer thread once the record is written (fail-closed only)."""
 
 
@@ -86,7 +86,9 @@ class AuditTrail:
         self._allowed_names: BoundedLru[tuple[str, str | None, str], str] = BoundedLru(10_000)
         self._seq, self.head = _tail(path, key) if path is not None else (0, genesis(key))
         self._file: IO[bytes] = self._open(path) if path is not None else sys.stdout.buffer
-        self._queue: queue.Queue[tuple[str | None, Written | None] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[tuple[str | None, PendingWrite | None] | None] = queue.Queue(
+            queue_size
+        )
         """Records (body, confirmation); a None body is a barrier (``flush``); None wakes."""
         self._reopen = threading.Event()
         self._stopping = threading.Event()
@@ -111,7 +113,7 @@ class AuditTrail:
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)  # wakes the writer; a full queue wakes it anyway
 
-    def record(self, event: str, **fields: Any) -> Written | None:
+    def record(self, event: str, **fields: Any) -> PendingWrite | None:
         """Queue one record. Returns what ``confirm`` waits on when fail-closed; raises
         AuditUnavailable only when fail-closed and the queue is full."""
         for key, value in fields.items():
@@ -120,9 +122,9 @@ class AuditTrail:
         # Insertion order is the key order: fixed by the callers, so lines are reproducible.
         return self._append(_encode({"time": time.time(), "event": event, **fields})[1:-1])
 
-    def allowed(
+    def record_allowed(
         self, rpc: str, identity: str | None, secret: str, version: int, source: str, stale: bool
-    ) -> Written | None:
+    ) -> PendingWrite | None:
         """The record of an allowed read, the one written on every cached answer: the same
         JSON as ``record("access", ...)``, with its escaped names encoded once per
         (rpc, identity, secret), which only ever holds granted, declared pairs."""
@@ -140,7 +142,7 @@ class AuditTrail:
             f'"source":{_encode(source)},"stale":{"true" if stale else "false"}'
         )
 
-    async def confirm(self, written: Written | None) -> None:
+    async def confirm(self, written: PendingWrite | None) -> None:
         """Fail-closed: wait until the record is written, at most ``audit.write_timeout``;
         raises AuditUnavailable otherwise. Fail-open (None): returns at once."""
         if written is None:
@@ -165,7 +167,7 @@ class AuditTrail:
     def flush(self, timeout: float = CLOSE_TIMEOUT) -> bool:
         """Block until every record queued before it is written (for callers without an event
         loop: the migration commands, tests); False if that took longer than ``timeout``."""
-        barrier: Written = concurrent.futures.Future()
+        barrier: PendingWrite = concurrent.futures.Future()
         try:
             self._queue.put((None, barrier), timeout=timeout)
             barrier.result(timeout)
@@ -177,12 +179,12 @@ class AuditTrail:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    def _append(self, body: str) -> Written | None:
+    def _append(self, body: str) -> PendingWrite | None:
         if self.fail_closed:
             problem = self.problem()
             if problem is not None:  # refused at once: the caller's retry goes elsewhere
                 raise AuditUnavailable(problem)
-        written: Written | None = concurrent.futures.Future() if self.fail_closed else None
+        written: PendingWrite | None = concurrent.futures.Future() if self.fail_closed else None
         try:
             self._queue.put_nowait((body, written))
         except queue.Full:
@@ -218,7 +220,7 @@ class AuditTrail:
                         self._file.close()
                 return
 
-    def _write(self, records: list[tuple[str | None, Written | None]]) -> None:
+    def _write(self, records: list[tuple[str | None, PendingWrite | None]]) -> None:
         seq, head, lines = self._seq, self.head, []
         for body, _ in records:
             seq += 1

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from broker.config import CacheConfig, SecretSpec
 from broker.errors import SourceUnavailable
 from broker.observe.metrics import BrokerMetrics
-from broker.sources.base import SecretSource, SecretValue, behind
+from broker.sources.base import SecretStore, SecretValue, behind
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _Failure:
 class SecretCache:
     def __init__(
         self,
-        source: SecretSource,
+        source: SecretStore,
         config: CacheConfig,
         executor: Executor,
         clock: Callable[[], float] = time.monotonic,
@@ -224,7 +224,7 @@ class SecretCache:
         self._count("miss")
         return CachedSecret(value, stale=False, from_cache=False)
 
-    async def settled(self) -> None:
+    async def wait_settled(self) -> None:
         """Until every read in flight has ended (background refreshes included)."""
         while self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)

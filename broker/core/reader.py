@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from broker.config import SecretSpec
 from broker.core.cache import CachedSecret
 from broker.core.policy import AccessPolicy
-from broker.core.values import SecretValues
+from broker.core.resolver import SecretResolver
 from broker.errors import AccessDenied, SecretNotDeclared
 from broker.lru import BoundedLru
 from broker.names import quoted, validate_secret_name
@@ -33,11 +33,11 @@ as many as the CA issues)."""
 
 class SecretReader:
     def __init__(
-        self, secrets: Mapping[str, SecretSpec], policy: AccessPolicy, values: SecretValues
+        self, secrets: Mapping[str, SecretSpec], policy: AccessPolicy, resolver: SecretResolver
     ) -> None:
         self._secrets = secrets
         self._policy = policy
-        self._values = values
+        self._resolver = resolver
         self._granted: BoundedLru[tuple[str | None, str], SecretSpec] = BoundedLru(MAX_GRANTS)
 
     def authorize(self, identity: str | None, name: str) -> SecretSpec:
@@ -59,7 +59,7 @@ class SecretReader:
     ) -> CachedSecret:
         """``min_version``: the newest version the caller has seen (GetSecretRequest)."""
         spec = self.authorize(identity, name)
-        hit = self._values.fresh(spec) if version is None else None
+        hit = self._resolver.fresh(spec) if version is None else None
         if hit is not None and hit.value.version >= min_version:
             return hit
-        return await self._values.get(spec, version, min_version=min_version)
+        return await self._resolver.get(spec, version, min_version=min_version)

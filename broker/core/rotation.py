@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 from broker.config import RotationSpec, SecretSpec
 from broker.core.changes import ChangeFeed
-from broker.core.values import SecretValues
+from broker.core.resolver import SecretResolver
 from broker.errors import BrokerError, NotApplicable, WriteConflict
 from broker.observe.metrics import BrokerMetrics
 from broker.sources.base import RunBlocking, SecretValue, SourceKind
@@ -31,7 +31,7 @@ class Rotator:
         self,
         secrets_: Mapping[str, SecretSpec],
         vault: VaultSource,
-        values: SecretValues,
+        resolver: SecretResolver,
         feed: ChangeFeed,
         run_blocking: RunBlocking,
         clock: Callable[[], float] = time.time,
@@ -43,7 +43,7 @@ class Rotator:
             if metrics is not None:
                 metrics.rotating(spec.name, rotation.period)
         self._vault = vault
-        self._values = values
+        self._resolver = resolver
         self._feed = feed
         self._run_blocking = run_blocking
         self._clock = clock
@@ -53,7 +53,7 @@ class Rotator:
         rotation = spec.rotation
         if rotation is None:
             raise NotApplicable("secret is not declared rotating in the broker config")
-        if self._values.source_of(spec) is not SourceKind.VAULT:
+        if self._resolver.source_of(spec) is not SourceKind.VAULT:
             raise NotApplicable(
                 "secret is served from environment variables; rotate it where they are set"
             )
@@ -74,7 +74,7 @@ class Rotator:
         """Rotate every rotating secret served from Vault whose version is past its period."""
         rotated = []
         for spec, rotation in self._rotating:
-            if self._values.source_of(spec) is not SourceKind.VAULT:
+            if self._resolver.source_of(spec) is not SourceKind.VAULT:
                 continue
             try:
                 written = await self._run_blocking(
@@ -107,7 +107,7 @@ class Rotator:
 
     def _written(self, spec: SecretSpec, written: SecretValue) -> None:
         self._count(spec, "rotated", written.created_at)
-        self._values.written(spec, written)
+        self._resolver.serve_written(spec, written)
         self._feed.publish([spec.name])
         log.info("rotated %r: version %d", spec.name, written.version)
 

@@ -17,7 +17,7 @@ from broker.config import LimitsConfig, SecretSpec
 from broker.core.cache import CachedSecret
 from broker.core.changes import ChangeFeed
 from broker.core.reader import SecretReader
-from broker.core.values import SecretValues
+from broker.core.resolver import SecretResolver
 from broker.errors import BrokerError, InvalidRequest, LimitExceeded
 from broker.names import quoted
 from broker.observe.logs import Throttle
@@ -39,13 +39,13 @@ class Watcher:
     def __init__(
         self,
         reader: SecretReader,
-        values: SecretValues,
+        resolver: SecretResolver,
         feed: ChangeFeed,
         limits: LimitsConfig | None = None,
         metrics: BrokerMetrics | None = None,
     ) -> None:
         self._reader = reader
-        self._values = values
+        self._resolver = resolver
         self._feed = feed
         self._limits = limits or LimitsConfig()
         self._metrics = metrics
@@ -83,13 +83,13 @@ class Watcher:
         try:
             sent: dict[str, SecretValue] = {}
             for name, spec in specs.items():
-                cached = await self._values.get(spec)
+                cached = await self._resolver.get(spec)
                 sent[name] = cached.value
                 yield name, cached
             while True:
                 for name in sorted(await subscription.changed()):
                     try:
-                        cached = await self._values.get(specs[name])
+                        cached = await self._resolver.get(specs[name])
                     except BrokerError as exc:
                         log.warning("watch of %r keeps its last value: %s", name, exc)
                         continue
@@ -118,7 +118,7 @@ class Watcher:
 
 async def poll_watched_versions(
     secrets_: Mapping[str, SecretSpec],
-    values: SecretValues,
+    resolver: SecretResolver,
     vault: VaultSource,
     feed: ChangeFeed,
     run_blocking: RunBlocking,
@@ -130,17 +130,17 @@ async def poll_watched_versions(
         await asyncio.sleep(interval)
         for name in feed.watched():
             spec = secrets_[name]
-            if values.source_of(spec) is not SourceKind.VAULT:
+            if resolver.source_of(spec) is not SourceKind.VAULT:
                 continue
             try:
                 info = await run_blocking(functools.partial(vault.current_version, spec))
             except BrokerError as exc:
                 log.debug("version poll of %r failed: %s", name, exc)
                 continue
-            held = values.cached(spec)
+            held = resolver.held_value(spec)
             if behind(info.version, info.created_at, held):
                 continue  # a standby that has not applied the newest write yet
             if held is None or held.version != info.version:
                 log.info("%r has a new version in vault: %d", name, info.version)
-                values.outdated(spec)
+                resolver.invalidate(spec)
                 feed.publish([name])

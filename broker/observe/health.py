@@ -18,7 +18,7 @@ from typing import Protocol
 from grpc_health.v1 import health_pb2
 
 from broker.config import SecretSpec
-from broker.core.values import SecretValues
+from broker.core.resolver import SecretResolver
 from broker.sources.base import RunBlocking, SourceKind
 from broker.sources.node_health import NodeHealth, NodeRole
 from broker.sources.vault_session import VaultSession
@@ -46,13 +46,13 @@ class Readiness:
     def __init__(
         self,
         secrets_: Mapping[str, SecretSpec],
-        values: SecretValues,
+        resolver: SecretResolver,
         session: VaultSession,
         audit_problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         """``audit_problem``: why a fail-closed audit trail cannot be written now, or None."""
         self._secrets = secrets_
-        self._values = values
+        self._resolver = resolver
         self._session = session
         self._audit_problem = audit_problem
         self.listening = False
@@ -71,11 +71,11 @@ class Readiness:
         vault = self._vault_problem()
         unanswerable = []
         for name, spec in self._secrets.items():
-            if self._values.source_of(spec) is SourceKind.ENV:
-                missing = self._values.missing_env_variables(spec)
+            if self._resolver.source_of(spec) is SourceKind.ENV:
+                missing = self._resolver.missing_env_variables(spec)
                 if missing:
                     unanswerable.append(f"{name} (env: {', '.join(missing)} not set)")
-            elif vault is not None and not self._values.answerable(spec):
+            elif vault is not None and not self._resolver.answerable(spec):
                 unanswerable.append(name)
         state = vault or "vault is reachable and the broker is logged in"
         audit = self._audit_problem()

@@ -54,7 +54,9 @@ def behind(
     return (created_at or 0.0) <= (held.created_at or 0.0)
 
 
-class SecretSource(Protocol):
+class SecretStore(Protocol):
+    """Where secrets are read from (Vault, or env in a rollback), as the cache sees it."""
+
     def read(
         self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
     ) -> SecretValue:

@@ -20,7 +20,9 @@ from broker.sources.base import SecretValue, SourceKind
 from broker.sources.env import EnvSource
 
 
-class SecretValues:
+class SecretResolver:
+    """Resolves a declared secret to the value served now (see the module docstring)."""
+
     def __init__(
         self,
         cache: SecretCache,
@@ -37,7 +39,7 @@ class SecretValues:
         self._waiting: set[asyncio.Future[None]] = set()
         """One future per read waiting on Vault, resolved by a flip."""
 
-    def flipped(self) -> None:
+    def on_flip(self) -> None:
         """A rollback flip was committed: reads waiting on Vault look at their source again."""
         for waiter in self._waiting:
             if not waiter.done():
@@ -49,15 +51,15 @@ class SecretValues:
             return not self._env.missing(spec)
         return self._cache.answerable(spec.name)
 
-    def cached(self, spec: SecretSpec) -> SecretValue | None:
+    def held_value(self, spec: SecretSpec) -> SecretValue | None:
         """The cached current value, fresh or not; no source read."""
         return self._cache.current(spec.name)
 
-    def written(self, spec: SecretSpec, value: SecretValue) -> None:
+    def serve_written(self, spec: SecretSpec, value: SecretValue) -> None:
         """The broker wrote ``value`` as the current version (a rotation): serve it from now."""
         self._cache.put(spec, value)
 
-    def outdated(self, spec: SecretSpec) -> None:
+    def invalidate(self, spec: SecretSpec) -> None:
         """Vault holds a newer version than the cached one: read it on the next request."""
         self._cache.invalidate(spec.name)
 
