@@ -36,6 +36,11 @@ dev-ha: $(BIN)/python
 test: system-tools proto-check buf-lint buf-breaking lint typecheck deploy-check
 	$(BIN)/python -m pytest
 
+## The fast loop for development (under 5 minutes): ruff, mypy --strict, and every test not
+## marked soak, ha or slow. `make test` runs them all.
+check: $(BIN)/python lint typecheck
+	$(BIN)/python -m pytest -m "not soak and not ha and not slow"
+
 ## npm (buf), promtool and prometheus, PostgreSQL's server binaries: present, or a clear message.
 system-tools:
 	@.ci/check-system-tools

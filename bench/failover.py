@@ -17,14 +17,8 @@ from typing import Any
 import grpc
 
 from devstack.broker_config import approle_auth, broker_document
-from devstack.ha import (
-    BrokerProcess,
-    CatalogLoad,
-    ClusterVault,
-    LoadReport,
-    client_config,
-    start_cluster_vault,
-)
+from devstack.ha import CatalogLoad, ClusterVault, LoadReport, start_cluster_vault
+from devstack.harness import BrokerProcess, client_config
 from devstack.stack import CATALOG_SPIFFE_ID, OPS_SPIFFE_ID, issue_dev_certificates
 from secretbroker.client import SecretsClient, secure_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -87,8 +81,8 @@ def failover_rig(workdir: Path) -> Iterator[tuple[ClusterVault, list[BrokerProce
 def measure_failover(workdir: Path, sizes: FailoverSizes) -> dict[str, Any]:
     with failover_rig(workdir) as (vault, replicas, certs):
         endpoints = [replica.endpoint for replica in replicas]
-        catalog = client_config(endpoints, certs.ca, certs.catalog.cert, certs.catalog.key)
-        ops = client_config(endpoints, certs.ca, certs.ops.cert, certs.ops.key)
+        catalog = client_config(endpoints, certs.ca, certs.catalog)
+        ops = client_config(endpoints, certs.ca, certs.ops)
         load = CatalogLoad(catalog, SECRETS).start(ready_timeout=60)
         time.sleep(sizes.steady_seconds)
         killed_at = time.time()

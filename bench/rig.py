@@ -5,11 +5,9 @@ mTLS, audit on); the floor server; and OpenBao's own proxy (``bao proxy``) with 
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,16 @@ from devstack.bootstrap import (
     ensure_kv2_mount,
     write_policy,
 )
-from devstack.broker_config import approle_auth, broker_document, write_broker_config
-from devstack.openbao import OpenBaoDevServer, bao_binary, die_with_parent, free_port_pair
+from devstack.broker_config import approle_auth, broker_document
+from devstack.harness import (
+    BrokerProcess,
+    client_config,
+    die_with_parent,
+    free_port_pair,
+    stop_process,
+    wait_until,
+)
+from devstack.openbao import OpenBaoDevServer, bao_binary
 from devstack.pki import CertFiles
 from devstack.stack import (
     CATALOG_SPIFFE_ID,
@@ -65,7 +71,7 @@ class Rig:
     bao: OpenBaoDevServer
     approle: AppRoleFiles
     certs: DevCertificates
-    broker: subprocess.Popen[bytes]
+    broker: BrokerProcess
     broker_addr: str
     floor_addr: str
     proxy_addr: str
@@ -96,15 +102,14 @@ class Rig:
         raise RuntimeError("no VmRSS for the broker process")
 
 
-def _broker_config(
-    path: Path,
-    listen: str,
+def _broker_document(
+    workdir: Path,
     vault: str,
     approle: AppRoleFiles,
     certs: DevCertificates,
     bulk: list[str],
     expiring_ttl: float,
-) -> Path:
+) -> dict[str, Any]:
     """The broker as deployed: its real config, mTLS, the audit trail on a file."""
     value = {"keys": ["value"]}
     secrets_: dict[str, dict[str, Any]] = {
@@ -117,8 +122,7 @@ def _broker_config(
         "media-catalog/external": {"keys": ["tmdb_api_key"], "category": "external"},
         **{name: {**value, "category": "bulk"} for name in bulk},
     }
-    document = broker_document(
-        listen=listen,
+    return broker_document(
         server=certs.broker,
         client_ca=certs.ca,
         vault_address=vault,
@@ -128,23 +132,17 @@ def _broker_config(
         vault={"timeout": "5s"},
         cache={"default_ttl": "1h"},
         log={"level": "WARNING"},
-        audit={"file": str(path.parent / "audit.jsonl")},
-        metrics={"listen": "127.0.0.1:0"},
+        audit={"file": str(workdir / "audit.jsonl")},
         admin={"identities": [OPS_SPIFFE_ID]},
         # The bench holds 1,000 streams from one identity, plus its Config reader.
         limits={"max_watch_streams_per_identity": 2000},
     )
-    return write_broker_config(path, document)
 
 
 def _wait_ready_line(process: subprocess.Popen[bytes], what: str) -> None:
     line = process.stdout.readline() if process.stdout else b""
     if b"ready" not in line:
         raise RuntimeError(f"{what} did not start (exit code {process.poll()})")
-
-
-def client_config(target: str, ca: Path, client: CertFiles) -> BrokerClientConfig:
-    return BrokerClientConfig(target=target, ca_file=ca, cert_file=client.cert, key_file=client.key)
 
 
 def _wait_channel(config: BrokerClientConfig) -> None:
@@ -157,6 +155,7 @@ def running_rig(workdir: Path, bulk_secrets: int, expiring_ttl: float) -> Iterat
     workdir.mkdir(parents=True, exist_ok=True)
     bao = OpenBaoDevServer(workdir / "openbao", root_token=secrets.token_hex(16))
     processes: list[subprocess.Popen[bytes]] = []
+    brokers: list[BrokerProcess] = []
     bao.start()
     try:
         admin = hvac.Client(url=bao.address, token=bao.root_token, timeout=30)
@@ -178,18 +177,14 @@ def running_rig(workdir: Path, bulk_secrets: int, expiring_ttl: float) -> Iterat
             )
         admin.adapter.close()
         certs = issue_dev_certificates(workdir / "certs")
-        broker_addr = f"127.0.0.1:{free_port_pair()}"
-        config = _broker_config(
-            workdir / "broker.toml", broker_addr, bao.address, approle, certs, bulk, expiring_ttl
-        )
         write_policy(admin, BENCH_POLICY)
-        env_for_flip = {"BENCH_FLIP_VALUE": secrets.token_urlsafe(32)}
-        broker = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            die_with_parent([sys.executable, "-m", "broker", "serve", "--config", str(config)]),
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env_for_flip},
-        )
-        processes.append(broker)
+        broker = BrokerProcess(
+            workdir / "broker",
+            _broker_document(workdir, bao.address, approle, certs, bulk, expiring_ttl),
+            environ={"BENCH_FLIP_VALUE": secrets.token_urlsafe(32)},
+        ).start()
+        brokers.append(broker)
+        broker_addr = broker.endpoint
         catalog = client_config(broker_addr, certs.ca, certs.catalog)
         _wait_channel(catalog)
         with secure_channel(catalog) as channel:
@@ -229,11 +224,9 @@ def running_rig(workdir: Path, bulk_secrets: int, expiring_ttl: float) -> Iterat
         )
     finally:
         for process in reversed(processes):
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=15)
-            if process.poll() is None:
-                process.kill()
+            stop_process(process, timeout=15)
+        for started in brokers:
+            started.stop()
         bao.stop()
 
 
@@ -282,19 +275,15 @@ def _start_proxy(
     address = f"http://{listen}"
     # No token of its own (not even ~/.vault-token, which dev servers write): the proxy's.
     client = hvac.Client(url=address, token="", timeout=5)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            client.secrets.kv.v2.read_secret_version(
-                path=HOT, mount_point="secret", raise_on_deleted_version=True
-            )
-            break
-        except Exception as exc:
-            if proxy.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"bao proxy did not come up ({type(exc).__name__}: {exc});"
-                    f" see {workdir / 'proxy.log'}"
-                ) from None
-            time.sleep(0.2)
+
+    def answers() -> bool:
+        if proxy.poll() is not None:
+            raise RuntimeError(f"bao proxy exited; see {workdir / 'proxy.log'}")
+        client.secrets.kv.v2.read_secret_version(
+            path=HOT, mount_point="secret", raise_on_deleted_version=True
+        )
+        return True
+
+    wait_until(answers, 60, f"bao proxy to answer (see {workdir / 'proxy.log'})", (Exception,))
     client.adapter.close()
     return address, proxy

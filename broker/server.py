@@ -78,14 +78,16 @@ class Broker:
     """A running broker. ``await start()``, then ``await stop()``.
 
     ``environ`` is where rolled-back secrets are read from: the process environment
-    unless a test passes its own. The metrics go to a registry of the broker's own (never
-    prometheus_client's global one).
+    unless a test passes its own. ``clock`` is the cache's (TTLs, staleness, backoff): a test
+    passes one it can move forward instead of waiting for a real TTL. The metrics go to a
+    registry of the broker's own (never prometheus_client's global one).
     """
 
     def __init__(
         self,
         config: BrokerConfig,
         environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         # First: these may refuse to start (a folder that cannot be made, an unreadable override
@@ -124,6 +126,7 @@ class Broker:
             self.vault,
             config.cache,
             self._executor,
+            clock=clock,
             metrics=self.metrics,
             on_new_version=lambda name: self.feed.publish([name]),
         )

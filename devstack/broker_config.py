@@ -17,7 +17,7 @@ Table = dict[str, Any]
 
 def broker_document(
     *,
-    listen: str,
+    listen: str | None = None,
     server: CertFiles,
     client_ca: Path,
     vault_address: str | Sequence[str],
@@ -27,11 +27,12 @@ def broker_document(
     **tables: Mapping[str, Any],
 ) -> Table:
     """A broker config: the required tables from the arguments, any others (``vault`` keys
-    besides the address included) as given, e.g. ``cache={"default_ttl": "1h"}``. Several
-    Vault addresses (a cluster's nodes) become ``vault.addresses``."""
+    besides the address included) as given, e.g. ``cache={"default_ttl": "1h"}``. Without
+    ``listen``, the harness's BrokerProcess picks a port. Several Vault addresses (a cluster's
+    nodes) become ``vault.addresses``."""
     document: Table = {key: dict(table) for key, table in tables.items()}
     document["server"] = {
-        "listen": listen,
+        **({"listen": listen} if listen is not None else {}),
         "cert_file": str(server.cert),
         "key_file": str(server.key),
         "client_ca_file": str(client_ca),

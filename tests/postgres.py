@@ -10,13 +10,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 
-from devstack.openbao import die_with_parent, free_port_pair
+from devstack.harness import die_with_parent, free_port_pair, wait_until
 
 
 def postgres_bindir() -> Path:
@@ -66,15 +65,14 @@ def running_postgres() -> Iterator[str]:
     )
     url = f"postgresql://catalog@127.0.0.1:{port}/postgres"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                psycopg.connect(url, connect_timeout=2).close()
-                break
-            except psycopg.OperationalError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+
+        def accepts() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError(f"PostgreSQL exited with code {server.returncode}")
+            psycopg.connect(url, connect_timeout=2).close()
+            return True
+
+        wait_until(accepts, 30, "PostgreSQL to accept", (psycopg.OperationalError,), 0.1)
         yield url
     finally:
         server.terminate()

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
+from tests.support import (
     API,
     CATALOG_ID,
     DATABASE,

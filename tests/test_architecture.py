@@ -12,9 +12,8 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def imports_of(package: str) -> dict[str, set[str]]:
-    """Top-level names each module of ``package`` imports (``grpc``, ``broker``, ...), and the
-    two-level name for the project's own packages (``secretbroker.client``)."""
+def full_imports(package: str) -> dict[str, set[str]]:
+    """The dotted names each module of ``package`` imports, by its path."""
     found: dict[str, set[str]] = {}
     for path in sorted((ROOT / package).rglob("*.py")):
         names: set[str] = set()
@@ -23,11 +22,20 @@ def imports_of(package: str) -> dict[str, set[str]]:
                 names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module)
-        found[str(path.relative_to(ROOT))] = {
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def imports_of(package: str) -> dict[str, set[str]]:
+    """Top-level names each module of ``package`` imports (``grpc``, ``broker``, ...), and the
+    two-level name for the project's own packages (``secretbroker.client``)."""
+    return {
+        module: {
             ".".join(name.split(".")[:2]) if name.startswith("secretbroker") else name.split(".")[0]
             for name in names
         }
-    return found
+        for module, names in full_imports(package).items()
+    }
 
 
 @pytest.mark.parametrize(
@@ -63,19 +71,12 @@ def test_the_client_sdk_needs_only_grpcio_and_the_generated_code() -> None:
 def broker_layers() -> dict[str, set[str]]:
     """Each module of ``broker`` (``broker/core/cache.py`` as ``core.cache``) with the modules
     of ``broker`` it imports, as the same dotted names."""
-    found: dict[str, set[str]] = {}
-    for path in sorted((ROOT / "broker").rglob("*.py")):
-        module = ".".join(path.relative_to(ROOT / "broker").with_suffix("").parts)
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module)
-        found[module] = {
+    return {
+        ".".join(Path(path).relative_to("broker").with_suffix("").parts): {
             name.removeprefix("broker.") for name in names if name.startswith("broker.")
         }
-    return found
+        for path, names in full_imports("broker").items()
+    }
 
 
 def layer_of(module: str) -> str:
@@ -138,3 +139,14 @@ def test_only_the_metrics_package_touches_prometheus_objects() -> None:
 def test_at_most_twelve_modules_stay_at_the_top_of_broker() -> None:
     top = sorted(path.name for path in (ROOT / "broker").glob("*.py"))
     assert len(top) <= 12, top
+
+
+def test_test_modules_share_helpers_through_support_not_each_other() -> None:
+    """Helpers live in tests/support.py (and the harness, devstack/harness.py); fixtures in
+    conftest.py, which pytest loads itself: no test module imports another, or conftest."""
+    offending = {
+        module: sorted(name for name in names if name.startswith(("tests.test_", "tests.conftest")))
+        for module, names in full_imports("tests").items()
+        if any(name.startswith(("tests.test_", "tests.conftest")) for name in names)
+    }
+    assert not offending, offending

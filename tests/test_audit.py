@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,9 @@ import pytest
 
 from broker.audit.trail import AuditTrail, PendingWrite
 from broker.errors import AuditUnavailable
+from devstack.harness import broker_command, wait_until
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
-    API,
-    DATABASE,
-    BrokerFactory,
-    Pki,
-    RunningBroker,
-    Vault,
-    eventually,
-    get,
-    status_of,
-)
+from tests.support import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, get, status_of
 
 
 def records(broker: RunningBroker) -> list[dict[str, Any]]:
@@ -37,13 +27,7 @@ def records(broker: RunningBroker) -> list[dict[str, Any]]:
 
 
 def verify(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker", "audit", "verify", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return broker_command("audit", "verify", str(path), timeout=60)
 
 
 def test_every_allowed_and_denied_request_leaves_exactly_one_record(
@@ -163,7 +147,7 @@ def test_fail_closed_audit_refuses_to_serve_unrecorded_reads(
 
     open_ = start_broker(vault, audit={"file": "/dev/full"})
     assert get(open_.stub(pki.catalog, pki.ca), DATABASE).name == DATABASE
-    eventually(  # written by the trail's own thread, after the answer
+    wait_until(  # written by the trail's own thread, after the answer
         lambda: "secretbroker_audit_failures_total 1.0" in open_.scrape()[1],
         what="the failed write counted",
     )
@@ -246,7 +230,7 @@ def test_a_stalled_sink_never_blocks_a_fail_open_trail_and_counts_what_it_drops(
 
     assert confirmations == [None] * 5000, "fail-open: no request waits for its record"
     assert 0 < len(dropped) < 5000
-    eventually(lambda: (trail.problem() or "").startswith("the audit trail is stalled"))
+    wait_until(lambda: (trail.problem() or "").startswith("the audit trail is stalled"))
     trail.close(within=0.2)  # bounded, though the sink never reads
 
 
@@ -294,15 +278,15 @@ def test_a_fail_closed_broker_leaves_while_its_sink_is_stalled_and_returns_after
             get(stub, DATABASE, timeout=5)
         except grpc.RpcError:
             break
-    eventually(lambda: "the audit trail is stalled" in broker.scrape("/readyz")[1])
+    wait_until(lambda: "the audit trail is stalled" in broker.scrape("/readyz")[1])
     assert broker.scrape("/readyz")[0] == 503
-    eventually(
+    wait_until(
         lambda: status_of(lambda: get(stub, DATABASE, timeout=1)) == grpc.StatusCode.UNAVAILABLE
     )
 
     with open(stalled_sink, "rb") as sink:  # the log pipeline reads again
         os.set_blocking(sink.fileno(), False)
-        eventually(
+        wait_until(
             lambda: sink.read() is None and get(stub, DATABASE, timeout=1).name == DATABASE,
             ignoring=(grpc.RpcError,),
             what="calls answered again",

@@ -9,8 +9,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,18 +17,10 @@ from broker.audit.chain import KeyFileError, line_hash, load_key
 from broker.audit.trail import AuditTrail
 from broker.config import parse_config
 from broker.errors import ConfigError
+from devstack.harness import BrokerProcess, broker_command, wait_until
 from devstack.pki import write_private
 from secretbroker.v1 import broker_pb2_grpc
-from tests.conftest import (
-    API,
-    Pki,
-    Vault,
-    broker_settings,
-    eventually,
-    get,
-    secure_channel,
-    write_config,
-)
+from tests.support import API, Pki, Vault, broker_settings, get, secure_channel
 
 
 def key_file(path: Path) -> Path:
@@ -39,13 +29,7 @@ def key_file(path: Path) -> Path:
 
 
 def verify(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker", "audit", "verify", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return broker_command("audit", "verify", *map(str, args), timeout=60)
 
 
 def write(trail: AuditTrail, count: int, start: int = 0) -> None:
@@ -159,36 +143,22 @@ def test_a_key_file_its_group_may_read_is_taken_only_when_root_owns_it(tmp_path:
 def test_a_real_broker_writes_a_keyed_trail_and_reopens_it_on_sighup(
     vault: Vault, pki: Pki, tmp_path: Path
 ) -> None:
-    from devstack.openbao import free_port_pair
 
     key = key_file(tmp_path / "audit.key")
     trail = tmp_path / "audit" / "trail.jsonl"
-    port = free_port_pair()
-    document = broker_settings(
-        vault,
-        pki,
-        listen=f"127.0.0.1:{port}",
-        audit={"file": str(trail), "key_file": str(key)},
-    )
-    config = write_config(tmp_path / "broker.toml", document)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "broker", "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "VAULT_ADDR": vault.address},
-    )
+    document = broker_settings(vault, pki, audit={"file": str(trail), "key_file": str(key)})
+    broker = BrokerProcess(tmp_path / "broker", document, environ={"VAULT_ADDR": vault.address})
+    broker.start()
     try:
-        stub = broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, pki.catalog))
-        eventually(lambda: get(stub, API, timeout=2).name == API, ignoring=(Exception,))
+        stub = broker_pb2_grpc.SecretBrokerStub(secure_channel(broker.port, pki.ca, pki.catalog))
+        wait_until(lambda: get(stub, API, timeout=2).name == API, ignoring=(Exception,))
         get(stub, API)
         trail.rename(trail.with_name("trail.jsonl.1"))
-        process.send_signal(signal.SIGHUP)
-        eventually(lambda: trail.exists(), what="the reopened trail")
+        broker.send(signal.SIGHUP)
+        wait_until(lambda: trail.exists(), what="the reopened trail")
         get(stub, API)
-        time.sleep(0.1)
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        assert broker.terminate() == 0
 
     assert (trail.stat().st_mode & 0o777) == 0o600
     assert (trail.parent.stat().st_mode & 0o777) == 0o700

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
     result = subprocess.run(

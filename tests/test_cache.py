@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from secretbroker.v1 import broker_pb2
-from tests.conftest import API, BrokerFactory, Measure, Pki, Vault, get
+from tests.support import API, BrokerFactory, Measure, Pki, Vault, get
 
 
 def test_cache_hits_do_not_touch_vault(vault: Vault, pki: Pki, start_broker: BrokerFactory) -> None:

@@ -78,10 +78,7 @@ def test_a_hit_late_in_the_ttl_refreshes_in_the_background_once(
         first = await cache.get(SPEC)
         clock.now += 9.0  # inside the window whatever fraction was drawn (10-20% of 10 s)
         late = [cache.fresh(SPEC) for _ in range(50)]  # answered at once, from the cache
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if source.reads == 2:
-                break
+        await cache.wait_settled()  # the refresh-ahead read started in the background
         refreshed = cache.fresh(SPEC)
         assert refreshed is not None
         return [(c.value.version, c.from_cache) for c in [first, *late, refreshed] if c]
@@ -270,11 +267,8 @@ def test_an_expired_value_is_served_stale_while_a_slow_vault_revalidates_it() ->
         first = await cache.get(SPEC)  # waits revalidate_wait at most, then stale
         rest = [await cache.get(SPEC) for _ in range(20)]  # the read is slow: no wait at all
         source.release.set()
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if (hit := cache.fresh(SPEC)) is not None:
-                rest.append((await cache.get(SPEC)) if hit.value.version == 2 else hit)
-                break
+        await cache.wait_settled()  # the slow read lands
+        rest.append(await cache.get(SPEC))
         return [(c.value.version, c.stale) for c in [first, *rest]]
 
     answers = asyncio.run(scenario())

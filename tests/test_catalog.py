@@ -10,7 +10,7 @@ import pytest
 
 from broker.config import parse_config
 from catalog.config import Config, MissingSecretKey
-from devstack.openbao import free_port_pair
+from devstack.harness import free_port_pair
 from secretbroker.client import (
     Backoff,
     BrokerClientConfig,
@@ -19,7 +19,7 @@ from secretbroker.client import (
     SecretSource,
     SecretUnavailable,
 )
-from tests.conftest import (
+from tests.support import (
     API,
     DATABASE,
     EXTERNAL,

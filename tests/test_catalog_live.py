@@ -13,19 +13,10 @@ import jwt
 import pytest
 
 from catalog.auth import InvalidToken, TokenAuthority, WeakSigningKey
-from devstack.openbao import free_port_pair
+from devstack.harness import free_port_pair, wait_until
 from secretbroker.client import Backoff, LiveSecrets, Secret, SecretsClient, SecretUnavailable
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
-    API,
-    DATABASE,
-    BrokerFactory,
-    Pki,
-    RunningBroker,
-    Vault,
-    client_for,
-    eventually,
-)
+from tests.support import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, client_for
 
 JWT_SECRETS = {DATABASE: {}, API: {"keys": ["jwt_secret"], "rotation": {"key": "jwt_secret"}}}
 FAST_RESUME = Backoff(initial=0.05, maximum=0.5)
@@ -69,17 +60,17 @@ def test_live_secrets_follow_rotation_and_resume_after_a_broker_restart(
         first = live.get_secret(API)
 
         rotated = rotate(broker, pki)
-        eventually(lambda: live.get_secret(API).version == rotated)
+        wait_until(lambda: live.get_secret(API).version == rotated)
 
         broker.stop()
-        eventually(lambda: not live.connected)
+        wait_until(lambda: not live.connected)
         held = live.get_secret(API)
         assert held.version == rotated, "the last good value is served while the broker is down"
         assert held.data["jwt_secret"] != first.data["jwt_secret"]
 
         written = jwt_vault.write(API, jwt_secret="written-while-the-broker-was-down")
         start_broker(jwt_vault, secrets_=JWT_SECRETS, listen=f"127.0.0.1:{port}")
-        eventually(lambda: live.get_secret(API).version == written)
+        wait_until(lambda: live.get_secret(API).version == written)
         assert live.connected, "resumed on the restarted broker"
     finally:
         live.close()
@@ -106,7 +97,7 @@ def test_a_token_survives_rotation_for_the_grace_period_then_is_rejected(
         old_token = running.mint("alice")
 
         new_version = rotate(broker, pki)
-        eventually(lambda: live.get_secret(API).version == new_version)
+        wait_until(lambda: live.get_secret(API).version == new_version)
 
         assert running.verify(old_token)["sub"] == "alice", "within grace on the running instance"
         fresh_live = LiveSecrets(broker_client, [API], FAST_RESUME)
@@ -178,7 +169,7 @@ def test_a_denied_watch_surfaces_the_denial_instead_of_waiting_forever(
     with client_for(pki, broker.port) as denied_client:
         live = LiveSecrets(denied_client, [API], FAST_RESUME)
         try:
-            eventually(lambda: live.last_error is not None)
+            wait_until(lambda: live.last_error is not None)
             with pytest.raises(SecretUnavailable) as caught:
                 live.wait_ready(timeout=0.1)
             assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED

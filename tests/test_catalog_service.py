@@ -9,7 +9,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,10 +18,10 @@ from typing import Any
 import pytest
 
 from broker.sources.env import variable_name
-from devstack.openbao import free_port_pair
+from devstack.harness import free_port_pair, wait_until
 from devstack.stack import client_env
 from secretbroker.v1 import broker_pb2
-from tests.conftest import API, DATABASE, EXTERNAL, BrokerFactory, Pki, RunningBroker, Vault
+from tests.support import API, DATABASE, EXTERNAL, BrokerFactory, Pki, RunningBroker, Vault
 
 CATALOG_SECRETS = {
     DATABASE: {"keys": ["url"]},
@@ -58,13 +57,11 @@ class Catalog:
         return secrets_
 
     def wait_for(self, name: str, **expected: Any) -> None:
-        deadline = time.monotonic() + 20
-        while True:
+        def reported() -> bool:
             report = self.health()[name]
-            if all(report[k] == v for k, v in expected.items()):
-                return
-            assert time.monotonic() < deadline, f"{name} never became {expected}: {report}"
-            time.sleep(0.1)
+            return all(report[k] == v for k, v in expected.items())
+
+        wait_until(reported, 20, f"{name} to become {expected}", interval=0.1)
 
     def token(self, subject: str) -> str:
         result = subprocess.run(
@@ -110,15 +107,16 @@ def catalog_chain(
         text=True,
     )
     catalog = Catalog(process, f"http://127.0.0.1:{port}", environ)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def up() -> bool:
+        assert process.poll() is None, "the catalog service exited"
         try:
             catalog.health()
-            break
         except (OSError, AssertionError):
-            assert process.poll() is None, "the catalog service exited"
-            assert time.monotonic() < deadline, "the catalog service did not come up"
-            time.sleep(0.1)
+            return False
+        return True
+
+    wait_until(up, 30, "the catalog service", interval=0.1)
     values = {k: v for data in vault_values.values() for k, v in data.items()} | env_values
     yield catalog, broker, values
     process.send_signal(signal.SIGTERM)

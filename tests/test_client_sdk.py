@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from devstack.openbao import free_port_pair
+from devstack.harness import free_port_pair, wait_until
 from devstack.pki import DevCA, write_private
 from secretbroker.client import (
     BrokerClientConfig,
@@ -20,16 +20,7 @@ from secretbroker.client import (
     SecretsClient,
     channel_target,
 )
-from tests.conftest import (
-    API,
-    CATALOG_ID,
-    BrokerFactory,
-    Pki,
-    Vault,
-    eventually,
-    get,
-    status_of,
-)
+from tests.support import API, CATALOG_ID, BrokerFactory, Pki, Vault, get, status_of
 
 
 @pytest.mark.parametrize(
@@ -104,14 +95,14 @@ def test_rotated_client_certificates_reach_a_broker_that_only_trusts_the_new_one
             write_private(key.with_name("staged"), renewed.key.read_bytes())
             os.replace(key.with_name("staged"), key)
             cert.write_bytes(renewed.cert.read_bytes())
-            eventually(lambda: client.reconnects == 1, what="the channel rebuilt")
+            wait_until(lambda: client.reconnects == 1, what="the channel rebuilt")
 
             first.stop()
             new_ca_file = new_ca.write_ca(tmp_path / "new-ca.pem")
             second = start_broker(vault, listen=f"127.0.0.1:{port}", client_ca=new_ca_file)
 
             assert client.get_secret(API).name == API
-            eventually(lambda: live.connected, what="the watch resumed on the new broker")
+            wait_until(lambda: live.connected, what="the watch resumed on the new broker")
             assert live.get_secret(API).name == API
         finally:
             live.close()

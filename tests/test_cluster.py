@@ -12,7 +12,10 @@ import pytest
 
 import devstack.cluster as cluster_module
 from devstack.cluster import OpenBaoCluster
-from tests.conftest import KV_MOUNT, eventually
+from devstack.harness import wait_until
+from tests.support import KV_MOUNT
+
+pytestmark = pytest.mark.ha
 
 
 @pytest.fixture
@@ -40,9 +43,9 @@ def test_the_cluster_elects_a_new_leader_when_its_leader_dies_and_takes_it_back(
     cluster.restart(first)
 
     assert second is not first
-    eventually(lambda: first.health() == 429, what="the old leader back as a standby")
+    wait_until(lambda: first.health() == 429, what="the old leader back as a standby")
     read = hvac.Client(url=first.address, token=cluster.root_token, timeout=5)
-    eventually(
+    wait_until(
         lambda: (
             read.secrets.kv.v2.read_secret_version(
                 path="ha", mount_point=KV_MOUNT, raise_on_deleted_version=True
@@ -67,7 +70,7 @@ def test_a_node_whose_join_got_half_way_is_wiped_and_joins_afresh(
     joined_config = stuck.config.read_text()
     stuck.config.write_text(_without_joins(joined_config))
     cluster.restart(stuck)  # an empty node that will not join: never unsealed
-    eventually(lambda: stuck.health() == 501, what="the node up but not initialised")
+    wait_until(lambda: stuck.health() == 501, what="the node up but not initialised")
     stuck.config.write_text(joined_config)
     monkeypatch.setattr(cluster_module, "JOIN_GRACE", 1.0)
 

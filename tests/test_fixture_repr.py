@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import Vault
+from tests.support import Vault
 
 
 def test_vault_fixture_repr_shows_no_value_or_token(vault: Vault) -> None:

@@ -7,9 +7,23 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from devstack.ha import ClusterVault
-from tests.conftest import API, BrokerFactory, Measure, Pki, RunningBroker, eventually, get
-from tests.test_ha_vault import assert_no_read_lost, load_on, replicas_of
+from devstack.harness import wait_until
+from tests.support import (
+    API,
+    BrokerFactory,
+    Measure,
+    Pki,
+    RunningBroker,
+    assert_no_read_lost,
+    get,
+    load_on,
+    replicas_of,
+)
+
+pytestmark = pytest.mark.ha
 
 
 def fresh_version(broker: RunningBroker, pki: Pki) -> int | None:
@@ -24,16 +38,16 @@ def test_a_cluster_restored_from_a_snapshot_serves_its_versions_and_no_catalog_r
     brokers = replicas_of(cluster_vault, start_broker)
     load = load_on(brokers, pki)
     saved = cluster_vault.write(API, value="in-the-snapshot", other="x")
-    eventually(lambda: all(fresh_version(b, pki) == saved for b in brokers), timeout=30)
+    wait_until(lambda: all(fresh_version(b, pki) == saved for b in brokers), timeout=30)
     snapshot = cluster_vault.cluster.snapshot()
     root_token = cluster_vault.cluster.root_token
     lost = cluster_vault.write(API, value="after-the-snapshot", other="x")  # the RPO
-    eventually(lambda: all(fresh_version(b, pki) == lost for b in brokers), timeout=30)
+    wait_until(lambda: all(fresh_version(b, pki) == lost for b in brokers), timeout=30)
 
     lost_at = time.monotonic()
     cluster_vault.cluster.rebuild()
     cluster_vault.cluster.restore(snapshot, root_token)
-    eventually(
+    wait_until(
         lambda: all(fresh_version(b, pki) == saved for b in brokers),
         what="fresh reads of the snapshot's version from the restored cluster",
         timeout=60,

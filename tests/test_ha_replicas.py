@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,23 +14,26 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.ha import BrokerProcess, CatalogLoad, client_config
+from devstack.ha import CatalogLoad
+from devstack.harness import BrokerProcess, client_config, wait_until
 from secretbroker.client import ROUTING_HEALTH_SERVICE, channel_credentials
 from secretbroker.v1 import broker_pb2_grpc
-from tests.conftest import (
+from tests.support import (
     API,
     DATABASE,
     BrokerFactory,
     Pki,
     Vault,
+    assert_no_read_lost,
     broker_settings,
-    eventually,
     get,
     status_of,
 )
-from tests.test_ha_vault import assert_no_read_lost
 
-LOAD_SECONDS = 3.0
+pytestmark = pytest.mark.ha
+
+LOAD_READS = 400
+"""Reads of catalog load per phase (a second or two here)."""
 
 
 @pytest.fixture
@@ -60,15 +62,13 @@ def served_by(replica: BrokerProcess) -> int:
 
 
 def load_on(replicas: list[BrokerProcess], pki: Pki) -> CatalogLoad:
-    config = client_config(
-        [r.endpoint for r in replicas], pki.ca, pki.catalog.cert, pki.catalog.key
-    )
+    config = client_config([r.endpoint for r in replicas], pki.ca, pki.catalog)
     return CatalogLoad(config, [DATABASE, API])
 
 
 def test_calls_spread_over_every_replica(replicas: list[BrokerProcess], pki: Pki) -> None:
     load = load_on(replicas, pki).start()
-    time.sleep(LOAD_SECONDS)
+    load.wait_reads(LOAD_READS)
     assert_no_read_lost(load)
 
     counts = [served_by(replica) for replica in replicas]
@@ -79,13 +79,13 @@ def test_a_replica_that_dies_loses_no_catalog_read(replicas: list[BrokerProcess]
     """SIGKILL: gone without a goodbye. (SIGTERM, with a client without health checks beside
     the SDK: tests/test_resilience.py.)"""
     load = load_on(replicas, pki).start()
-    time.sleep(1.0)
+    load.wait_reads(LOAD_READS // 2)
 
     replicas[0].kill()
-    time.sleep(LOAD_SECONDS)
+    load.wait_reads(LOAD_READS)
 
     before = [served_by(replica) for replica in replicas[1:]]
-    time.sleep(0.5)
+    load.wait_reads(LOAD_READS // 4)
     assert_no_read_lost(load)
     after = [served_by(replica) for replica in replicas[1:]]
     assert all(a > b for a, b in zip(after, before, strict=True)), "both survivors serve"
@@ -113,10 +113,10 @@ def test_a_stopping_broker_reports_not_serving_first_then_still_answers_while_it
     stopping = threading.Thread(target=broker.stop, kwargs={"delay": 2.0, "grace": 1.0})
     stopping.start()
     try:
-        eventually(lambda: routing() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=2)
+        wait_until(lambda: routing() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=2)
         stub = broker_pb2_grpc.SecretBrokerStub(plain)
         assert get(stub, API).name == API, "a client that did not look still gets its answer"
-        eventually(
+        wait_until(
             lambda: status_of(lambda: get(sdk_stub, API, timeout=1)) == grpc.StatusCode.UNAVAILABLE,
             what="the SDK's channel sends nothing to a broker that said NOT_SERVING",
             timeout=1.5,

@@ -13,67 +13,47 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
+import pytest
 import requests
 
 from broker.config import parse_config
 from broker.sources.vault import VaultSource
 from devstack.bootstrap import RoleTTLs
-from devstack.ha import BrokerProcess, CatalogLoad, ClusterVault, client_config
+from devstack.ha import CatalogLoad, ClusterVault
+from devstack.harness import BrokerProcess, client_config, wait_until
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
+from tests.support import (
     API,
     DATABASE,
+    HA_ROTATING,
+    HA_SETTINGS,
     KV_MOUNT,
     BrokerFactory,
     Pki,
     RunningBroker,
+    assert_no_read_lost,
     bootstrapped_cluster,
     broker_settings,
-    eventually,
     get,
+    load_on,
     metric,
+    replicas_of,
 )
 
-ROTATING: dict[str, dict[str, Any]] = {
-    DATABASE: {"ttl": 1},
-    API: {"ttl": 1, "rotation": {"key": "value", "bytes": 24}},
-}
-SETTINGS: dict[str, Any] = {
-    "secrets_": ROTATING,
-    "cache": {"max_stale": "1h"},
-    "rollout": {"watch_poll_interval": "500ms"},
-}
-STEADY = 1.5
-"""Seconds of load before each failure, for a baseline."""
+pytestmark = pytest.mark.ha
 
-
-def replicas_of(
-    cluster_vault: ClusterVault, start_broker: BrokerFactory, count: int = 2
-) -> list[RunningBroker]:
-    return [start_broker(cluster_vault, **SETTINGS) for _ in range(count)]
-
-
-def load_on(brokers: list[RunningBroker], pki: Pki) -> CatalogLoad:
-    endpoints = [f"127.0.0.1:{broker.port}" for broker in brokers]
-    config = client_config(endpoints, pki.ca, pki.catalog.cert, pki.catalog.key)
-    return CatalogLoad(config, [DATABASE, API]).start()
-
-
-def assert_no_read_lost(load: CatalogLoad) -> None:
-    report = load.stop()
-    assert report.reads > 100, "the load ran"
-    assert report.failed == [], f"{len(report.failed)} of {report.reads} reads failed"
-    assert report.went_back == []
-    assert report.live_missing == 0
+STEADY = 300
+"""Reads of load before each failure, for a baseline (about 1.5 s here)."""
+SETTLE = 200
+"""Reads of load after a failure ends, before the load is checked."""
 
 
 def read_fresh_from_vault(broker: RunningBroker, pki: Pki, version: int) -> None:
     """The broker reads ``version`` from Vault again (not only from its cache)."""
     stub = broker.stub(pki.catalog, pki.ca)
-    eventually(
+    wait_until(
         lambda: (answer := get(stub, API)).version >= version and not answer.stale,
         what=f"a fresh read of version {version}",
         timeout=30,
@@ -85,20 +65,20 @@ def test_the_leader_sigkilled_loses_no_read_and_a_new_version_reaches_the_watche
 ) -> None:
     brokers = replicas_of(cluster_vault, start_broker)
     load = load_on(brokers, pki)
-    time.sleep(STEADY)
+    load.wait_reads(STEADY)
     old_leader = cluster_vault.cluster.leader()
 
     cluster_vault.cluster.kill(old_leader)
     cluster_vault.cluster.wait_serving()
     version = cluster_vault.write(API, value="after-failover", other="x")
-    eventually(lambda: load.live_version(API) == version, what="the watchers get it", timeout=30)
-    time.sleep(1.0)
+    wait_until(lambda: load.live_version(API) == version, what="the watchers get it", timeout=30)
+    load.wait_reads(SETTLE)
     assert_no_read_lost(load)
 
     new_leader = cluster_vault.cluster.leader()
     for broker in brokers:
         read_fresh_from_vault(broker, pki, version)
-        eventually(  # the next health probe (every second here) sees the new roles
+        wait_until(  # the next health probe (every second here) sees the new roles
             functools.partial(roles_seen, broker, old_leader.address, new_leader.address),
             what="the per-node metrics show the dead node and the new leader",
         )
@@ -115,18 +95,23 @@ def test_a_hung_leader_sigstopped_past_an_election_loses_no_read(
 ) -> None:
     brokers = replicas_of(cluster_vault, start_broker)
     load = load_on(brokers, pki)
-    time.sleep(STEADY)
+    load.wait_reads(STEADY)
     hung = cluster_vault.cluster.leader()
 
     cluster_vault.cluster.pause(hung)
     try:
-        time.sleep(6.0)  # elections take about 2 s with performance_multiplier = 1
+        others = [node for node in cluster_vault.cluster.running() if node is not hung]
+        wait_until(
+            lambda: any(node.health() == 200 for node in others),
+            what="a new leader among the others",
+            timeout=30,
+        )
         version = cluster_vault.write(API, value="while-hung", other="x")
-        eventually(lambda: load.live_version(API) == version, timeout=30)
+        wait_until(lambda: load.live_version(API) == version, timeout=30)
     finally:
         cluster_vault.cluster.resume(hung)
-    eventually(lambda: hung.health() == 429, what="the hung node back as a standby", timeout=30)
-    time.sleep(1.0)
+    wait_until(lambda: hung.health() == 429, what="the hung node back as a standby", timeout=30)
+    load.wait_reads(SETTLE)
     assert_no_read_lost(load)
     for broker in brokers:
         read_fresh_from_vault(broker, pki, version)
@@ -139,22 +124,22 @@ def test_the_leader_sealed_loses_no_read_and_shows_sealed_until_it_unseals_itsel
     brokers move on, and show it SEALED until a restart unseals it (auto-unseal)."""
     brokers = replicas_of(cluster_vault, start_broker)
     load = load_on(brokers, pki)
-    time.sleep(STEADY)
+    load.wait_reads(STEADY)
     cluster = cluster_vault.cluster
     sealed = cluster.leader()
 
     requests.put(
         f"{sealed.address}/v1/sys/seal", headers={"X-Vault-Token": cluster.root_token}, timeout=30
     ).raise_for_status()
-    eventually(
+    wait_until(
         lambda: any(node.health() == 200 for node in cluster.running() if node is not sealed),
         what="another node elected",
         timeout=30,
     )
     version = cluster_vault.write(API, value="one-node-sealed", other="x")
-    eventually(lambda: load.live_version(API) == version, what="the watchers get it", timeout=30)
+    wait_until(lambda: load.live_version(API) == version, what="the watchers get it", timeout=30)
     for broker in brokers:
-        eventually(
+        wait_until(
             functools.partial(shows_sealed, broker, sealed.address, 1),
             what="the sealed node shows sealed",
         )
@@ -162,9 +147,9 @@ def test_the_leader_sealed_loses_no_read_and_shows_sealed_until_it_unseals_itsel
 
     cluster.kill(sealed)
     cluster.restart(sealed)
-    eventually(lambda: sealed.health() == 429, what="unsealed itself, a standby", timeout=60)
+    wait_until(lambda: sealed.health() == 429, what="unsealed itself, a standby", timeout=60)
     for broker in brokers:
-        eventually(functools.partial(shows_sealed, broker, sealed.address, 0), what="unsealed")
+        wait_until(functools.partial(shows_sealed, broker, sealed.address, 0), what="unsealed")
 
 
 def shows_sealed(broker: RunningBroker, node: str, sealed: int) -> bool:
@@ -176,14 +161,14 @@ def test_a_standby_killed_loses_no_read(
 ) -> None:
     brokers = replicas_of(cluster_vault, start_broker)
     load = load_on(brokers, pki)
-    time.sleep(STEADY)
+    load.wait_reads(STEADY)
     leader = cluster_vault.cluster.leader()
     standby = next(node for node in cluster_vault.cluster.running() if node is not leader)
 
     cluster_vault.cluster.kill(standby)
-    time.sleep(3.0)
+    load.wait_reads(SETTLE)
     version = cluster_vault.write(API, value="one-standby-down", other="x")
-    eventually(lambda: load.live_version(API) == version, timeout=30)
+    wait_until(lambda: load.live_version(API) == version, timeout=30)
     assert_no_read_lost(load)
 
 
@@ -215,10 +200,17 @@ def test_rotation_during_an_election_writes_one_version_per_success_and_loses_no
     threads = [threading.Thread(target=keep_rotating, args=(b,)) for b in brokers]
     for thread in threads:
         thread.start()
-    time.sleep(STEADY)
+    load.wait_reads(STEADY)
+    wait_until(lambda: any(isinstance(o, int) for o in outcomes), what="a rotation")
     cluster_vault.cluster.kill(cluster_vault.cluster.leader())
     cluster_vault.cluster.wait_serving()
-    time.sleep(3.0)
+    after_election = len(outcomes)
+    wait_until(
+        lambda: any(isinstance(o, int) for o in outcomes[after_election:]),
+        what="a rotation after the election",
+        timeout=30,
+    )
+    load.wait_reads(SETTLE)
     stop.set()
     for thread in threads:
         thread.join(timeout=30)
@@ -244,9 +236,9 @@ def test_every_vault_node_down_serves_stale_within_max_stale_then_recovers_witho
 
     for node in list(cluster.running()):
         cluster.kill(node)
-    time.sleep(1.2)
+    broker.clock.advance(1.2)
     assert get(stub, API).stale, "past its TTL: served stale, flagged"
-    eventually(
+    wait_until(
         lambda: code_of(lambda: get(stub, API, timeout=5)) == grpc.StatusCode.UNAVAILABLE,
         what="UNAVAILABLE once max_stale has passed",
         timeout=15,
@@ -255,7 +247,7 @@ def test_every_vault_node_down_serves_stale_within_max_stale_then_recovers_witho
     for node in cluster.nodes:
         cluster.restart(node)
     cluster.wait_serving()
-    eventually(
+    wait_until(
         lambda: not get(stub, API, timeout=5).stale,
         what="fresh reads again, with no broker restart",
         ignoring=(grpc.RpcError,),
@@ -269,24 +261,22 @@ def test_a_broker_restarted_while_the_leader_is_replaced_loses_no_catalog_read(
     """The restarted broker logs in during the election (its fresh token is not yet known to
     the standbys): the catalog's calls go to the other replica meanwhile."""
     document = broker_settings(
-        cluster_vault, pki, **SETTINGS, audit={"file": "audit.jsonl"}, log_level="INFO"
+        cluster_vault, pki, **HA_SETTINGS, audit={"file": "audit.jsonl"}, log_level="INFO"
     )
     parse_config(document, tmp_path, environ={})  # the document is a valid config
     replicas = [BrokerProcess(tmp_path / f"broker{i}", document).start() for i in range(2)]
     try:
-        config = client_config(
-            [r.endpoint for r in replicas], pki.ca, pki.catalog.cert, pki.catalog.key
-        )
+        config = client_config([r.endpoint for r in replicas], pki.ca, pki.catalog)
         load = CatalogLoad(config, [DATABASE, API]).start()
-        time.sleep(STEADY)
+        load.wait_reads(STEADY)
 
         cluster_vault.cluster.kill(cluster_vault.cluster.leader())
         assert replicas[0].terminate() == 0
         replicas[0].start()
         cluster_vault.cluster.wait_serving()
         version = cluster_vault.write(API, value="after-restart", other="x")
-        eventually(lambda: load.live_version(API) == version, timeout=30)
-        time.sleep(2.0)
+        wait_until(lambda: load.live_version(API) == version, timeout=30)
+        load.wait_reads(SETTLE)
         assert_no_read_lost(load)
         assert "logged in to vault" in replicas[0].log().split("broker stopped")[-1]
     finally:
@@ -303,7 +293,7 @@ def test_a_read_on_a_standby_right_after_the_brokers_own_write_is_never_the_vers
     leader = cluster_vault.cluster.leader()
     standby = next(node for node in cluster_vault.cluster.running() if node is not leader)
     config = parse_config(
-        broker_settings(cluster_vault, pki, secrets_=ROTATING), tmp_path, environ={}
+        broker_settings(cluster_vault, pki, secrets_=HA_ROTATING), tmp_path, environ={}
     )
     source = VaultSource(dataclasses.replace(config.vault, addresses=(standby.address,)))
     spec = config.secrets[API]
@@ -325,11 +315,11 @@ def test_the_brokers_token_is_renewed_across_a_leader_change(
     try:
         brokers = replicas_of(cluster_vault, start_broker, count=1)
         load = load_on(brokers, pki)
-        time.sleep(STEADY)
+        load.wait_reads(STEADY)
         cluster_vault.cluster.kill(cluster_vault.cluster.leader())
         cluster_vault.cluster.wait_serving()
         renewed = renewals(brokers[0])
-        eventually(lambda: renewals(brokers[0]) >= renewed + 2, what="renewals", timeout=30)
+        wait_until(lambda: renewals(brokers[0]) >= renewed + 2, what="renewals", timeout=30)
         assert_no_read_lost(load)
         read_fresh_from_vault(brokers[0], pki, 1)
     finally:

@@ -17,7 +17,7 @@ from broker.errors import ConfigError
 from broker.security.identity import IdentityResolver
 from devstack.pki import CertFiles
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
+from tests.support import (
     API,
     CATALOG_ID,
     DATABASE,

@@ -16,15 +16,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.bootstrap import RoleTTLs
+from devstack.harness import wait_until
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
+from tests.support import (
     API,
     DATABASE,
     EXTERNAL,
     BrokerFactory,
     Pki,
     Vault,
-    eventually,
     get,
     metric,
     samples,
@@ -77,17 +77,17 @@ def test_vault_up_goes_to_0_and_back_and_stale_serving_is_counted(
     )
     stub = broker.stub(pki.catalog, pki.ca)
     get(stub, DATABASE)
-    eventually(lambda: metric(broker, "secretbroker_vault_up") == 1)
+    wait_until(lambda: metric(broker, "secretbroker_vault_up") == 1)
 
     private_vault.server.pause()
     try:
-        eventually(lambda: metric(broker, "secretbroker_vault_up") == 0)
-        time.sleep(0.3)
+        wait_until(lambda: metric(broker, "secretbroker_vault_up") == 0)
+        broker.clock.advance(0.3)
         assert get(stub, DATABASE, timeout=15).stale
         assert metric(broker, "secretbroker_cache_lookups_total", result="stale") >= 1
     finally:
         private_vault.server.resume()
-    eventually(lambda: metric(broker, "secretbroker_vault_up") == 1)
+    wait_until(lambda: metric(broker, "secretbroker_vault_up") == 1)
 
 
 def test_token_expiry_moves_forward_after_renewal(
@@ -101,7 +101,7 @@ def test_token_expiry_moves_forward_after_renewal(
         get(broker.stub(pki.catalog, pki.ca), DATABASE)
         first = metric(broker, "secretbroker_vault_token_expiry_timestamp_seconds")
         assert time.time() < first <= time.time() + 3.5
-        eventually(
+        wait_until(
             lambda: metric(broker, "secretbroker_vault_token_expiry_timestamp_seconds") > first
         )
         assert (
@@ -200,19 +200,19 @@ def test_readiness_and_grpc_health_follow_vault(
         status: int = health.Check(request, timeout=10).status
         return status
 
-    eventually(lambda: broker.scrape("/readyz")[0] == 200)
-    eventually(lambda: serving() == health_pb2.HealthCheckResponse.SERVING)
+    wait_until(lambda: broker.scrape("/readyz")[0] == 200)
+    wait_until(lambda: serving() == health_pb2.HealthCheckResponse.SERVING)
     broker.forget(EXTERNAL)  # DATABASE is cached (the warm-up read it); EXTERNAL is not
 
     private_vault.server.pause()
     try:
-        eventually(lambda: broker.scrape("/readyz")[0] == 503)
+        wait_until(lambda: broker.scrape("/readyz")[0] == 503)
         _, reason = broker.scrape("/readyz")
         assert f"no value to serve for: {EXTERNAL}" in reason
         assert DATABASE not in reason
-        eventually(lambda: serving() == health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait_until(lambda: serving() == health_pb2.HealthCheckResponse.NOT_SERVING)
         assert broker.scrape("/healthz")[0] == 200, "alive even when not ready"
     finally:
         private_vault.server.resume()
-    eventually(lambda: broker.scrape("/readyz")[0] == 200)
-    eventually(lambda: serving() == health_pb2.HealthCheckResponse.SERVING)
+    wait_until(lambda: broker.scrape("/readyz")[0] == 200)
+    wait_until(lambda: serving() == health_pb2.HealthCheckResponse.SERVING)

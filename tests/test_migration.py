@@ -4,21 +4,12 @@ from environment variables into Vault, by an ops token, check-and-set, never pri
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from broker.sources.env import variable_name
-from tests.conftest import (
-    API,
-    DATABASE,
-    KV_MOUNT,
-    Pki,
-    Vault,
-    broker_settings,
-    write_config,
-)
+from devstack.harness import broker_command
+from tests.support import API, DATABASE, KV_MOUNT, Pki, Vault, broker_settings, write_config
 
 NEW = "media-catalog/new"
 """Declared in the config, not yet in Vault: what a migration creates."""
@@ -41,13 +32,12 @@ def broker_config(vault: Vault, pki: Pki, tmp_path: Path) -> Path:
 def run(
     config: Path, vault: Vault, env: dict[str, str], *args: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
+    return broker_command(
+        *args,
+        "--config",
+        str(config),
+        env={"VAULT_TOKEN": vault.server.root_token, **env},
         timeout=60,
-        check=False,
-        env={**os.environ, "VAULT_TOKEN": vault.server.root_token, **env},
     )
 
 
@@ -127,12 +117,7 @@ def test_migrate_creates_then_leaves_alone_then_refuses_a_differing_vault_withou
         "updated: version 3",
     ]
     assert "from-env" not in trail.read_text()
-    verify = subprocess.run(
-        [sys.executable, "-m", "broker", "audit", "verify", str(trail)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    verify = broker_command("audit", "verify", str(trail))
     assert verify.returncode == 0, verify.stdout
 
 

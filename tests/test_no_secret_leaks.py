@@ -10,11 +10,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -22,9 +17,9 @@ import pytest
 
 from broker.sources.env import variable_name
 from devstack.bootstrap import RoleTTLs
-from devstack.openbao import free_port_pair
+from devstack.harness import BrokerProcess, wait_until
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
-from tests.conftest import (
+from tests.support import (
     API,
     DATABASE,
     SECRET_KEYS,
@@ -34,17 +29,16 @@ from tests.conftest import (
     get,
     secure_channel,
     start_vault,
-    write_config,
 )
 
 HANDSHAKES = 5
+LOGINS = "secretbroker_vault_requests_total"
 
 
 def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
     tmp_path: Path, pki: Pki, capfd: pytest.CaptureFixture[str]
 ) -> None:
     vault = start_vault(tmp_path / "openbao", RoleTTLs(token_ttl="2s", token_max_ttl="5s"))
-    port = free_port_pair()
     settings = broker_settings(
         vault,
         pki,
@@ -54,23 +48,15 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
             "media-catalog/external": {"ttl": "300ms"},  # read at start-up only
         },
         cache={"max_stale": "2s", "error_backoff": "100ms"},
-        listen=f"127.0.0.1:{port}",
     )
     settings["vault"]["address"] = "http://127.0.0.1:9"  # VAULT_ADDR must win over the file
-    metrics_port = free_port_pair()
-    settings["metrics"] = {"listen": f"127.0.0.1:{metrics_port}", "vault_probe_interval": "200ms"}
+    settings["metrics"] = {"vault_probe_interval": "200ms"}
     settings["log"]["format"] = "json"
     env_values = {variable_name(DATABASE, key): secrets.token_urlsafe(16) for key in SECRET_KEYS}
-    config = tmp_path / "broker.toml"
-    write_config(config, settings)
-    log_path = tmp_path / "broker.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "broker", "serve", "--config", str(config)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "VAULT_ADDR": vault.address, **env_values},
-        )
+    broker = BrokerProcess(
+        tmp_path, settings, environ={"VAULT_ADDR": vault.address, **env_values}
+    ).start()
+    port = broker.port
     try:
         stub = broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, pki.catalog))
         intruder = broker_pb2_grpc.SecretBrokerStub(secure_channel(port, pki.ca, pki.intruder))
@@ -97,30 +83,30 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
         admin.ClearRollbackOverride(broker_pb2.ClearRollbackOverrideRequest(), timeout=10)
         served.append(watch.next())
         watch.cancel()
-        deadline = time.monotonic() + 7  # across renewals and a re-login at max TTL
-        while time.monotonic() < deadline:
+
+        def read_until_relogin() -> bool:  # across renewals and a re-login at max TTL
             served.append(get(stub, API))
-            time.sleep(0.1)
+            return (broker.metric(LOGINS, operation="login", outcome="ok") or 0) >= 2
+
+        wait_until(read_until_relogin, timeout=30, what="a re-login at max TTL", interval=0.1)
         served.append(get(stub, DATABASE))  # cached again, within max_stale of the pause
         vault.server.pause()
-        time.sleep(0.4)
-        served.append(get(stub, DATABASE))  # stale
+
+        def read_until_stale() -> bool:  # past its TTL, with Vault hung
+            served.append(get(stub, DATABASE))
+            return served[-1].stale
+
+        wait_until(read_until_stale, what="a stale answer")
         with pytest.raises(grpc.RpcError):
             get(stub, "media-catalog/external")  # past max_stale since start-up: UNAVAILABLE
         vault.server.resume()
         assert served[-1].stale
-        scraped = "".join(
-            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=10)
-            .read()
-            .decode()
-            for path in ("/metrics", "/healthz")
-        )
+        scraped = "".join(broker.scrape(path)[1] for path in ("/metrics", "/healthz"))
     finally:
-        process.send_signal(signal.SIGTERM)
-        exit_code = process.wait(timeout=20)
+        exit_code = broker.terminate(timeout=20)
         vault.server.stop()
 
-    logs = log_path.read_text()
+    logs = broker.log()
     audit = (tmp_path / "audit.jsonl").read_text()
     assert '"rpc":"RotateSecret"' in audit
     assert exit_code == 0, "SIGTERM stops the broker cleanly"
@@ -163,4 +149,5 @@ def test_logs_of_a_whole_run_contain_no_secret_value_or_token(
     for where, text in outputs.items():
         leaked = [label for label, value in forbidden.items() if value and value in text]
         assert not leaked, f"{where} contains {leaked}"
-    assert os.path.getsize(log_path) > 0
+    assert broker.log_path is not None
+    assert os.path.getsize(broker.log_path) > 0

@@ -19,17 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from devstack.openbao import die_with_parent, free_port_pair
-from tests.conftest import (
-    API,
-    DATABASE,
-    BrokerFactory,
-    Pki,
-    RunningBroker,
-    Vault,
-    eventually,
-    get,
-)
+from devstack.harness import die_with_parent, free_port_pair, wait_until
+from tests.support import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, get
 
 DEPLOY = Path(__file__).parents[1] / "deploy"
 RULES = DEPLOY / "prometheus" / "secretbroker-rules.yml"
@@ -147,7 +138,7 @@ def _api(url: str, path: str, **params: str) -> Any:
 
 
 def _wait_for(what: str, check: Callable[[], bool]) -> None:
-    eventually(check, timeout=60, what=what, ignoring=(OSError,))  # OSError: still starting
+    wait_until(check, timeout=60, what=what, ignoring=(OSError,))  # OSError: still starting
 
 
 def test_real_prometheus_scrapes_the_broker_and_fires_vault_down(

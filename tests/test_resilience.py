@@ -9,21 +9,14 @@ long as one Vault timeout (the latency figures themselves are the bench's)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from devstack.ha import (
-    NON_SDK_SERVICE_CONFIG,
-    BrokerProcess,
-    CatalogLoad,
-    ClusterVault,
-    LoadReport,
-    client_config,
-)
-from tests.conftest import (
+from devstack.ha import NON_SDK_SERVICE_CONFIG, CatalogLoad, ClusterVault, LoadReport
+from devstack.harness import BrokerProcess, client_config, wait_until
+from tests.support import (
     API,
     DATABASE,
     SECRET_KEYS,
@@ -31,9 +24,10 @@ from tests.conftest import (
     Vault,
     VaultServers,
     broker_settings,
-    eventually,
     ops_cli,
 )
+
+pytestmark = pytest.mark.ha
 
 VAULT_TIMEOUT = 1.0
 ENV_VALUES = {f"MEDIA_CATALOG_DATABASE_{key.upper()}": f"env-{key}" for key in SECRET_KEYS}
@@ -54,13 +48,20 @@ def document(vault: VaultServers, pki: Pki, **settings: Any) -> dict[str, Any]:
 
 def loads_on(replicas: list[BrokerProcess], pki: Pki) -> list[CatalogLoad]:
     """An SDK load and a plain-grpcio load on every replica."""
-    config = client_config(
-        [r.endpoint for r in replicas], pki.ca, pki.catalog.cert, pki.catalog.key
-    )
+    config = client_config([r.endpoint for r in replicas], pki.ca, pki.catalog)
     return [
         CatalogLoad(config, [DATABASE, API]).start(),
         CatalogLoad(config, [DATABASE, API], plain=True).start(),
     ]
+
+
+WINDOW = 200
+"""Reads of each load per phase of a test (about a second here)."""
+
+
+def wait_reads(loads: list[CatalogLoad], count: int) -> None:
+    for load in loads:
+        load.wait_reads(count)
 
 
 def assert_nothing_failed_or_waited(loads: list[CatalogLoad]) -> list[LoadReport]:
@@ -90,33 +91,35 @@ def test_every_vault_node_hung_with_a_cold_replica_and_a_flip_fails_and_delays_n
     ]
     try:
         loads = loads_on(replicas, pki)
-        time.sleep(1.0)
+        wait_reads(loads, WINDOW)
         nodes = cluster_vault.cluster.running()
         for node in nodes:
             cluster_vault.cluster.pause(node)
         try:
-            time.sleep(2.5)  # past two TTLs: every cached value has expired
+            wait_until(  # past the TTL: what the clients get now is served stale
+                lambda: all(load.report.stale > 0 for load in loads), what="stale answers"
+            )
             replicas[1].kill()
             replicas[1].start()  # cold, while every node hangs
-            eventually(
+            wait_until(
                 lambda: replicas[1].scrape("/healthz")[0] == 200,
                 what="the cold replica up",
                 ignoring=(OSError,),
             )
-            time.sleep(2.5)
+            wait_reads(loads, WINDOW)
             status, reason = replicas[1].scrape("/readyz")
             assert (status, reason.split(":")[0]) == (503, "warming up, not taking calls yet")
             flipped = ops_cli(replicas[:1], pki, "rollback", "set", '["api"]')
             assert flipped.returncode == 0, flipped.stdout + flipped.stderr
-            time.sleep(1.0)
+            wait_reads(loads, WINDOW)
         finally:
             for node in nodes:
                 cluster_vault.cluster.resume(node)
         cluster_vault.cluster.wait_serving()
-        time.sleep(1.0)
+        wait_reads(loads, WINDOW)
         reports = assert_nothing_failed_or_waited(loads)
         assert all(r.stale > 0 for r in reports), "the hang was served from the cache, flagged"
-        eventually(lambda: replicas[1].scrape("/readyz")[0] == 200, what="the replica warm")
+        wait_until(lambda: replicas[1].scrape("/readyz")[0] == 200, what="the replica warm")
     finally:
         for replica in replicas:
             replica.stop()
@@ -129,9 +132,9 @@ def test_a_replica_sigtermed_under_load_cancels_no_call_of_either_client(
     replicas = [BrokerProcess(tmp_path / f"broker{i}", settings).start() for i in range(2)]
     try:
         loads = loads_on(replicas, pki)
-        time.sleep(1.0)
+        wait_reads(loads, WINDOW)
         assert replicas[0].terminate() == 0
-        time.sleep(1.5)
+        wait_reads(loads, WINDOW)
         assert_nothing_failed_or_waited(loads)
         log = replicas[0].log()
         assert log.index("reported NOT_SERVING") < log.index("broker stopped")
@@ -155,7 +158,14 @@ def test_a_stalled_stdout_audit_sink_fails_no_read(
     healthy = BrokerProcess(tmp_path / "healthy", document(vault, pki)).start()
     try:
         loads = loads_on([stalled, healthy], pki)
-        time.sleep(4.0)
+        if fail_closed:  # the sink fills, a write hangs past audit.write_timeout
+            wait_until(lambda: "stalled" in stalled.scrape("/readyz")[1], what="the trail stalled")
+        else:  # the sink fills, then the writer's queue
+            wait_until(
+                lambda: (stalled.metric("secretbroker_audit_dropped_total") or 0) > 0,
+                what="records dropped",
+            )
+        wait_reads(loads, WINDOW)  # and the load goes on through it
         assert_nothing_failed_or_waited(loads)
         assert stalled.scrape("/healthz")[0] == 200, "alive: the event loop never blocked"
         if fail_closed:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,11 +17,13 @@ import pytest
 
 from broker.errors import ConfigError
 from broker.sources.env import variable_name
+from devstack.harness import broker_command, wait_until
 from devstack.pki import CertFiles
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
+from tests.support import (
     API,
     DATABASE,
+    ENV_VALUES,
     SECRET_KEYS,
     BrokerFactory,
     Measure,
@@ -31,16 +31,12 @@ from tests.conftest import (
     RunningBroker,
     Vault,
     Watch,
-    eventually,
     example_config,
     get,
     ops_cli,
     status_of,
 )
 
-ENV_VALUES = {
-    variable_name(name, key): f"env-{name}-{key}" for name in (DATABASE, API) for key in SECRET_KEYS
-}
 VAULT = broker_pb2.SOURCE_VAULT
 ENV = broker_pb2.SOURCE_ENV
 
@@ -108,13 +104,12 @@ def test_missing_variables_are_named_never_valued(
 
 
 def test_malformed_startup_variable_stops_serve_with_the_key(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "broker", "serve", "--config", str(example_config(tmp_path))],
-        capture_output=True,
-        text=True,
+    result = broker_command(
+        "serve",
+        "--config",
+        str(example_config(tmp_path)),
+        env={"VAULT_ENABLED_SECRETS": "database,api"},
         timeout=60,
-        check=False,
-        env={**os.environ, "VAULT_ENABLED_SECRETS": "database,api"},
     )
     assert result.returncode == 2
     assert "config error: VAULT_ENABLED_SECRETS: must be a JSON list" in result.stderr
@@ -341,7 +336,7 @@ def test_ready_means_every_secret_is_answerable_from_its_current_source(
     missing_api = {k: v for k, v in ENV_VALUES.items() if not k.startswith("MEDIA_CATALOG_API")}
     broker = start_broker(vault, environ={"VAULT_ENABLED_SECRETS": "[]", **missing_api})
 
-    eventually(lambda: "no value to serve for" in broker.scrape("/readyz")[1])
+    wait_until(lambda: "no value to serve for" in broker.scrape("/readyz")[1])
     status, reason = broker.scrape("/readyz")
     assert status == 503
     assert f"no value to serve for: {API} (env: MEDIA_CATALOG_API_OTHER" in reason
@@ -358,7 +353,7 @@ def test_ready_means_every_secret_is_answerable_from_its_current_source(
     ]
 
     set_override(broker, pki, ["api"])  # api back to Vault: everything answerable again
-    eventually(lambda: broker.scrape("/readyz")[0] == 200)
+    wait_until(lambda: broker.scrape("/readyz")[0] == 200)
 
 
 def test_readiness_says_not_logged_in_when_vault_answers_but_refuses_the_login(
@@ -375,7 +370,7 @@ def test_readiness_says_not_logged_in_when_vault_answers_but_refuses_the_login(
     offset = private_vault.audit_offset()
     broker = start_broker(private_vault, auth=auth)
 
-    eventually(lambda: "no value to serve for" in broker.scrape("/readyz")[1])
+    wait_until(lambda: "no value to serve for" in broker.scrape("/readyz")[1])
     status, reason = broker.scrape("/readyz")
     assert status == 503
     assert reason.startswith(

@@ -13,8 +13,9 @@ import pytest
 from broker.tools.replicas import resolve_replicas
 from secretbroker.client import BrokerClientConfig
 from secretbroker.v1 import broker_pb2
-from tests.conftest import API, BrokerFactory, Pki, Vault, get, ops_cli
-from tests.test_rollback import ENV_VALUES
+from tests.support import API, ENV_VALUES, BrokerFactory, Pki, Vault, get, ops_cli
+
+pytestmark = pytest.mark.ha
 
 
 def test_a_flip_reaches_every_replica_while_vault_is_down_and_a_missed_one_is_named(

@@ -3,10 +3,10 @@ once across replicas; previous versions stay readable for a while."""
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,8 +17,9 @@ import requests
 from broker.config import SecretSpec
 from broker.sources import vault as vault_module
 from broker.sources.base import SecretValue
+from devstack.harness import wait_until
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
+from tests.support import (
     API,
     DATABASE,
     KV_MOUNT,
@@ -26,9 +27,9 @@ from tests.conftest import (
     Pki,
     RunningBroker,
     Vault,
-    eventually,
     get,
     metric,
+    samples,
     status_of,
 )
 
@@ -172,7 +173,7 @@ def test_a_rotation_write_that_meets_a_hung_vault_is_sent_again_and_lands_once(
     """The write times out (Vault may still apply it when it wakes); sent again with the same
     check-and-set, it ends in exactly one new version, answered as the rotation's."""
     broker = start_broker(private_vault, secrets_=ROTATING, timeout="1s")
-    eventually(  # the schedule's first check at start-up is done: only ours touches Vault now
+    wait_until(  # the schedule's first check at start-up is done: only ours touches Vault now
         lambda: metric(broker, "secretbroker_rotation_timestamp_seconds", secret=API) > 0,
         ignoring=(AssertionError,),
     )
@@ -192,38 +193,68 @@ def test_a_rotation_write_vault_never_answers_within_the_settle_time_is_unavaila
     most one version lands when Vault wakes (check-and-set on the version read)."""
     monkeypatch.setattr(vault_module, "WRITE_SETTLE", 3.0)
     broker = start_broker(private_vault, secrets_=ROTATING, timeout="1s")
-    eventually(  # the schedule's first check at start-up is done: only ours touches Vault now
+    wait_until(  # the schedule's first check at start-up is done: only ours touches Vault now
         lambda: metric(broker, "secretbroker_rotation_timestamp_seconds", secret=API) > 0,
         ignoring=(AssertionError,),
     )
     stub = broker.stub(pki.catalog, pki.ca)
     before = get(stub, API)
+    offset = private_vault.audit_offset()
     hang_vault_after_the_rotation_reads(private_vault, broker, monkeypatch, back_after=None)
     try:
         assert status_of(lambda: rotate(broker, pki)) == grpc.StatusCode.UNAVAILABLE
         assert get(stub, API).version == before.version, "the cached value is still served"
     finally:
         private_vault.server.resume()
-    time.sleep(1.0)  # writes Vault had taken in while hung are applied now
-    assert current_version(private_vault) in (before.version, before.version + 1)
+    sent = sum(
+        value
+        for (name, labels), value in samples(broker).items()
+        if name == "secretbroker_vault_requests_total" and ("operation", "write") in labels
+    )
+    assert sent >= 1, "the rotation sent its write"
+
+    def answered() -> float:
+        return private_vault.writes_since(offset, API, answered=True) + private_vault.writes_since(
+            offset, API, answered=False
+        )
+
+    # Every write the broker sent while Vault hung is taken in and answered once Vault wakes:
+    wait_until(lambda: answered() >= sent, what="OpenBao's answers to the writes it held")
+    assert private_vault.writes_since(offset, API) == sent
+    applied = private_vault.writes_since(offset, API, answered=True)
+    assert applied <= 1, "check-and-set: one version at most, however often it was sent"
+    assert current_version(private_vault) == before.version + applied
 
 
 def test_scheduled_rotation_fires_once_across_two_replicas(
     private_vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
     version = private_vault.write(API, value="initial", other="kept")
-    written_at = time.monotonic()
     schedule = {DATABASE: {}, API: {"rotation": {"key": "value", "period": "3s"}}}
     rollout = {"rotation_check_interval": "100ms"}
-    for _ in range(2):
-        start_broker(private_vault, secrets_=schedule, rollout=rollout)
+    replicas = [start_broker(private_vault, secrets_=schedule, rollout=rollout) for _ in range(2)]
 
-    deadline = time.monotonic() + 20
-    while current_version(private_vault) == version and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert current_version(private_vault) == version + 1, "the due rotation did not happen"
-    # Both replicas check every 100ms; give them 1s more to write a second version if they would.
-    time.sleep(max(0.0, written_at + 4.5 - time.monotonic()))
+    wait_until(
+        lambda: current_version(private_vault) > version, what="the due rotation", timeout=20
+    )
+    assert current_version(private_vault) == version + 1
+    # Both replicas have checked since, and found the new version not due: no second write.
+    created = private_vault.admin.secrets.kv.v2.read_secret_metadata(
+        path=API, mount_point=KV_MOUNT
+    )["data"]["versions"][str(version + 1)]["created_time"]
+    whole, _, fraction = created.rstrip("Z").partition(".")
+    written_at = dt.datetime.fromisoformat(whole).replace(tzinfo=dt.UTC).timestamp()
+    written_at += float(f"0.{fraction or 0}")
+
+    def has_checked_the_new_version(replica: RunningBroker) -> bool:
+        seen = metric(replica, "secretbroker_rotation_timestamp_seconds", secret=API)
+        return abs(seen - written_at) < 0.001
+
+    for replica in replicas:
+        wait_until(
+            functools.partial(has_checked_the_new_version, replica),
+            what="each replica's check of the new version",
+        )
     assert current_version(private_vault) == version + 1
     rotated = private_vault.admin.secrets.kv.v2.read_secret_version(
         path=API, mount_point=KV_MOUNT, raise_on_deleted_version=True
@@ -306,7 +337,7 @@ def test_the_schedule_leaves_a_rolled_back_secret_alone(
         },
     )
     rotations = "secretbroker_rotations_total"
-    eventually(lambda: metric(broker, rotations, secret=DATABASE, result="failed") >= 3)
+    wait_until(lambda: metric(broker, rotations, secret=DATABASE, result="failed") >= 3)
 
     assert current_version(private_vault) == version
     assert all(

@@ -9,15 +9,7 @@ from pathlib import Path
 import pytest
 
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
-    OPS_ID,
-    BrokerFactory,
-    Pki,
-    Vault,
-    broker_settings,
-    serve,
-    write_config,
-)
+from tests.support import OPS_ID, BrokerFactory, Pki, Vault, broker_settings, serve, write_config
 
 
 def server_files(pki: Pki, cert: Path, key: Path) -> dict[str, str]:

@@ -26,10 +26,10 @@ from broker.config import TokenAuth, VaultConfig, parse_config
 from broker.errors import SourceUnavailable
 from broker.server import Broker
 from broker.sources.vault_nodes import VaultNodes
-from devstack.openbao import free_port_pair
+from devstack.harness import free_port_pair, wait_until
 from secretbroker.client import ROUTING_HEALTH_SERVICE, channel_credentials
 from secretbroker.v1 import broker_pb2_grpc
-from tests.conftest import (
+from tests.support import (
     API,
     DATABASE,
     BrokerFactory,
@@ -38,7 +38,6 @@ from tests.conftest import (
     Vault,
     Watch,
     broker_settings,
-    eventually,
     get,
     status_of,
     write_config,
@@ -84,7 +83,7 @@ def inject_death(broker: RunningBroker, name: str) -> None:
     def injected() -> bool:
         return bool(broker.run(inject()))
 
-    eventually(injected, what=f"{name} suspended at an await")
+    wait_until(injected, what=f"{name} suspended at an await")
 
 
 @pytest.mark.parametrize("task", BACKGROUND_TASKS)
@@ -108,7 +107,7 @@ def test_a_background_task_that_dies_is_logged_critical_and_takes_the_broker_out
     assert task in died[0].getMessage()
     assert died[0].exc_info is not None, "with its traceback"
     for service in ("", ROUTING_HEALTH_SERVICE):
-        eventually(functools.partial(not_serving, broker, pki, service))
+        wait_until(functools.partial(not_serving, broker, pki, service))
     status, reason = broker.scrape("/healthz")
     assert (status, reason.strip()) == (503, f"background task {task} died")
 
@@ -178,7 +177,7 @@ def test_a_broker_started_while_vault_hangs_takes_no_calls_until_it_holds_every_
         assert status_of(lambda: get(stub, API, timeout=1)) == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
         private_vault.server.resume()
-    eventually(lambda: health_of(broker, pki, ROUTING_HEALTH_SERVICE) == SERVING, timeout=30)
+    wait_until(lambda: health_of(broker, pki, ROUTING_HEALTH_SERVICE) == SERVING, timeout=30)
     assert not get(stub, API).stale
     assert broker.scrape("/readyz")[0] == 200
 
@@ -197,7 +196,7 @@ def test_a_broker_that_cannot_warm_up_takes_traffic_after_warmup_timeout(
             server={"warmup_timeout": "1s"},
         )
         broker.run(_flip_database_to_env(broker.broker))
-        eventually(lambda: health_of(broker, pki, ROUTING_HEALTH_SERVICE) == SERVING)
+        wait_until(lambda: health_of(broker, pki, ROUTING_HEALTH_SERVICE) == SERVING)
         assert get(broker.stub(pki.catalog, pki.ca), DATABASE).data["value"] == "v"
     finally:
         private_vault.server.resume()

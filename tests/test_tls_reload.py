@@ -21,7 +21,7 @@ from cryptography import x509
 
 from devstack.pki import CertFiles, DevCA, issue_loopback_server
 from secretbroker.client import BrokerClientConfig, SecretsClient, SecretUnavailable
-from tests.conftest import (
+from tests.support import (
     API,
     CATALOG_ID,
     BrokerFactory,
@@ -133,6 +133,7 @@ REISSUE_EVERY = 20.0
 
 
 @pytest.mark.timeout(SOAK_SECONDS + 120)
+@pytest.mark.soak
 def test_certificates_valid_60s_reissued_every_20s_for_3_minutes_lose_no_read(
     vault: Vault, pki: Pki, start_broker: BrokerFactory, tmp_path: Path, measure: Measure
 ) -> None:

@@ -15,16 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
-    API,
-    OPS_ID,
-    BrokerFactory,
-    Pki,
-    RunningBroker,
-    Vault,
-    get,
-    secure_channel,
-)
+from tests.support import API, OPS_ID, BrokerFactory, Pki, RunningBroker, Vault, get, secure_channel
 
 SERVICE = "/secretbroker.v1.SecretBroker/"
 ADMIN = "/secretbroker.v1.SecretBrokerAdmin/"

@@ -9,28 +9,14 @@ import time
 import grpc
 import pytest
 
+from devstack.harness import wait_until
 from secretbroker.v1 import broker_pb2
-from tests.conftest import (
-    API,
-    DATABASE,
-    BrokerFactory,
-    Pki,
-    Vault,
-    Watch,
-    eventually,
-    get,
-    metric,
-    status_of,
-)
+from tests.support import API, DATABASE, BrokerFactory, Pki, Vault, Watch, get, metric, status_of
 
 VAULT_TIMEOUT = "1s"
 # A client deadline well above the Vault timeout: an answer of UNAVAILABLE (not DEADLINE_EXCEEDED)
 # proves the broker gave up on Vault by itself, within its configured timeout.
 CLIENT_DEADLINE = 8.0
-
-
-def _expire(seconds: float) -> None:
-    time.sleep(seconds)
 
 
 def test_hung_vault_serves_stale_then_unavailable_and_recovers_after_sigcont(
@@ -45,7 +31,7 @@ def test_hung_vault_serves_stale_then_unavailable_and_recovers_after_sigcont(
     broker.forget(API)
     stub = broker.stub(pki.catalog, pki.ca)
     fresh = get(stub, DATABASE)
-    _expire(0.4)
+    broker.clock.advance(0.4)
 
     private_vault.server.pause()
     try:
@@ -58,7 +44,7 @@ def test_hung_vault_serves_stale_then_unavailable_and_recovers_after_sigcont(
             status_of(lambda: get(stub, API, timeout=CLIENT_DEADLINE))
             == grpc.StatusCode.UNAVAILABLE
         )
-        _expire(3.5)  # past max_stale
+        broker.clock.advance(3.5)  # past max_stale
         assert (
             status_of(lambda: get(stub, DATABASE, timeout=CLIENT_DEADLINE))
             == grpc.StatusCode.UNAVAILABLE
@@ -66,7 +52,7 @@ def test_hung_vault_serves_stale_then_unavailable_and_recovers_after_sigcont(
     finally:
         private_vault.server.resume()
 
-    _expire(0.3)  # past error_backoff
+    broker.clock.advance(0.3)  # past error_backoff
     recovered = get(stub, DATABASE)
     assert not recovered.stale
     assert recovered.fetched_at.ToNanoseconds() > fresh.fetched_at.ToNanoseconds()
@@ -87,7 +73,7 @@ def test_killed_vault_serves_cached_secrets_stale_and_uncached_ones_unavailable(
     fresh = get(stub, DATABASE)
 
     private_vault.server.stop()
-    _expire(0.3)
+    broker.clock.advance(0.3)
 
     stale = get(stub, DATABASE, timeout=CLIENT_DEADLINE)
     assert stale.stale
@@ -124,7 +110,7 @@ def test_sealed_vault_serves_cached_secrets_stale_and_uncached_ones_unavailable(
     fresh = get(stub, DATABASE)
 
     private_vault.admin.sys.seal()
-    _expire(0.3)
+    broker.clock.advance(0.3)
 
     stale = get(stub, DATABASE, timeout=CLIENT_DEADLINE)
     assert stale.stale
@@ -163,7 +149,7 @@ def test_rotation_against_a_hung_vault_fails_unavailable_and_changes_nothing(
     before = get(stub, API)
     # The schedule's first check runs at start-up: let it finish before Vault hangs, so the
     # only failed rotation counted is the one asked for here.
-    eventually(lambda: metric(broker, "secretbroker_rotation_timestamp_seconds", secret=API) > 0)
+    wait_until(lambda: metric(broker, "secretbroker_rotation_timestamp_seconds", secret=API) > 0)
     private_vault.server.pause()
     try:
         with pytest.raises(grpc.RpcError) as caught:
@@ -201,12 +187,12 @@ def test_a_sealed_vault_shows_in_metrics_and_readiness(
     broker = start_broker(
         private_vault, metrics={"listen": "127.0.0.1:0", "vault_probe_interval": "100ms"}
     )
-    eventually(lambda: broker.scrape("/readyz")[0] == 200)
+    wait_until(lambda: broker.scrape("/readyz")[0] == 200)
     private_vault.admin.sys.seal()
-    eventually(lambda: "secretbroker_vault_sealed 1.0" in broker.scrape()[1])
-    eventually(lambda: "vault is sealed" in broker.scrape("/readyz")[1])
+    wait_until(lambda: "secretbroker_vault_sealed 1.0" in broker.scrape()[1])
+    wait_until(lambda: "vault is sealed" in broker.scrape("/readyz")[1])
     assert broker.scrape("/readyz")[0] == 200, "every declared secret is held: still ready"
     assert "secretbroker_vault_up 0.0" in broker.scrape()[1]
     broker.forget(API)
-    eventually(lambda: broker.scrape("/readyz")[0] == 503)
+    wait_until(lambda: broker.scrape("/readyz")[0] == 503)
     assert f"vault is sealed; no value to serve for: {API}" in broker.scrape("/readyz")[1]

@@ -18,18 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.config import JwtAuth, parse_config
 from broker.errors import ConfigError
+from devstack.harness import wait_until
 from devstack.pki import write_private
-from tests.conftest import (
-    API,
-    BrokerFactory,
-    Pki,
-    Vault,
-    broker_settings,
-    eventually,
-    get,
-    metric,
-    status_of,
-)
+from tests.support import API, BrokerFactory, Pki, Vault, broker_settings, get, metric, status_of
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 AUDIENCE = "secretbroker"
@@ -161,7 +152,7 @@ def test_a_refused_token_is_named_in_the_log_without_being_shown(
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNAVAILABLE,
     )
-    eventually(lambda: "vault refused the jwt login" in caplog.text)
+    wait_until(lambda: "vault refused the jwt login" in caplog.text)
     refusals = [
         r.getMessage() for r in caplog.records if "vault refused the jwt login" in r.getMessage()
     ]

@@ -8,7 +8,7 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from tests.conftest import API, DATABASE, DEPLOY, EXTERNAL, KV_MOUNT, Vault
+from tests.support import API, DATABASE, DEPLOY, EXTERNAL, KV_MOUNT, Vault
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from broker.sources.vault_session import VaultSession
 from devstack.bootstrap import BROKER_ROLE
 from devstack.broker_config import approle_auth
 from devstack.pki import write_private
-from tests.conftest import API, BrokerFactory, Pki, Vault, broker_settings, get
+from tests.support import API, BrokerFactory, Pki, Vault, broker_settings, get
 
 CREATION_PATH = f"auth/approle/role/{BROKER_ROLE}/secret-id"
 

@@ -10,19 +10,10 @@ import time
 import grpc
 import pytest
 
+from devstack.harness import client_config, wait_until
 from secretbroker.client import secure_aio_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
-from tests.conftest import (
-    API,
-    DATABASE,
-    BrokerFactory,
-    Measure,
-    Pki,
-    Vault,
-    Watch,
-    client_config,
-    get,
-)
+from tests.support import API, DATABASE, BrokerFactory, Measure, Pki, Vault, Watch, get
 
 ROTATING = {DATABASE: {}, API: {"rotation": {"key": "value"}}}
 
@@ -100,7 +91,7 @@ def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_an
     private_vault: Vault, pki: Pki, start_broker: BrokerFactory, measure: Measure
 ) -> None:
     broker = start_broker(private_vault, secrets_=ROTATING, log_level="INFO")
-    config = client_config(broker.port, pki.ca, pki.catalog)
+    config = client_config(f"127.0.0.1:{broker.port}", pki.ca, pki.catalog)
     admin = broker.admin(pki.ops, pki.ca)
 
     async def scenario() -> tuple[set[int], int]:
@@ -150,10 +141,7 @@ def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_an
 
     assert len(new_versions) == 1, "all 1,000 streams got the same, new version"
     assert answered >= 1
-    deadline = time.monotonic() + 30
-    while len(broker.broker.feed) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(broker.broker.feed) == 0, "cancelled streams unsubscribed"
+    wait_until(lambda: len(broker.broker.feed) == 0, 30, "cancelled streams unsubscribed")
 
 
 def test_one_identity_is_capped_in_streams_and_names_per_watch(
@@ -183,13 +171,8 @@ def test_one_identity_is_capped_in_streams_and_names_per_watch(
     assert get(stub, API).name == API, "GetSecret is not capped"
 
     watches[0].cancel()
-    replacement = Watch(stub, [DATABASE])
-    for _ in range(100):  # the broker notices the cancel on its next turn
-        try:
-            assert replacement.next().name == DATABASE
-            break
-        except grpc.RpcError:
-            time.sleep(0.05)
-            replacement = Watch(stub, [DATABASE])
-    else:
-        pytest.fail("a closed stream did not free its place")
+
+    def a_new_stream_opens() -> bool:  # the broker notices the cancel on its next turn
+        return Watch(stub, [DATABASE]).next().name == DATABASE
+
+    wait_until(a_new_stream_opens, 10, "a closed stream to free its place", (grpc.RpcError,))
