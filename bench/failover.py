@@ -18,7 +18,7 @@ import grpc
 
 from devstack.broker_config import approle_auth, broker_document
 from devstack.ha import CatalogLoad, ClusterVault, LoadReport, start_cluster_vault
-from devstack.harness import BrokerProcess, client_config
+from devstack.harness import BrokerProcess, client_config, wait_until
 from devstack.stack import CATALOG_SPIFFE_ID, OPS_SPIFFE_ID, issue_dev_certificates
 from secretbroker.client import SecretsClient, secure_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -158,15 +158,10 @@ def measure_hang(
 
 def _until_ready(replica: BrokerProcess, since: float) -> float:
     """Seconds from ``since`` until the replica's /readyz answers 200 (it is warm)."""
-    while True:
-        try:
-            if replica.scrape("/readyz")[0] == 200:
-                return time.time() - since
-        except OSError:
-            pass
-        if time.time() - since > 60:
-            raise RuntimeError("the cold replica was not ready within 60 s of Vault's return")
-        time.sleep(0.05)
+    wait_until(
+        lambda: replica.scrape("/readyz")[0] == 200, 60, "the cold replica ready", (OSError,)
+    )
+    return time.time() - since
 
 
 def _rotate_until_it_works(
@@ -176,26 +171,24 @@ def _rotate_until_it_works(
     a clean UNAVAILABLE (or ABORTED), never a second version."""
     channel = secure_channel(ops)
     admin = broker_pb2_grpc.SecretBrokerAdminStub(channel)
+
+    def rotate() -> broker_pb2.RotateSecretResponse | None:
+        try:
+            return admin.RotateSecret(broker_pb2.RotateSecretRequest(name=API), timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+                raise
+            return None
+
     try:
-        while True:
-            try:
-                rotated = admin.RotateSecret(broker_pb2.RotateSecretRequest(name=API), timeout=10)
-                return rotated, time.time() - killed_at
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
-                    raise
-                if time.time() - killed_at > 60:
-                    raise RuntimeError("rotation did not work again within 60 s") from None
-                time.sleep(0.1)
+        rotated = wait_until(rotate, 60, "a rotation that works again", interval=0.1)
+        return rotated, time.time() - killed_at
     finally:
         channel.close()
 
 
 def _until_watcher_has(load: CatalogLoad, version: int, since: float) -> float:
-    while load.live_version(API) < version:
-        if time.time() - since > 60:
-            raise RuntimeError(f"the watcher did not get version {version} within 60 s")
-        time.sleep(0.01)
+    wait_until(lambda: load.live_version(API) >= version, 60, f"version {version}", interval=0.01)
     return time.time() - since
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 import hvac
 
+from devstack.harness import client_config
+from devstack.pki import CertFiles
 from secretbroker.client import (
     BrokerClientConfig,
     LiveSecrets,
@@ -34,12 +36,8 @@ Args = dict[str, Any]
 
 def _config(args: Args) -> BrokerClientConfig:
     """The SDK's client settings, from what the rig passes to a worker process."""
-    return BrokerClientConfig(
-        target=args["target"],
-        ca_file=Path(args["ca"]),
-        cert_file=Path(args["cert"]),
-        key_file=Path(args["key"]),
-    )
+    client = CertFiles(Path(args["cert"]), Path(args["key"]))
+    return client_config(args["target"], Path(args["ca"]), client)
 
 
 def _raw_call(args: Args) -> Callable[[], bytes]:

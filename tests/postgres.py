@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psycopg
 
-from devstack.harness import die_with_parent, free_port_pair, wait_until
+from devstack.harness import die_with_parent, free_port_pair, stop_process, wait_until
 
 
 def postgres_bindir() -> Path:
@@ -75,6 +75,5 @@ def running_postgres() -> Iterator[str]:
         wait_until(accepts, 30, "PostgreSQL to accept", (psycopg.OperationalError,), 0.1)
         yield url
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process(server, timeout=30)
         shutil.rmtree(data, ignore_errors=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from devstack.harness import free_port_pair, wait_until
+from devstack.harness import client_config, free_port_pair, wait_until
 from devstack.pki import DevCA, write_private
 from secretbroker.client import (
     BrokerClientConfig,
@@ -121,12 +121,7 @@ def test_point_reads_never_go_back_a_version_across_replicas_whose_caches_disagr
     replicas[0].forget(API)
     plain = replicas[1].stub(pki.catalog, pki.ca)
     assert get(plain, API).version == old < new, "a plain read of replica 1 is a version behind"
-    config = BrokerClientConfig(
-        target=[f"127.0.0.1:{replica.port}" for replica in replicas],
-        ca_file=pki.ca,
-        cert_file=pki.catalog.cert,
-        key_file=pki.catalog.key,
-    )
+    config = client_config([f"127.0.0.1:{r.port}" for r in replicas], pki.ca, pki.catalog)
     with SecretsClient(config) as client:
         versions = [client.get_secret(API).version for _ in range(20)]
 

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from devstack.broker_config import approle_auth
-from devstack.harness import free_port_pair, wait_until
+from devstack.harness import free_port_pair, stop_process, wait_until
 from devstack.pki import CertFiles
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 from tests.support import (
@@ -179,9 +179,7 @@ def test_the_image_serves_as_its_user_on_a_read_only_root_writing_only_its_volum
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_process(process)
         for channel in channels:
             channel.close()
     output = log.read_text()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import urllib.parse
 import urllib.request
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from devstack.harness import die_with_parent, free_port_pair, wait_until
+from devstack.harness import die_with_parent, free_port_pair, stop_process, wait_until
 from tests.support import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, get
 
 DEPLOY = Path(__file__).parents[1] / "deploy"
@@ -127,8 +126,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[RunningBroker], str]]:
 
     yield start
     for process in processes:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+        stop_process(process, timeout=30)
 
 
 def _api(url: str, path: str, **params: str) -> Any:
