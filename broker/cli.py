@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     native: NativeStderr | None = None
     try:
         config = load_config(args.config, os.environ)
-        json_logs = config.log_format == "json"
-        native = route_native_stderr(config.log_level, config.log_format)
+        json_logs = config.log.format == "json"
+        native = route_native_stderr(config.log.level, config.log.format)
         died = asyncio.run(serve(config, native))
     except ConfigError as exc:  # from the file, the environment, the TLS files, the listeners
         if native is not None:

@@ -21,6 +21,7 @@ from broker.audit.chain import ChainKey, KeyFileError, load_key
 from broker.config_reader import (
     Sensitive,
     Table,
+    choice,
     count,
     existing_file,
     file_mode,
@@ -30,6 +31,7 @@ from broker.config_reader import (
     optional_file,
     positive_seconds,
     seconds,
+    section_of,
     setting,
 )
 from broker.errors import ConfigError, InvalidSecretName
@@ -247,31 +249,39 @@ class IdentityConfig:
     """Identify a certificate without a URI SAN by its common name, as "cn:NAME"."""
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = choice("INFO", LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}", upper=True)
+    format: str = choice("text", ("text", "json"), 'must be "text" or "json"')
+    """"text" or "json" (one JSON object per line)."""
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
+    """The whole config; the sections that need nothing but their own table are read by
+    ``Table.section`` through their field's reader."""
+
     server: ServerConfig
     vault: VaultConfig
     cache: CacheConfig
     secrets: Mapping[str, SecretSpec]
     access: Mapping[str, tuple[str, ...]]
     """Identity (SPIFFE ID, or "cn:NAME") -> secret name patterns it may read."""
-    log_level: str = "INFO"
-    log_format: str = "text"
-    """"text" or "json" (one JSON object per line)."""
-    metrics: MetricsConfig = MetricsConfig()
-    admin: AdminConfig = AdminConfig()
-    rollout: RolloutConfig = RolloutConfig()
+    log: LogConfig = section_of(LogConfig)
+    metrics: MetricsConfig = section_of(MetricsConfig)
+    admin: AdminConfig = section_of(AdminConfig)
+    rollout: RolloutConfig = section_of(RolloutConfig)
     audit: AuditConfig = AuditConfig()
     startup_rollback: StartupRollback = StartupRollback()
     identity: IdentityConfig = IdentityConfig()
-    limits: LimitsConfig = LimitsConfig()
+    limits: LimitsConfig = section_of(LimitsConfig)
 
     @property
     def categories(self) -> frozenset[str]:
         return frozenset(spec.category for spec in self.secrets.values())
-
-
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def load_config(path: Path, environ: Mapping[str, str]) -> BrokerConfig:
@@ -295,37 +305,20 @@ def parse_config(
     cache = root.table("cache", required=False).section(CacheConfig)
     secrets = _parse_secrets(root.table("secrets"), cache.default_ttl)
     access = _parse_access(root.table("access", required=False))
-    log = root.table("log", required=False)
-    level = log.string("level", BrokerConfig.log_level).upper()
-    if level not in _LOG_LEVELS:
-        raise ConfigError("log.level", f"must be one of {', '.join(_LOG_LEVELS)}")
-    log_format = log.string("format", BrokerConfig.log_format)
-    if log_format not in ("text", "json"):
-        raise ConfigError("log.format", 'must be "text" or "json"')
-    log.reject_unknown()
-    metrics = root.table("metrics", required=False).section(MetricsConfig)
     admin = root.table("admin", required=False).section(AdminConfig)
-    rollout = root.table("rollout", required=False).section(RolloutConfig)
-    audit = _parse_audit(root.table("audit", required=False))
-    identity = _parse_identity(root.table("identity", required=False), access, admin)
-    limits = root.table("limits", required=False).section(LimitsConfig)
-    root.reject_unknown()
-    categories = frozenset(spec.category for spec in secrets.values())
-    return BrokerConfig(
-        server,
-        vault,
-        cache,
-        secrets,
-        access,
-        log_level=level,
-        log_format=log_format,
-        metrics=metrics,
+    return root.section(
+        BrokerConfig,
+        server=server,
+        vault=vault,
+        cache=cache,
+        secrets=secrets,
+        access=access,
         admin=admin,
-        rollout=rollout,
-        audit=audit,
-        startup_rollback=parse_vault_enabled(environ.get(VAULT_ENABLED_SECRETS), categories),
-        identity=identity,
-        limits=limits,
+        audit=_parse_audit(root.table("audit", required=False)),
+        identity=_parse_identity(root.table("identity", required=False), access, admin),
+        startup_rollback=parse_vault_enabled(
+            environ.get(VAULT_ENABLED_SECRETS), frozenset(s.category for s in secrets.values())
+        ),
     )
 
 

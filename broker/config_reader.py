@@ -94,6 +94,24 @@ def _listen_address(table: Table, name: str, default: str | None) -> str | None:
     return listen
 
 
+def choice(default: str, choices: tuple[str, ...], problem: str, *, upper: bool = False) -> Any:
+    """One of ``choices`` (compared in upper case with ``upper``); else ``problem``."""
+
+    def read(table: Table, name: str, default: str) -> str:
+        value = table.string(name, default)
+        value = value.upper() if upper else value
+        if value not in choices:
+            raise ConfigError(table.full(name), problem)
+        return value
+
+    return setting(default, read)
+
+
+def section_of(cls: type[Any]) -> Any:
+    """A whole table read as the dataclass ``cls`` (its defaults when the table is absent)."""
+    return setting(cls(), lambda table, name, _: table.table(name, required=False).section(cls))
+
+
 def file_mode(default: int) -> Any:
     """A file mode in octal ("0640"): read and write for the owner at most, read for the group."""
     return setting(default, _file_mode)
