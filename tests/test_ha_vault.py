@@ -278,7 +278,11 @@ def test_a_broker_restarted_while_the_leader_is_replaced_loses_no_catalog_read(
         wait_until(lambda: load.live_version(API) == version, timeout=30)
         load.wait_reads(SETTLE)
         assert_no_read_lost(load)
-        assert "logged in to vault" in replicas[0].log().split("broker stopped")[-1]
+        wait_until(  # the restarted replica logs in, after the election if not before
+            lambda: "logged in to vault" in replicas[0].log().split("broker stopped")[-1],
+            what="the restarted replica's login",
+            timeout=30,
+        )
     finally:
         for replica in replicas:
             replica.stop()
