@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,19 +39,48 @@ def die_with_parent(argv: list[str]) -> list[str]:
     return [*DIE_WITH_PARENT, *argv]
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10_000
+
+
 def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A free port whose successor is free too (OpenBao's dev cluster listener takes port + 1)."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind((host, 0))
-            port = int(first.getsockname()[1])
-            with socket.socket() as second:
-                try:
-                    second.bind((host, port + 1))
-                except OSError:
-                    continue
+    """A free port whose successor is free too (OpenBao's dev cluster listener takes port + 1),
+    outside the kernel's ephemeral range when it leaves room below it. A port in that range can
+    be taken by any outgoing connection between this check and the server's bind: seen on a
+    loaded machine, an OpenBao node's cluster port taken while the cluster formed, so the node
+    never joined."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = (
+            random.randrange(LOWEST_PORT, low - 1)  # noqa: S311 - spreading, not a secret
+            if low - 1 > LOWEST_PORT
+            else _any_free_port(host)
+        )
+        if _bindable(host, port) and _bindable(host, port + 1):
             return port
     raise RuntimeError("no pair of free ports on loopback")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _any_free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def stop_process(process: subprocess.Popen[Any] | None, timeout: float = 10.0) -> int | None:
