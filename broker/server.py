@@ -97,9 +97,6 @@ class Broker:
             (config.audit.file, "audit.file"),
         ):
             prepare_folder(path, key)
-        self._routing_due = asyncio.Event()
-        """Set when routing must be looked at now, not at the next ROUTING_INTERVAL (a
-        fail-closed audit trail refused a request)."""
         self.rollback = RollbackState(
             config.categories,
             config.startup_rollback,
@@ -116,7 +113,6 @@ class Broker:
                 fail_closed=config.audit.fail_closed,
                 on_failure=self.metrics.audit_failed,
                 on_drop=self.metrics.audit_record_dropped,
-                on_refuse=self._routing_due.set,
                 key=config.audit.key,
                 mode=config.audit.file_mode,
                 queue_size=config.audit.queue_size,
@@ -381,17 +377,6 @@ class Broker:
         log.info("no call in flight; stopping the gRPC server")
         await self._server.stop(grace)
 
-    async def _close_doors(self) -> None:
-        """A fail-closed audit trail cannot be written: every call would be refused, so the
-        server stops at once (GOAWAY: clients of every kind move their calls to other replicas
-        now, not after a drain spent answering UNAVAILABLE). The calls in flight wait for
-        their records, and are refused within audit.write_timeout."""
-        self._taking_calls = False
-        self.readiness.listening = False
-        self._gate.close()
-        self.feed.end_all()
-        await self._server.stop(self.config.audit.write_timeout + 1.0)
-
     async def _stop_background(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -470,9 +455,7 @@ class Broker:
     async def _follow_routing(self) -> None:
         while True:
             await self._update_routing()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._routing_due.wait(), ROUTING_INTERVAL)
-            self._routing_due.clear()
+            await asyncio.sleep(ROUTING_INTERVAL)
 
     async def _update_routing(self) -> None:
         """Set the routing health name (see the module docstring) when it changes; close the
@@ -481,7 +464,7 @@ class Broker:
         if audit is not None and self._taking_calls and not self._stopping:
             log.warning("taking no calls: %s; the gRPC server stops until it recovers", audit)
             self._closed_doors = True
-            await self._close_doors()
+            await self._close_server(self.config.server.shutdown_grace)
         elif audit is None and self._closed_doors and not self._stopping and self._tls:
             self._server, self._gate = self._build_server()
             host = self.config.server.listen.rpartition(":")[0]
