@@ -43,14 +43,17 @@ class Subscription:
 class ChangeFeed:
     def __init__(self) -> None:
         self._by_name: dict[str, set[Subscription]] = {}
+        self._open: set[Subscription] = set()
 
     def subscribe(self, names: Iterable[str]) -> Subscription:
         subscription = Subscription(self, frozenset(names))
         for name in subscription.names:
             self._by_name.setdefault(name, set()).add(subscription)
+        self._open.add(subscription)
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
+        self._open.discard(subscription)
         for name in subscription.names:
             followers = self._by_name.get(name)
             if followers is not None:
@@ -66,15 +69,15 @@ class ChangeFeed:
     def end_all(self) -> None:
         """End every open subscription: each stream's next wait raises ShuttingDown, so it
         ends UNAVAILABLE (clients resume it elsewhere), not cancelled with the server."""
-        for followers in self._by_name.values():
-            for subscription in followers:
-                subscription._ended = True
-                subscription._wake.set()
+        for subscription in self._open:
+            subscription._ended = True
+            subscription._wake.set()
 
     def watched(self) -> frozenset[str]:
         """Names with at least one subscriber."""
         return frozenset(self._by_name)
 
     def __len__(self) -> int:
-        """Open subscriptions."""
-        return len({s for followers in self._by_name.values() for s in followers})
+        """Open subscriptions. Safe from any thread (the metrics scrape reads it): one len()
+        of a set, where counting over the per-name sets could meet one that changes."""
+        return len(self._open)
