@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from devstack.harness import (
     BrokerProcess,
     die_with_parent,
     free_port_pair,
+    scrape,
     stop_process,
     wait_until,
 )
@@ -138,8 +138,7 @@ class CatalogProcess:
         if self.exited() is not None:
             raise RuntimeError(f"the catalog service exited with code {self.exited()}")
         try:
-            with urllib.request.urlopen(f"http://{self.listen}{path}", timeout=2):
-                return True
+            return scrape(int(self.listen.rsplit(":", 1)[1]), path)[0] == 200
         except OSError:
             return False
 
