@@ -97,6 +97,9 @@ class Broker:
             (config.audit.file, "audit.file"),
         ):
             prepare_folder(path, key)
+        self._routing_due = asyncio.Event()
+        """Set when routing must be looked at now, not at the next ROUTING_INTERVAL (a
+        fail-closed audit trail refused a request)."""
         self.rollback = RollbackState(
             config.categories,
             config.startup_rollback,
@@ -113,6 +116,7 @@ class Broker:
                 fail_closed=config.audit.fail_closed,
                 on_failure=self.metrics.audit_failed,
                 on_drop=self.metrics.audit_record_dropped,
+                on_refuse=self._routing_due.set,
                 key=config.audit.key,
                 mode=config.audit.file_mode,
                 queue_size=config.audit.queue_size,
@@ -165,6 +169,8 @@ class Broker:
         """The gRPC server runs (warm, or warmup_timeout passed; not after it stopped)."""
         self._closed_doors = False
         """The gRPC server was stopped because a fail-closed audit trail cannot be written."""
+        self._doors_closing: asyncio.Task[None] | None = None
+        """That server's stop: one stop, which a shutdown or a reopening waits for."""
         self._warmup_ends = 0.0
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -355,8 +361,11 @@ class Broker:
         log.info("broker stopped")
 
     async def _drain(self, grace: float, delay: float) -> None:
+        if self._closed_doors:  # stopping already: that one stop ends, at most grace from now
+            await self._doors_closed(grace)
+            return
         if not self._taking_calls:  # takes no calls: release the port it may hold
-            if self.port and not self._closed_doors:
+            if self.port:
                 await self._server.start()
             await self._server.stop(0)
             return
@@ -376,6 +385,31 @@ class Broker:
             log.warning("calls still in flight after %gs are cancelled", grace)
         log.info("no call in flight; stopping the gRPC server")
         await self._server.stop(grace)
+
+    async def _close_doors(self) -> None:
+        """A fail-closed audit trail cannot be written: every call would be refused, so the
+        server stops at once (GOAWAY: clients of every kind move their calls to other replicas
+        now, not after a drain spent answering UNAVAILABLE). The calls in flight wait for
+        their records and are refused within audit.write_timeout."""
+        self._closed_doors = True
+        self._taking_calls = False
+        self.readiness.listening = False
+        self._gate.close()
+        self.feed.end_all()
+        stop = self._server.stop(self.config.audit.write_timeout + 1.0)
+        self._doors_closing = asyncio.create_task(stop, name="close-doors")
+        await asyncio.shield(self._doors_closing)  # a cancelled routing task leaves it running
+
+    async def _doors_closed(self, grace: float) -> None:
+        """Wait for the stop that closed the doors; calls still in flight after ``grace`` are
+        cancelled (a second stop only cuts the first one's grace short)."""
+        if self._doors_closing is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._doors_closing), grace)
+        except TimeoutError:
+            await self._server.stop(0)
+            await self._doors_closing
 
     async def _stop_background(self) -> None:
         for task in self._tasks:
@@ -455,7 +489,9 @@ class Broker:
     async def _follow_routing(self) -> None:
         while True:
             await self._update_routing()
-            await asyncio.sleep(ROUTING_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._routing_due.wait(), ROUTING_INTERVAL)
+            self._routing_due.clear()
 
     async def _update_routing(self) -> None:
         """Set the routing health name (see the module docstring) when it changes; close the
@@ -463,9 +499,10 @@ class Broker:
         audit = self.audit.problem() if self.config.audit.fail_closed else None
         if audit is not None and self._taking_calls and not self._stopping:
             log.warning("taking no calls: %s; the gRPC server stops until it recovers", audit)
-            self._closed_doors = True
-            await self._close_server(self.config.server.shutdown_grace)
+            await self._close_doors()
         elif audit is None and self._closed_doors and not self._stopping and self._tls:
+            await self._doors_closed(self.config.server.shutdown_grace)
+            self._doors_closing = None
             self._server, self._gate = self._build_server()
             host = self.config.server.listen.rpartition(":")[0]
             self._server.add_secure_port(f"{host}:{self.port}", self._tls.credentials())

@@ -255,6 +255,9 @@ def test_a_flip_whose_record_cannot_be_written_changes_nothing_when_audit_is_fai
     admin = broker.admin(pki.ops, pki.ca)
     before = broker.broker.rollback.status()
 
+    # First: the trail's first refusal closes the doors (every later call meets a stopped
+    # server, UNAVAILABLE), and only a call that reaches its handler can be denied.
+    denied = status_of(lambda: set_override(broker, pki, [], client=pki.catalog))
     flip = status_of(lambda: set_override(broker, pki, []))
     clear = status_of(
         lambda: admin.ClearRollbackOverride(broker_pb2.ClearRollbackOverrideRequest(), timeout=10)
@@ -262,7 +265,6 @@ def test_a_flip_whose_record_cannot_be_written_changes_nothing_when_audit_is_fai
     read_state = status_of(
         lambda: admin.GetRollbackState(broker_pb2.GetRollbackStateRequest(), timeout=10)
     )
-    denied = status_of(lambda: set_override(broker, pki, [], client=pki.catalog))
 
     assert (flip, clear, read_state) == (grpc.StatusCode.UNAVAILABLE,) * 3
     assert denied == grpc.StatusCode.PERMISSION_DENIED  # not UNKNOWN: the refusal stands

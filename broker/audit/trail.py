@@ -71,6 +71,7 @@ class AuditTrail:
         fail_closed: bool = False,
         on_failure: Callable[[], None] = lambda: None,
         on_drop: Callable[[], None] = lambda: None,
+        on_refuse: Callable[[], None] = lambda: None,
         key: ChainKey | None = None,
         mode: int = FILE_MODE,
         queue_size: int = QUEUE_SIZE,
@@ -80,6 +81,8 @@ class AuditTrail:
         self.fail_closed = fail_closed
         self._on_failure = on_failure
         self._on_drop = on_drop
+        self._on_refuse = on_refuse
+        """Told when fail-closed refuses a request (a stalled or failing sink), at once."""
         self._key = key
         self._mode = mode
         self._write_timeout = write_timeout
@@ -150,7 +153,7 @@ class AuditTrail:
         try:
             await asyncio.wait_for(asyncio.wrap_future(written), self._write_timeout)
         except TimeoutError:
-            raise AuditUnavailable(
+            raise self._refusal(
                 f"the audit trail cannot be written (no write within {self._write_timeout:g}s)"
             ) from None
 
@@ -183,16 +186,20 @@ class AuditTrail:
         if self.fail_closed:
             problem = self.problem()
             if problem is not None:  # refused at once: the caller's retry goes elsewhere
-                raise AuditUnavailable(problem)
+                raise self._refusal(problem)
         written: PendingWrite | None = concurrent.futures.Future() if self.fail_closed else None
         try:
             self._queue.put_nowait((body, written))
         except queue.Full:
             if self.fail_closed:  # refused, not lost: the request gets no answer
-                raise AuditUnavailable("the audit trail cannot be written (queue full)") from None
+                raise self._refusal("the audit trail cannot be written (queue full)") from None
             self._on_drop()
             return None
         return written
+
+    def _refusal(self, problem: str) -> AuditUnavailable:
+        self._on_refuse()
+        return AuditUnavailable(problem)
 
     # the writer thread ---------------------------------------------------------------------
 
