@@ -58,6 +58,10 @@ class ServerConfig:
     routing health name) while it cannot answer every declared secret. After that it takes
     traffic anyway, so a fleet started during a Vault outage serves what it can (env-served
     secrets)."""
+    min_client_ping_interval: float = positive_seconds(10.0)
+    """Seconds: the shortest keepalive ping interval accepted from a client with a stream open
+    but idle. A client that pings more often is sent GOAWAY (too_many_pings), which breaks its
+    watch streams. gRPC's own default is 5 minutes, under the SDK's 60 s keepalive."""
 
 
 @dataclass(frozen=True)
@@ -233,9 +237,15 @@ class LimitsConfig:
 
     max_watch_names: int = count(100, minimum=1)
     """Names one WatchSecrets request may list."""
-    max_watch_streams_per_identity: int = count(1000, minimum=1)
-    """WatchSecrets streams one identity may hold open at once, over all its connections (every
-    replica of a workload shares its identity)."""
+    max_watch_streams_per_identity: int = count(5000, minimum=1)
+    """WatchSecrets streams one identity may hold open at once on this broker, over all its
+    connections (every replica of a workload shares its identity). About 27 KB each: 5,000
+    streams hold about 135 MB. Size it as pods of the workload / (broker replicas - 1), plus
+    headroom: the streams of a lost replica move to the others (README, Scale)."""
+    max_pending_calls: int = count(20_000, minimum=1)
+    """Calls that have arrived but that the server has not taken up yet (a fleet's watchers
+    reconnecting at once). Past it gRPC core itself sheds calls, before the broker sees them:
+    clients see CANCELLED, and the broker's metrics and logs do not."""
 
 
 @dataclass(frozen=True)

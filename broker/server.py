@@ -72,6 +72,33 @@ LOOP_STALL = 10.0
 """Seconds without a heartbeat after which /healthz reports the event loop stuck."""
 ROUTING_INTERVAL = 0.5
 """How often the routing health name is brought up to date."""
+SERVER_KEEPALIVE_MS = 60_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
+
+
+def server_options(config: BrokerConfig) -> list[tuple[str, int]]:
+    """gRPC core's settings for the broker's server, where its defaults do not fit a fleet."""
+    pending = config.limits.max_pending_calls
+    min_ping_ms = int(config.server.min_client_ping_interval * 1000)
+    return [
+        ("grpc.so_reuseport", 0),
+        # The aio server takes arrived calls up one per event-loop turn; calls that wait longer
+        # are "pending", and core sheds them at random past 1,000 and refuses all past 3,000 by
+        # default. A burst of reconnecting watchers is far more than that: soft limit = hard
+        # limit, so nothing is shed below the configured bound.
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", pending),
+        # Clients' keepalive pings on idle streams (the SDK's every 60 s) are welcome; core's
+        # default (5 min) answers them with GOAWAY too_many_pings, breaking the streams.
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Notice a client that vanished without closing its connection (its host died): its
+        # streams end and stop counting against its identity's limit within about 80 s, not
+        # core's 2 hours; and keep pinging a connection whose streams are idle.
+        ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 class Broker:
@@ -215,7 +242,7 @@ class Broker:
 
     def _build_server(self) -> tuple[grpc.aio.Server, DrainGate]:
         """A gRPC server with every service, each call through a drain gate of its own."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=server_options(self.config))
         gate = DrainGate()
         for add_to_server, servicer, plumbing in self._services:
             add_servicer(add_to_server, servicer, server, plumbing, gate, self.metrics.unparsable)

@@ -56,10 +56,13 @@ def test_defaults_and_relative_paths(files: Path) -> None:
     api = config.secrets["media-catalog/api"]
     assert (api.path, api.category, api.ttl) == ("mc/jwt", "jwt", 60.0)
     # The documented defaults of the new tables (deploy/broker.example.toml, README).
-    assert (config.limits.max_watch_streams_per_identity, config.limits.max_watch_names) == (
-        1000,
-        100,
-    )
+    limits = config.limits
+    assert (
+        limits.max_watch_streams_per_identity,
+        limits.max_watch_names,
+        limits.max_pending_calls,
+    ) == (5000, 100, 20_000)
+    assert config.server.min_client_ping_interval == 10.0
     assert config.identity.trust_domains == {"media.local"}  # from the IDs [access] names
     assert config.identity.cn_fallback is False
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from devstack.harness import client_config, wait_until
-from secretbroker.client import secure_aio_channel
+from secretbroker.client import channel_credentials, secure_aio_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 from tests.support import API, DATABASE, BrokerFactory, Measure, Pki, Vault, Watch, get
 
@@ -176,3 +176,85 @@ def test_one_identity_is_capped_in_streams_and_names_per_watch(
         return Watch(stub, [DATABASE]).next().name == DATABASE
 
     wait_until(a_new_stream_opens, 10, "a closed stream to free its place", (grpc.RpcError,))
+
+
+@pytest.mark.parametrize(("accepted", "stays_open"), [("500ms", True), ("2s", False)])
+def test_an_idle_watch_outlives_client_keepalive_pings_at_the_accepted_interval(
+    private_vault: Vault,
+    pki: Pki,
+    start_broker: BrokerFactory,
+    accepted: str,
+    stays_open: bool,
+) -> None:
+    """Clients ping connections whose streams are idle (the SDK every 60 s). gRPC's server
+    default (5 minutes between pings) answers that with GOAWAY too_many_pings, which broke
+    every idle watch after its third ping. The broker accepts pings
+    server.min_client_ping_interval apart (10 s by default; scaled down here against a client
+    that pings every 0.6 s), and cuts off a client that pings more often."""
+    broker = start_broker(
+        private_vault, secrets_=ROTATING, server={"min_client_ping_interval": accepted}
+    )
+    options = [("grpc.keepalive_time_ms", 600), ("grpc.http2.max_pings_without_data", 0)]
+    credentials = channel_credentials(pki.ca, pki.catalog.cert, pki.catalog.key)
+    with grpc.secure_channel(f"127.0.0.1:{broker.port}", credentials, options) as channel:
+        watch = Watch(broker_pb2_grpc.SecretBrokerStub(channel), [API])
+        assert watch.next().version == 1
+        time.sleep(6 * 0.6)  # idle: the stream's only traffic is six pings
+
+        rotated = broker.admin(pki.ops, pki.ca).RotateSecret(
+            broker_pb2.RotateSecretRequest(name=API), timeout=30
+        )
+        if stays_open:
+            assert watch.next().version == rotated.version
+        else:
+            with pytest.raises(grpc.RpcError) as broken:
+                watch.next()
+            assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+BURST = 3000
+
+
+@pytest.mark.parametrize(("max_pending_calls", "refused"), [(None, False), (100, True)])
+def test_a_burst_of_stream_opens_is_taken_up_not_shed_below_max_pending_calls(
+    private_vault: Vault,
+    pki: Pki,
+    start_broker: BrokerFactory,
+    max_pending_calls: int | None,
+    refused: bool,
+) -> None:
+    """A fleet's watchers reconnect at once. The aio server takes arrived calls up one per
+    event-loop turn, and gRPC core sheds the ones waiting past its own limits (at random past
+    1,000, all past 3,000): 3,000 opens at once here had about 720 CANCELLED before. The broker
+    sets core's limit to limits.max_pending_calls (20,000 by default), so all are served; a
+    limit set low sheds again, which shows it is this limit at work."""
+    limits = {"max_watch_streams_per_identity": BURST}
+    if max_pending_calls is not None:
+        limits["max_pending_calls"] = max_pending_calls
+    broker = start_broker(private_vault, limits=limits)
+    config = client_config(f"127.0.0.1:{broker.port}", pki.ca, pki.catalog)
+
+    async def burst() -> dict[str, int]:
+        channels = [secure_aio_channel(config) for _ in range(CHANNELS)]
+        stubs = [broker_pb2_grpc.SecretBrokerStub(channel) for channel in channels]
+        request = broker_pb2.WatchSecretsRequest(names=[API])
+        calls = [stubs[i % CHANNELS].WatchSecrets(request, timeout=120) for i in range(BURST)]
+        firsts = await asyncio.gather(*(call.read() for call in calls), return_exceptions=True)
+        codes: dict[str, int] = {}
+        for first in firsts:
+            code = "OK" if isinstance(first, broker_pb2.WatchSecretsResponse) else repr(first)
+            if isinstance(first, grpc.aio.AioRpcError):
+                code = first.code().name
+            codes[code] = codes.get(code, 0) + 1
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close(None)
+        return codes
+
+    codes = asyncio.run(burst())
+
+    if refused:  # core's refusal reaches the client as CANCELLED, not RESOURCE_EXHAUSTED
+        assert set(codes) == {"OK", "CANCELLED"}, codes
+    else:
+        assert codes == {"OK": BURST}
