@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Generic, TypeVar
 
 from broker.api.calls import Call, CallRules, timestamp
 from broker.audit.trail import AuditTrail, PendingWrite
@@ -16,6 +17,8 @@ from broker.sources.base import SecretValue, SourceKind
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+Response = TypeVar("Response")
 
 _SOURCE = {SourceKind.VAULT: broker_pb2.SOURCE_VAULT, SourceKind.ENV: broker_pb2.SOURCE_ENV}
 
@@ -30,7 +33,8 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         self._reader = reader
         self._watcher = watcher
         self._audit = audit
-        self._responses = ResponseCache()
+        self._responses = ResponseCache(lambda s: broker_pb2.GetSecretResponse(secret=s))
+        self._watch_responses = ResponseCache(lambda s: broker_pb2.WatchSecretsResponse(secret=s))
 
     async def GetSecret(  # type: ignore[override]
         self, request: broker_pb2.GetSecretRequest, call: Call
@@ -49,7 +53,7 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         call.note(secret=",".join(names))
         async for name, cached in self._watcher.watch(call.identity, names):
             await self._audit.confirm(self._allowed(call, name, cached))
-            yield broker_pb2.WatchSecretsResponse(secret=secret_message(name, cached))
+            yield self._watch_responses.response(name, cached)
 
     def _allowed(self, call: Call, name: str, cached: CachedSecret) -> PendingWrite | None:
         """Queues the record; what to confirm before answering when audit is fail-closed."""
@@ -60,24 +64,26 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         )
 
 
-class ResponseCache:
-    """The GetSecretResponse built for each value served, reused while that value is served:
-    a cached secret is answered without building its message again. Keyed by the value
-    object itself (compared by identity), so a new read always gets a new message."""
+class ResponseCache(Generic[Response]):
+    """The response built for each value served, reused while that value is served: a cached
+    secret is answered without building its message again, and a rotation's fan-out builds
+    one message for all its watch streams. Keyed by the value object itself (compared by
+    identity), so a new read always gets a new message."""
 
     MAX_ENTRIES = 4096
 
-    def __init__(self) -> None:
-        self._built: BoundedLru[
-            tuple[str, int, bool], tuple[SecretValue, broker_pb2.GetSecretResponse]
-        ] = BoundedLru(self.MAX_ENTRIES)
+    def __init__(self, wrap: Callable[[broker_pb2.Secret], Response]) -> None:
+        self._wrap = wrap
+        self._built: BoundedLru[tuple[str, int, bool], tuple[SecretValue, Response]] = BoundedLru(
+            self.MAX_ENTRIES
+        )
 
-    def response(self, name: str, cached: CachedSecret) -> broker_pb2.GetSecretResponse:
+    def response(self, name: str, cached: CachedSecret) -> Response:
         key = (name, id(cached.value), cached.stale)
         hit = self._built.get(key)
         if hit is not None and hit[0] is cached.value:
             return hit[1]
-        response = broker_pb2.GetSecretResponse(secret=secret_message(name, cached))
+        response = self._wrap(secret_message(name, cached))
         self._built.put(key, (cached.value, response))
         return response
 

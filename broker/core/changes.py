@@ -15,24 +15,39 @@ from broker.errors import ShuttingDown
 
 
 class Subscription:
+    """One stream's interest: a set of names, and what changed since it last looked. Slotted,
+    and a waiting stream holds one future, not an Event and its queue of waiters: a broker
+    holds one per open watch stream, tens of thousands of them."""
+
+    __slots__ = ("_dirty", "_ended", "_feed", "_waiter", "names")
+
     def __init__(self, feed: ChangeFeed, names: frozenset[str]) -> None:
         self.names = names
         self._feed = feed
         self._dirty: set[str] = set()
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._ended = False
 
     def _mark(self, name: str) -> None:
         self._dirty.add(name)
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def changed(self) -> set[str]:
         """Wait for, then take, the names marked since the last call. Raises ShuttingDown once
         the feed has ended every subscription (the broker stops taking calls)."""
-        await self._wake.wait()
+        if not self._dirty and not self._ended:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         if self._ended:
             raise ShuttingDown("the broker is shutting down: resume the watch on another replica")
-        self._wake.clear()
         dirty, self._dirty = self._dirty, set()
         return dirty
 
@@ -71,7 +86,7 @@ class ChangeFeed:
         ends UNAVAILABLE (clients resume it elsewhere), not cancelled with the server."""
         for subscription in self._open:
             subscription._ended = True
-            subscription._wake.set()
+            subscription._wake()
 
     def watched(self) -> frozenset[str]:
         """Names with at least one subscriber."""
