@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +17,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.ha import CatalogLoad
 from devstack.harness import BrokerProcess, client_config, wait_until
-from secretbroker.client import ROUTING_HEALTH_SERVICE, channel_credentials
+from secretbroker.client import (
+    RESUME_BACKOFF,
+    ROUTING_HEALTH_SERVICE,
+    LiveSecrets,
+    SecretsClient,
+    channel_credentials,
+)
 from secretbroker.v1 import broker_pb2_grpc
 from tests.support import (
     API,
     DATABASE,
     BrokerFactory,
+    Measure,
     Pki,
     Vault,
     assert_no_read_lost,
@@ -89,6 +97,60 @@ def test_a_replica_that_dies_loses_no_catalog_read(replicas: list[BrokerProcess]
     assert_no_read_lost(load)
     after = [served_by(replica) for replica in replicas[1:]]
     assert all(a > b for a, b in zip(after, before, strict=True)), "both survivors serve"
+
+
+def watches_opened(replica: BrokerProcess, since: float = 0.0) -> list[float]:
+    """When this replica sent each watch stream its first message (from its audit trail)."""
+    trail = replica.workdir / "audit.jsonl"
+    if not trail.exists():
+        return []
+    records = [json.loads(line) for line in trail.read_text().splitlines()]
+    return [
+        r["time"]
+        for r in records
+        if r.get("rpc") == "WatchSecrets" and r.get("decision") == "allow" and r["time"] > since
+    ]
+
+
+WATCHERS = 240
+
+
+def test_the_watchers_of_a_lost_replica_resume_spread_out_not_in_one_tick(
+    replicas: list[BrokerProcess], pki: Pki, measure: Measure
+) -> None:
+    """When a replica dies, every stream it held breaks at the same moment, in every catalog
+    pod. Each LiveSecrets waits a delay drawn below RESUME_BACKOFF's first cap before it
+    resumes, so the survivors see the fleet arrive spread over that window, not in one tick."""
+    config = client_config([r.endpoint for r in replicas], pki.ca, pki.catalog)
+    with SecretsClient(config) as client:
+        lives = [LiveSecrets(client, [API]) for _ in range(WATCHERS)]
+        try:
+            for live in lives:
+                live.wait_ready(30)
+            wait_until(
+                lambda: sum(len(watches_opened(r)) for r in replicas) == WATCHERS,
+                what="every watch's first message in the audit trails",
+            )
+            lost = len(watches_opened(replicas[0]))
+            killed_at = time.time()
+            replicas[0].kill()
+
+            def resumed() -> list[float]:
+                arrivals = [t for r in replicas[1:] for t in watches_opened(r, killed_at)]
+                return arrivals if len(arrivals) == lost else []
+
+            arrivals = sorted(wait_until(resumed, what="the lost replica's watches to resume"))
+        finally:
+            for live in lives:
+                live.close()
+
+    spread = arrivals[-1] - arrivals[0]
+    measure(f"resume arrival spread of {lost} watchers of a killed replica (ms)", spread * 1000)
+    ticks = {int((t - killed_at) / 0.1) for t in arrivals}
+    # Uniform below 1 s, ~80 arrivals fill about 10 of these 100 ms windows; all at once, 1 or 2.
+    assert RESUME_BACKOFF.cap(0) >= 1.0
+    assert lost >= WATCHERS // 6, "round_robin put a share of the watches on every replica"
+    assert len(ticks) >= 4, f"arrivals fell in only {len(ticks)} windows of 100 ms"
 
 
 def test_a_stopping_broker_reports_not_serving_first_then_still_answers_while_it_drains(

@@ -34,12 +34,13 @@ from secretbroker.client._config import (
     channel_target,
 )
 from secretbroker.client._files import FileStamp, file_stamps
-from secretbroker.client._live import LiveSecrets
+from secretbroker.client._live import RESUME_BACKOFF, LiveSecrets
 from secretbroker.client._retry import RetryInterceptor, RetryPolicy
 
 __all__ = [
     "ENV_PREFIX",
     "GET_SECRET",
+    "RESUME_BACKOFF",
     "ROUTING_HEALTH_SERVICE",
     "Backoff",
     "BrokerClientConfig",

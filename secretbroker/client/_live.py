@@ -20,7 +20,11 @@ from secretbroker.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
 
-RESUME_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+RESUME_BACKOFF = Backoff(initial=1.0, maximum=5.0)
+"""How a broken watch waits before it resumes: the first wait is drawn below 1 s. A replica's
+loss breaks every stream it held at once, fleet-wide; drawn waits spread their arrival at the
+other replicas over that second instead of one tick. The values held are served meanwhile,
+and the resumed stream re-sends the current values, so the wait costs no read."""
 
 
 class LiveSecrets:
