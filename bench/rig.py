@@ -134,8 +134,8 @@ def _broker_document(
         log={"level": "WARNING"},
         audit={"file": str(workdir / "audit.jsonl")},
         admin={"identities": [OPS_SPIFFE_ID]},
-        # The bench holds 1,000 streams from one identity, plus its Config reader.
-        limits={"max_watch_streams_per_identity": 2000},
+        # The scale section holds 10,000 streams from one identity, plus its Config reader.
+        limits={"max_watch_streams_per_identity": 10_100},
     )
 
 
