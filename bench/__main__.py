@@ -228,7 +228,7 @@ def watch_fan_out(rig: Rig, sizes: Sizes, samples: dict[str, list[float]]) -> di
         "watch_streams": sizes.streams,
         "watch_received": followed["received"],
         # from the rotate call, not its answer: the figure the README has always given
-        "watch_fan_out_ms": followed["rotate_rpc_ms"] + followed["fanout_ms"]["max"],
+        "watch_fan_out_ms": followed["rotate_rpc_ms"] + followed["fanout_ms"],
         "watch_rotate_rpc_ms": followed["rotate_rpc_ms"],
         "rotated_version": followed["rotated_version"],
         "rss_streams_bytes": rss_streams,

@@ -116,20 +116,21 @@ def render_scale(s: dict[str, Any]) -> list[str]:
         "Scale: WatchSecrets streams of one identity opened in one burst on one broker"
         f" ({STREAMS_PER_CONNECTION} streams per new connection), then one rotation of the"
         " secret they watch;"
-        f" RSS before the first burst {s['rss_before_bytes'] / MB:.0f} MB (1,000 secrets"
-        " cached). Fan-out is from the rotation's answer to each stream's new message.",
+        f" RSS before the first burst {next(iter(s.values()))['rss_before_bytes'] / MB:.0f} MB"
+        " (1,000 secrets cached). Fan-out is from the rotation's answer to each stream's new"
+        " message.",
         "",
         "| streams | refused | opened in | broker RSS | per stream | fan-out p50 | fan-out max |"
         " received |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for entry in s["by_streams"].values():
+    for entry in s.values():
         refused = ", ".join(f"{n} {code}" for code, n in entry["refused_by_code"].items())
         lines.append(
             f"| {entry['streams']:,} | {entry['refused']}{f' ({refused})' if refused else ''}"
             f" | {entry['open_seconds']:.1f} s | {entry['rss_bytes'] / MB:.0f} MB"
             f" | {entry['rss_per_stream_bytes'] / 1024:.1f} KB"
-            f" | {entry['fanout_ms']['p50']:.0f} ms | {entry['fanout_ms']['max']:.0f} ms"
+            f" | {entry['fanout_p50_ms']:.0f} ms | {entry['fanout_ms']:.0f} ms"
             f" | {entry['received']:,} |"
         )
     return lines

@@ -37,6 +37,9 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
     assert results["watch_received"] == results["watch_streams"], "every stream got the rotation"
     assert results["rss_streams_bytes"] > 0
     assert results["rollback_flip_ms"] > 0
+    for count, entry in results["scale"].items():  # streams opened in one burst
+        assert (entry["refused"], entry["received"]) == (0, int(count)), entry
+        assert entry["fanout_ms"] >= entry["fanout_p50_ms"]
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     assert "cached p50 / floor p50" in result.stdout
     rounds = results["rounds"]
