@@ -143,7 +143,7 @@ def measure(rig: Rig, sizes: Sizes) -> dict[str, Any]:
     }
     results.update(watch_fan_out(rig, sizes, samples))
     results["rollback_flip_ms"] = rollback_flip(rig)
-    results["scale"] = measure_scale(rig, sizes.scale)
+    results["scale"] = measure_scale(rig, sizes.scale, idle=results["rss_cached_bytes"])
     return {"results": results, "samples": samples}
 
 

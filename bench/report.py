@@ -116,9 +116,9 @@ def render_scale(s: dict[str, Any]) -> list[str]:
         "Scale: WatchSecrets streams of one identity opened in one burst on one broker"
         f" ({STREAMS_PER_CONNECTION} streams per new connection), then one rotation of the"
         " secret they watch;"
-        f" RSS before the first burst {next(iter(s.values()))['rss_before_bytes'] / MB:.0f} MB"
-        " (1,000 secrets cached). Fan-out is from the rotation's answer to each stream's new"
-        " message.",
+        f" per stream: RSS over the {next(iter(s.values()))['rss_before_bytes'] / MB:.0f} MB"
+        " the broker had with 1,000 secrets cached and no stream. Fan-out is from the"
+        " rotation's answer to each stream's new message.",
         "",
         "| streams | refused | opened in | broker RSS | per stream | fan-out p50 | fan-out max |"
         " received |",

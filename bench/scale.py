@@ -81,9 +81,10 @@ def rotate_and_follow(rig: Rig, held: HeldStreams) -> dict[str, Any]:
     }
 
 
-def measure_scale(rig: Rig, counts: tuple[int, ...]) -> dict[str, Any]:
-    """For each count, ascending: one burst of opens, RSS while they are open, one rotation."""
-    idle = rig.broker_rss_bytes()
+def measure_scale(rig: Rig, counts: tuple[int, ...], idle: int) -> dict[str, Any]:
+    """For each count, ascending: one burst of opens, RSS while they are open, one rotation.
+    ``idle``: the broker's RSS before it held any stream (memory a burst took is not given back
+    to the system, so the RSS before each burst would undercount the next one)."""
     results: dict[str, Any] = {}
     # one entry per count: {"1000": {"refused": 0, "fanout_ms": ..., ...}, ...}
     for count in counts:

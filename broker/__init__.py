@@ -11,6 +11,7 @@ The folders are the layers; each imports only those below it (tests/test_archite
     sources/              Vault (KV v2, a node set, a login) and environment variables
     tools/                ops, migration and policy commands: only the CLI imports them
     config.py, errors.py, names.py, lru.py   what every layer shares
+    config_loader.py, config_reader.py       the config file and settings variables, read
 
 One GetSecret, from the wire to Vault and back:
 

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from broker.audit.chain import KeyFileError, load_key, verify_files
-from broker.config import BrokerConfig, load_config
+from broker.config import BrokerConfig
+from broker.config_loader import load_config
 from broker.errors import ConfigError
 from broker.observe.logs import NativeStderr, route_native_stderr
 from broker.tools.migration import add_migration_commands, run_migration_command

@@ -21,7 +21,7 @@ from typing import Any
 
 import hvac
 
-from broker.config import load_config
+from broker.config_loader import load_config
 from broker.observe.logs import configure_logging
 from broker.sources.env import variable_name
 from broker.tools.vault_policy import vault_policy

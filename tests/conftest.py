@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from broker.config import parse_config
+from broker.config_loader import parse_config
 from devstack.ha import ClusterVault
 from devstack.pki import DevCA, issue_loopback_server
 from tests.support import (

@@ -15,7 +15,7 @@ import pytest
 
 from broker.audit.chain import KeyFileError, line_hash, load_key
 from broker.audit.trail import AuditTrail
-from broker.config import parse_config
+from broker.config_loader import parse_config
 from broker.errors import ConfigError
 from devstack.harness import BrokerProcess, broker_command, wait_until
 from devstack.pki import write_private

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.config import parse_config
+from broker.config_loader import parse_config
 from catalog.config import Config, MissingSecretKey
 from devstack.harness import free_port_pair
 from secretbroker.client import (

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import AppRoleAuth, TokenAuth, load_config, parse_config
+from broker.config import AppRoleAuth, TokenAuth
+from broker.config_loader import load_config, parse_config
 from broker.errors import ConfigError
 from devstack.harness import broker_command
 from tests.support import DEPLOY, example_config

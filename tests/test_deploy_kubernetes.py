@@ -21,7 +21,8 @@ import pytest
 import requests
 import yaml
 
-from broker.config import BrokerConfig, JwtAuth, parse_config
+from broker.config import BrokerConfig, JwtAuth
+from broker.config_loader import parse_config
 from devstack.harness import die_with_parent, free_port_pair, stop_process, wait_until
 from devstack.openbao import bao_binary
 from devstack.pki import issue_loopback_server, write_private

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import requests
 
-from broker.config import parse_config
+from broker.config_loader import parse_config
 from broker.sources.vault import VaultSource
 from devstack.bootstrap import RoleTTLs
 from devstack.ha import CatalogLoad, ClusterVault

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.config import parse_config
+from broker.config_loader import parse_config
 from broker.errors import ConfigError
 from broker.security.identity import IdentityResolver
 from devstack.pki import CertFiles

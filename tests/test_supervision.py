@@ -22,7 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.cli import EXIT_BACKGROUND_TASK_DIED
-from broker.config import TokenAuth, VaultConfig, parse_config
+from broker.config import TokenAuth, VaultConfig
+from broker.config_loader import parse_config
 from broker.errors import SourceUnavailable
 from broker.server import Broker
 from broker.sources.vault_nodes import VaultNodes

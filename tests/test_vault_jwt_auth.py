@@ -16,7 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from broker.config import JwtAuth, parse_config
+from broker.config import JwtAuth
+from broker.config_loader import parse_config
 from broker.errors import ConfigError
 from devstack.harness import wait_until
 from devstack.pki import write_private

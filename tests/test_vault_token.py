@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.config import parse_config
+from broker.config_loader import parse_config
 from broker.sources.vault_session import VaultSession
 from devstack.bootstrap import RoleTTLs
 from devstack.harness import wait_until

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import parse_config
+from broker.config_loader import parse_config
 from broker.errors import LoginRefused
 from broker.sources.vault_session import VaultSession
 from devstack.bootstrap import BROKER_ROLE

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.config import StartupRollback, check_categories
+from broker.config import StartupRollback
+from broker.config_loader import check_categories
 from broker.errors import ConfigError, InvalidRequest, StateUnavailable
 
 log = logging.getLogger(__name__)

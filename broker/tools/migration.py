@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.audit.trail import AuditTrail
-from broker.config import BrokerConfig, SecretSpec, TokenAuth, load_config
+from broker.config import BrokerConfig, SecretSpec, TokenAuth
+from broker.config_loader import load_config
 from broker.config_reader import Sensitive
 from broker.errors import BrokerError, ConfigError, SecretMissingInSource, WriteConflict
 from broker.sources.env import variable_name
