@@ -131,12 +131,16 @@ def test_the_watchers_of_a_lost_replica_resume_spread_out_not_in_one_tick(
                 lambda: sum(len(watches_opened(r)) for r in replicas) == WATCHERS,
                 what="every watch's first message in the audit trails",
             )
-            lost = len(watches_opened(replicas[0]))
+            # round_robin's share per replica varies with which connected first: lose the
+            # replica that holds the most watches (at least a third of them)
+            victim = max(replicas, key=lambda r: len(watches_opened(r)))
+            survivors = [r for r in replicas if r is not victim]
+            lost = len(watches_opened(victim))
             killed_at = time.time()
-            replicas[0].kill()
+            victim.kill()
 
             def resumed() -> list[float]:
-                arrivals = [t for r in replicas[1:] for t in watches_opened(r, killed_at)]
+                arrivals = [t for r in survivors for t in watches_opened(r, killed_at)]
                 return arrivals if len(arrivals) == lost else []
 
             arrivals = sorted(wait_until(resumed, what="the lost replica's watches to resume"))
@@ -147,9 +151,9 @@ def test_the_watchers_of_a_lost_replica_resume_spread_out_not_in_one_tick(
     spread = arrivals[-1] - arrivals[0]
     measure(f"resume arrival spread of {lost} watchers of a killed replica (ms)", spread * 1000)
     ticks = {int((t - killed_at) / 0.1) for t in arrivals}
-    # Uniform below 1 s, ~80 arrivals fill about 10 of these 100 ms windows; all at once, 1 or 2.
+    # Uniform below 1 s, 80 or more arrivals fill about 10 of these 100 ms windows; all at
+    # once, 1 or 2.
     assert RESUME_BACKOFF.cap(0) >= 1.0
-    assert lost >= WATCHERS // 6, "round_robin put a share of the watches on every replica"
     assert len(ticks) >= 4, f"arrivals fell in only {len(ticks)} windows of 100 ms"
 
 
