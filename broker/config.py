@@ -50,7 +50,7 @@ class ServerConfig:
     min_client_ping_interval: float = positive_seconds(10.0)
     """Seconds: the shortest keepalive ping interval accepted from a client with a stream open
     but idle. A client that pings more often is sent GOAWAY (too_many_pings), which breaks its
-    watch streams. gRPC's own default is 5 minutes, under the SDK's 60 s keepalive."""
+    watch streams. gRPC's own default, 5 minutes, refuses the SDK's pings (every 60 s)."""
 
 
 @dataclass(frozen=True)

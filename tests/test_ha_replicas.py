@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -60,13 +61,20 @@ def replicas(vault: Vault, pki: Pki, tmp_path: Path) -> Iterator[list[BrokerProc
         replica.stop()
 
 
-def served_by(replica: BrokerProcess) -> int:
-    """GetSecret answers this replica gave (from its audit trail)."""
+def allowed(replica: BrokerProcess, rpc: str) -> list[dict[str, Any]]:
+    """The records of the answers this replica gave to ``rpc``, from its audit trail: whole
+    lines only (the trail's writer may be half-way through its last one)."""
     trail = replica.workdir / "audit.jsonl"
     if not trail.exists():
-        return 0
-    records = [json.loads(line) for line in trail.read_text().splitlines()]
-    return sum(1 for r in records if r.get("rpc") == "GetSecret" and r.get("decision") == "allow")
+        return []
+    whole = trail.read_text().rpartition("\n")[0]
+    records = (json.loads(line) for line in whole.splitlines())
+    return [r for r in records if r.get("rpc") == rpc and r.get("decision") == "allow"]
+
+
+def served_by(replica: BrokerProcess) -> int:
+    """GetSecret answers this replica gave."""
+    return len(allowed(replica, "GetSecret"))
 
 
 def load_on(replicas: list[BrokerProcess], pki: Pki) -> CatalogLoad:
@@ -100,16 +108,8 @@ def test_a_replica_that_dies_loses_no_catalog_read(replicas: list[BrokerProcess]
 
 
 def watches_opened(replica: BrokerProcess, since: float = 0.0) -> list[float]:
-    """When this replica sent each watch stream its first message (from its audit trail)."""
-    trail = replica.workdir / "audit.jsonl"
-    if not trail.exists():
-        return []
-    records = [json.loads(line) for line in trail.read_text().splitlines()]
-    return [
-        r["time"]
-        for r in records
-        if r.get("rpc") == "WatchSecrets" and r.get("decision") == "allow" and r["time"] > since
-    ]
+    """When this replica sent each watch stream its first message."""
+    return [r["time"] for r in allowed(replica, "WatchSecrets") if r["time"] > since]
 
 
 WATCHERS = 240

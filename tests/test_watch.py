@@ -5,13 +5,17 @@ concurrent streams on one broker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
 from devstack.harness import client_config, wait_until
-from secretbroker.client import channel_credentials, secure_aio_channel
+from secretbroker.client import BrokerClientConfig, channel_credentials, secure_aio_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 from tests.support import API, DATABASE, BrokerFactory, Measure, Pki, Vault, Watch, get
 
@@ -87,6 +91,32 @@ STREAMS = 1000
 CHANNELS = 4
 
 
+if TYPE_CHECKING:  # the async stub exists in the type stubs only
+    Stub = broker_pb2_grpc.SecretBrokerAsyncStub
+    WatchCall = grpc.aio.UnaryStreamCall[
+        broker_pb2.WatchSecretsRequest, broker_pb2.WatchSecretsResponse
+    ]
+
+
+@contextlib.asynccontextmanager
+async def watches(
+    config: BrokerClientConfig, count: int
+) -> AsyncIterator[tuple[list[Stub], list[WatchCall]]]:
+    """``count`` WatchSecrets streams of API opened at once over CHANNELS connections; on exit
+    every stream is cancelled and every connection closed."""
+    channels = [secure_aio_channel(config) for _ in range(CHANNELS)]
+    stubs = [broker_pb2_grpc.SecretBrokerStub(channel) for channel in channels]
+    request = broker_pb2.WatchSecretsRequest(names=[API])
+    calls = [stubs[i % CHANNELS].WatchSecrets(request, timeout=120) for i in range(count)]
+    try:
+        yield stubs, calls
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close(None)
+
+
 def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_answering(
     private_vault: Vault, pki: Pki, start_broker: BrokerFactory, measure: Measure
 ) -> None:
@@ -95,14 +125,10 @@ def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_an
     admin = broker.admin(pki.ops, pki.ca)
 
     async def scenario() -> tuple[set[int], int]:
-        channels = [secure_aio_channel(config) for _ in range(CHANNELS)]
-        stubs = [broker_pb2_grpc.SecretBrokerStub(channel) for channel in channels]
-        calls = [
-            stubs[i % CHANNELS].WatchSecrets(
-                broker_pb2.WatchSecretsRequest(names=[API]), timeout=120
-            )
-            for i in range(STREAMS)
-        ]
+        async with watches(config, STREAMS) as (stubs, calls):
+            return await follow(stubs, calls)
+
+    async def follow(stubs: list[Stub], calls: list[WatchCall]) -> tuple[set[int], int]:
         firsts = await asyncio.gather(*(call.read() for call in calls))
         assert all(isinstance(m, broker_pb2.WatchSecretsResponse) for m in firsts)
         before = {
@@ -131,10 +157,6 @@ def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_an
             for m in pushed.result()
             if isinstance(m, broker_pb2.WatchSecretsResponse)
         }
-        for call in calls:
-            call.cancel()
-        for channel in channels:
-            await channel.close(None)
         return versions - before, answered
 
     new_versions, answered = asyncio.run(scenario())
@@ -234,23 +256,10 @@ def test_a_burst_of_stream_opens_is_taken_up_not_shed_below_max_pending_calls(
     broker = start_broker(private_vault, limits=limits)
     config = client_config(f"127.0.0.1:{broker.port}", pki.ca, pki.catalog)
 
-    async def burst() -> dict[str, int]:
-        channels = [secure_aio_channel(config) for _ in range(CHANNELS)]
-        stubs = [broker_pb2_grpc.SecretBrokerStub(channel) for channel in channels]
-        request = broker_pb2.WatchSecretsRequest(names=[API])
-        calls = [stubs[i % CHANNELS].WatchSecrets(request, timeout=120) for i in range(BURST)]
-        firsts = await asyncio.gather(*(call.read() for call in calls), return_exceptions=True)
-        codes: dict[str, int] = {}
-        for first in firsts:
-            code = "OK" if isinstance(first, broker_pb2.WatchSecretsResponse) else repr(first)
-            if isinstance(first, grpc.aio.AioRpcError):
-                code = first.code().name
-            codes[code] = codes.get(code, 0) + 1
-        for call in calls:
-            call.cancel()
-        for channel in channels:
-            await channel.close(None)
-        return codes
+    async def burst() -> Counter[str]:
+        async with watches(config, BURST) as (_, calls):
+            firsts = await asyncio.gather(*(call.read() for call in calls), return_exceptions=True)
+        return Counter(outcome(first) for first in firsts)
 
     codes = asyncio.run(burst())
 
@@ -258,3 +267,10 @@ def test_a_burst_of_stream_opens_is_taken_up_not_shed_below_max_pending_calls(
         assert set(codes) == {"OK", "CANCELLED"}, codes
     else:
         assert codes == {"OK": BURST}
+
+
+def outcome(first: object) -> str:
+    """A stream's first read: "OK" for a message, else the status code's name."""
+    if isinstance(first, broker_pb2.WatchSecretsResponse):
+        return "OK"
+    return first.code().name if isinstance(first, grpc.aio.AioRpcError) else repr(first)
