@@ -15,10 +15,11 @@ CRD_MODELS := .tools/node_modules/@kubernetes-models/prometheus-operator
 
 .PHONY: dev dev-ha test check lint typecheck proto proto-check buf-lint buf-breaking unit clean system-tools deploy-check k8s-rules
 
-$(BIN)/python: pyproject.toml
+# The SDK (sdk/, its own distribution) and the broker with its dev extra, both editable.
+$(BIN)/python: pyproject.toml sdk/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./sdk -e '.[dev]'
 	touch $(BIN)/python
 
 $(BUF):
@@ -45,14 +46,14 @@ check: $(BIN)/python lint typecheck
 system-tools:
 	@.ci/check-system-tools
 
-## Regenerate the Python code from proto/ into secretbroker/v1/.
+## Regenerate the Python code from proto/ into sdk/secretbroker/v1/.
 proto: $(BIN)/python
 	$(BIN)/python proto/generate.py
 
 ## Fail when the checked-in generated code differs from a fresh generation.
 proto-check: proto
-	@git diff --exit-code --stat -- secretbroker/v1 || (echo "generated code in secretbroker/v1/ is stale: run 'make proto' and commit" && exit 1)
-	@test -z "$$(git status --porcelain --untracked-files=all -- secretbroker/v1)" || (git status --short -- secretbroker/v1; echo "untracked generated files in secretbroker/v1/" && exit 1)
+	@git diff --exit-code --stat -- sdk/secretbroker/v1 || (echo "generated code in sdk/secretbroker/v1/ is stale: run 'make proto' and commit" && exit 1)
+	@test -z "$$(git status --porcelain --untracked-files=all -- sdk/secretbroker/v1)" || (git status --short -- sdk/secretbroker/v1; echo "untracked generated files in sdk/secretbroker/v1/" && exit 1)
 
 $(DEPLOY_TOOLS)/checkov:
 	$(PYTHON) -m venv .tools/deploy-venv

@@ -1,10 +1,10 @@
-"""Regenerate the Python code for proto/secretbroker/**.proto into the package secretbroker/.
+"""Regenerate the Python code for proto/**.proto into the SDK's package, sdk/secretbroker/.
 
 The proto path mirrors the import path (proto/secretbroker/v1/broker.proto is the
-module secretbroker.v1.broker_pb2, written to secretbroker/v1/), so generated files
+module secretbroker.v1.broker_pb2, written to sdk/secretbroker/v1/), so generated files
 import each other without rewriting, beside the hand-written client SDK
-(secretbroker/client/). Run from anywhere: ``python proto/generate.py``. CI runs it and
-fails when ``git status --porcelain secretbroker/v1`` shows a difference (the drift check).
+(sdk/secretbroker/client/). Run from anywhere: ``python proto/generate.py``. CI runs it and
+fails when ``git status --porcelain sdk/secretbroker/v1`` shows a difference (the drift check).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
-OUT_ROOT = PROTO_ROOT.parent
+OUT_ROOT = PROTO_ROOT.parent / "sdk"  # the client distribution: secretbroker.v1 ships with the SDK
 
 
 def main() -> int:

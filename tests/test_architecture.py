@@ -43,7 +43,7 @@ def imports_of(package: str) -> dict[str, set[str]]:
     [
         ("broker", {"catalog", "devstack", "bench", "tests"}),
         ("catalog", {"broker", "devstack", "bench", "tests"}),
-        ("secretbroker/client", {"broker", "catalog", "devstack", "bench", "tests", "hvac"}),
+        ("sdk/secretbroker/client", {"broker", "catalog", "devstack", "bench", "tests", "hvac"}),
     ],
 )
 def test_packages_do_not_import_what_they_must_not_depend_on(
@@ -62,7 +62,7 @@ def test_the_client_sdk_needs_only_grpcio_and_the_generated_code() -> None:
     allowed |= set(sys.stdlib_module_names)
     extra = {
         module: sorted(names - allowed)
-        for module, names in imports_of("secretbroker/client").items()
+        for module, names in imports_of("sdk/secretbroker/client").items()
         if names - allowed
     }
     assert not extra, f"the SDK imports {extra}"

