@@ -7,7 +7,8 @@ from pathlib import Path
 
 import grpc
 
-from secretbroker.client._config import BrokerClientConfig, ClientConfigError, channel_target
+from secretbroker.client._config import BrokerClientConfig, channel_target
+from secretbroker.client._errors import ClientConfigError
 
 # Reconnect quickly after a broker restart, so retries meet a live connection; notice a broker
 # that vanished without closing the connection, for long streams.
@@ -61,17 +62,19 @@ def secure_channel(config: BrokerClientConfig, *, routed: bool = True) -> grpc.C
     for reading secrets): balanced over the replicas that report SERVING on the routing health
     name. Without it (operator calls to one replica, e.g. a rollback flip during an outage), the
     channel calls the replica whatever it reports."""
-    return grpc.secure_channel(*_channel_args(config, routed))
+    return grpc.secure_channel(*channel_args(config, routed))
 
 
 def secure_aio_channel(config: BrokerClientConfig, *, routed: bool = True) -> grpc.aio.Channel:
-    """The same channel for asyncio code."""
-    return grpc.aio.secure_channel(*_channel_args(config, routed))
+    """The same channel for asyncio code. It reads the certificate files: on a running loop,
+    build the arguments in a thread (``channel_args``), as AsyncSecretsClient does."""
+    return grpc.aio.secure_channel(*channel_args(config, routed))
 
 
-def _channel_args(
+def channel_args(
     config: BrokerClientConfig, routed: bool
 ) -> tuple[str, grpc.ChannelCredentials, list[tuple[str, str | int]]]:
+    """The target, credentials (read from the files: blocking I/O) and options of a channel."""
     target = channel_target(config.target)
     options: list[tuple[str, str | int]] = [
         *CHANNEL_OPTIONS,

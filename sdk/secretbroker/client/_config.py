@@ -8,14 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from secretbroker.client._errors import ClientConfigError
 from secretbroker.client._retry import RetryPolicy
 
 ENV_PREFIX = "SECRETBROKER_"
-
-
-class ClientConfigError(Exception):
-    """The client's settings are invalid; the message names the setting, never a value of a
-    credential."""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,36 @@ class RetryPolicy:
     retryable_codes: frozenset[grpc.StatusCode] = field(default=RETRYABLE_CODES)
 
 
+class RetrySchedule:
+    """One call's attempts under its policy: how long the next attempt may take, and how long to
+    wait after a failed one. Pure (a clock, no sleeping): the sync interceptor and the asyncio
+    client both loop over it."""
+
+    def __init__(self, policy: RetryPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._give_up_at = clock() + policy.overall_deadline
+        self._retry = 0
+
+    def attempt_timeout(self, per_attempt: float | None) -> float:
+        """Seconds for the next attempt: the per-attempt deadline, at most what is left."""
+        remaining = self._give_up_at - self._clock()
+        return max(remaining if per_attempt is None else min(per_attempt, remaining), 0.0)
+
+    def pause_after(self, code: grpc.StatusCode | None) -> float | None:
+        """Seconds to wait before the next attempt after one that ended with ``code``; None
+        when that outcome is final (success, a code not worth retrying, attempts or time
+        used up)."""
+        policy = self._policy
+        if code not in policy.retryable_codes or self._retry + 1 >= policy.max_attempts:
+            return None
+        pause = policy.backoff.delay(self._retry)
+        if self._clock() + pause >= self._give_up_at:
+            return None
+        self._retry += 1
+        return pause
+
+
 class _CallDetails(NamedTuple):
     method: str
     timeout: float | None
@@ -70,16 +100,12 @@ class RetryInterceptor(_UnaryUnaryInterceptor):
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         if details.method not in self._methods:
             return continuation(details, request)
-        policy = self._policy
-        give_up_at = self._clock() + policy.overall_deadline
-        retry = 0
+        schedule = RetrySchedule(self._policy, self._clock)
         while True:
-            remaining = give_up_at - self._clock()
-            timeout = remaining if details.timeout is None else min(details.timeout, remaining)
             outcome = continuation(
                 _CallDetails(
                     details.method,
-                    max(timeout, 0.0),
+                    schedule.attempt_timeout(details.timeout),
                     details.metadata,
                     details.credentials,
                     details.wait_for_ready,
@@ -87,10 +113,7 @@ class RetryInterceptor(_UnaryUnaryInterceptor):
                 ),
                 request,
             )
-            if outcome.code() not in policy.retryable_codes or retry + 1 >= policy.max_attempts:
-                return outcome
-            pause = policy.backoff.delay(retry)
-            if self._clock() + pause >= give_up_at:
+            pause = schedule.pause_after(outcome.code())
+            if pause is None:
                 return outcome
             self._sleep(pause)
-            retry += 1
