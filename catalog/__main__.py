@@ -1,25 +1,21 @@
 """The Media Catalog's commands. Broker settings come from the SECRETBROKER_* variables.
 
 python -m catalog config              what Config reads through the broker (never values)
-python -m catalog serve [--listen]    the reference HTTP service
+python -m catalog serve [--listen]    the reference HTTP service (FastAPI on uvicorn)
 python -m catalog token --sub NAME    mint a bearer token with the current JWT key
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
-from types import FrameType
 
 from catalog.auth import DEFAULT_GRACE, DEFAULT_LIFETIME, TokenAuthority
-from catalog.config import CONFIG_SECRETS, DATABASE_URL, JWT_SECRET_KEY, TMDB_API_KEY, Config
+from catalog.config import DATABASE_URL, JWT_SECRET_KEY, TMDB_API_KEY, Config
 from secretbroker.client import (
     BrokerClientConfig,
     ClientConfigError,
-    LiveSecrets,
     SecretsClient,
     SecretUnavailable,
 )
@@ -53,15 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     except ClientConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
         return EXIT_USAGE
+    if args.command == "serve":
+        return run_service(client_config, args.listen, args.jwt_grace)
     with SecretsClient(client_config) as client:
         try:
             if args.command == "config":
                 return show_config(client)
-            if args.command == "token":
-                authority = TokenAuthority(client.get_secret, client)
-                print(authority.mint(args.sub, lifetime=args.lifetime))  # noqa: T201 - its output
-                return 0
-            return run_service(client, args.listen, args.jwt_grace)
+            authority = TokenAuthority(client.get_secret)
+            print(authority.mint(args.sub, lifetime=args.lifetime))  # noqa: T201 - its output
+            return 0
         except SecretUnavailable as exc:
             print(f"unavailable: {exc}", file=sys.stderr)  # noqa: T201
             return EXIT_UNAVAILABLE
@@ -84,35 +80,24 @@ def show_config(client: SecretsClient) -> int:
     return 0
 
 
-def run_service(client: SecretsClient, listen: str, grace: float) -> int:
-    from catalog.service import CatalogApp, serve
+def run_service(client_config: BrokerClientConfig, listen: str, grace: float) -> int:
+    """uvicorn serves the app until SIGINT or SIGTERM, then lets requests in flight finish."""
+    import uvicorn
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    signal.signal(signal.SIGTERM, _interrupt)
+    from catalog.logs import background_logging
+    from catalog.service import create_app, from_broker
+
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         print('error: --listen must be "host:port"', file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
-    live = LiveSecrets(client, CONFIG_SECRETS)
-    try:
-        live.wait_ready(timeout=30)
-        authority = TokenAuthority(live.get_secret, client, grace=grace)
-        serve(CatalogApp(live, authority), host, int(port))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        # Ctrl-C reaches the whole process group, and a supervisor may follow with SIGTERM:
-        # one signal is enough to stop; the next must not interrupt the clean-up.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-        live.close()
-    return 0
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+    app = create_app(from_broker(client_config, grace))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=int(port), log_config=None, lifespan="on")
+    )
+    with background_logging():
+        server.run()
+    return 0 if server.started else EXIT_UNAVAILABLE
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ tries the current key first, whatever the ``kid``).
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -39,24 +39,26 @@ class WeakSigningKey(Exception):
 
 
 class VersionedSecrets(Protocol):
-    def get_secret(self, name: str, version: int | None = None) -> Secret: ...
+    """Reads a given version of a secret: an AsyncSecretsClient."""
+
+    async def get_secret(self, name: str, version: int | None = None) -> Secret: ...
 
 
 class TokenAuthority:
     def __init__(
         self,
         current: Callable[[str], Secret],
-        versions: VersionedSecrets,
+        versions: VersionedSecrets | None = None,
         grace: float = DEFAULT_GRACE,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """``current`` reads the current key (a LiveSecrets); ``versions`` fetches older ones."""
+        """``current`` reads the current key (a live view); ``versions`` fetches the previous
+        one (without it, only tokens signed with the current key verify)."""
         self._current = current
         self._versions = versions
         self.grace = grace
         self._clock = clock
-        self._previous: dict[int, bytes] = {}
-        self._lock = threading.Lock()
+        self._previous: dict[int, asyncio.Task[bytes]] = {}
 
     def mint(self, subject: str, lifetime: float = DEFAULT_LIFETIME, **claims: Any) -> str:
         secret = self._current(JWT_SECRET_KEY.name)
@@ -72,7 +74,9 @@ class TokenAuthority:
             payload, _key(secret), algorithm=ALGORITHM, headers={"kid": str(secret.version)}
         )
 
-    def verify(self, token: str) -> Mapping[str, Any]:
+    async def verify(self, token: str) -> Mapping[str, Any]:
+        """The token's claims; InvalidToken otherwise. Awaits the broker only for a token
+        signed with the previous key, once per version."""
         current = self._current(JWT_SECRET_KEY.name)
         claims = self._decode(token, _key(current))
         if claims is not None:
@@ -83,7 +87,7 @@ class TokenAuthority:
             raise InvalidToken("token is not signed with the current key")
         if self._clock() >= current.created_at + self.grace:
             raise InvalidToken("token is signed with a rotated key whose grace period has ended")
-        claims = self._decode(token, self._previous_key(previous_version))
+        claims = self._decode(token, await self._previous_key(previous_version))
         if claims is None:
             raise InvalidToken("token signature is invalid")
         return claims
@@ -104,16 +108,26 @@ class TokenAuthority:
             raise InvalidToken(f"token rejected: {type(exc).__name__}") from None
         return claims
 
-    def _previous_key(self, version: int) -> bytes:
-        with self._lock:
-            key = self._previous.get(version)
-            if key is None:
-                try:
-                    secret = self._versions.get_secret(JWT_SECRET_KEY.name, version=version)
-                except SecretUnavailable as exc:
-                    raise InvalidToken(f"previous key unavailable: {exc.code.name}") from None
-                key = self._previous[version] = _key(secret)
-            return key
+    async def _previous_key(self, version: int) -> bytes:
+        """One fetch per version, shared by the requests that need it meanwhile; a failed
+        fetch is forgotten, so the next request tries again."""
+        fetch = self._previous.get(version)
+        if fetch is None:
+            fetch = self._previous[version] = asyncio.ensure_future(self._fetch(version))
+        try:
+            return await asyncio.shield(fetch)
+        except InvalidToken:
+            self._previous.pop(version, None)
+            raise
+
+    async def _fetch(self, version: int) -> bytes:
+        if self._versions is None:
+            raise InvalidToken("token is signed with a previous key, which this holder cannot read")
+        try:
+            secret = await self._versions.get_secret(JWT_SECRET_KEY.name, version=version)
+        except SecretUnavailable as exc:
+            raise InvalidToken(f"previous key unavailable: {exc.code.name}") from None
+        return _key(secret)
 
 
 def _key(secret: Secret) -> bytes:

@@ -1,18 +1,30 @@
-"""The catalog's database, from the URL the broker serves as ``database_url``.
+"""The catalog's database, from the URL the broker serves as ``database_url``: opened once (the
+schema created then), used through short units of work, closed when no request uses it.
 
-``sqlite:///path/to/file.db`` uses the standard library; ``postgresql://...`` uses
-psycopg (the ``postgres`` extra). A connection is opened per unit of work with the
-URL current at that moment, so a rotated or rolled-back URL is followed without a
-restart.
+``sqlite:////absolute/path.db`` uses the standard library, each statement in a worker thread
+(never on the event loop); ``postgresql://...`` uses a psycopg_pool.AsyncConnectionPool.
+Errors name the driver's error class only: libpq quotes the offending part of a malformed URL,
+which can be the password.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import AsyncConnectionPool
+
+CONNECT_TIMEOUT_SECONDS = 5
+POOL_MIN_SIZE = 2
+POOL_MAX_SIZE = 10
+POOL_WAIT_SECONDS = 10.0
+"""How long a request waits for a pooled connection before it gets a 503."""
 
 
 class DatabaseUrlError(Exception):
@@ -20,17 +32,26 @@ class DatabaseUrlError(Exception):
 
 
 class DatabaseUnavailable(Exception):
-    """The database cannot be opened. Names the driver's error class only: libpq quotes the
-    offending part of a malformed URL, which can be the password."""
+    """The database cannot be opened or used now. Never carries the URL."""
 
 
-CONNECT_TIMEOUT_SECONDS = 5
+Row = tuple[Any, ...]
 
 
-class Cursor(Protocol):
-    def execute(self, query: str, params: Sequence[Any] = ..., /) -> Any: ...
-    def fetchall(self) -> list[Any]: ...
-    def fetchone(self) -> Any: ...
+class Connection(Protocol):
+    """One unit of work: statements in one transaction, committed when it ends without error."""
+
+    mark: str
+    """The driver's parameter placeholder ("?" or "%s")."""
+
+    async def fetch(self, query: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+
+class Database(Protocol):
+    url: str
+
+    def connection(self) -> AbstractAsyncContextManager[Connection]: ...
+    async def close(self) -> None: ...
 
 
 _COLUMNS = """
@@ -46,40 +67,131 @@ POSTGRES_SCHEMA = (
 )
 
 
-@contextmanager
-def transaction(url: str) -> Iterator[tuple[Cursor, str]]:
-    """A cursor in one transaction, and the parameter placeholder of its driver."""
+async def open_database(url: str) -> Database:
+    """The database at ``url``, opened, its schema in place; DatabaseUrlError or
+    DatabaseUnavailable otherwise."""
     scheme = urlsplit(url).scheme
     if scheme == "sqlite":
+        return await SqliteDatabase.open(url)
+    if scheme in ("postgresql", "postgres"):
+        return await PostgresDatabase.open(url)
+    raise DatabaseUrlError(f"unsupported database URL scheme {scheme!r}")
+
+
+class SqliteDatabase:
+    def __init__(self, url: str, path: str) -> None:
+        self.url = url
+        self._path = path
+
+    @classmethod
+    async def open(cls, url: str) -> SqliteDatabase:
         path = url.removeprefix("sqlite:///")
         if not path or path == url:
             raise DatabaseUrlError('a SQLite URL must look like "sqlite:////absolute/path.db"')
+        database = cls(url, "/" + path.lstrip("/"))
+        async with database.connection() as connection:
+            await connection.fetch(SQLITE_SCHEMA)
+        return database
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
         try:
-            connection = sqlite3.connect("/" + path.lstrip("/"), timeout=10)
+            opened = await asyncio.to_thread(
+                sqlite3.connect, self._path, timeout=10, check_same_thread=False
+            )
         except sqlite3.Error as exc:
             raise DatabaseUnavailable(f"cannot open the database ({type(exc).__name__})") from None
         try:
-            with connection:
-                cursor = connection.cursor()
-                cursor.execute(SQLITE_SCHEMA)
-                yield cursor, "?"
+            yield _SqliteConnection(opened)
+            await asyncio.to_thread(opened.commit)
         finally:
-            connection.close()
-    elif scheme in ("postgresql", "postgres"):
+            await asyncio.to_thread(opened.close)
+
+    async def close(self) -> None:
+        """Nothing stays open between units of work."""
+
+
+class _SqliteConnection:
+    mark = "?"
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    async def fetch(self, query: str, params: Sequence[Any] = ()) -> list[Row]:
+        return await asyncio.to_thread(self._fetch, query, params)
+
+    def _fetch(self, query: str, params: Sequence[Any]) -> list[Row]:
+        try:
+            return self._connection.execute(query, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise DatabaseUnavailable(f"the database failed ({type(exc).__name__})") from None
+
+
+class PostgresDatabase:
+    def __init__(self, url: str, pool: AsyncConnectionPool[psycopg.AsyncConnection[Row]]) -> None:
+        self.url = url
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresDatabase:
         try:
             import psycopg
+            from psycopg_pool import AsyncConnectionPool
         except ImportError:
             raise DatabaseUrlError(
-                "a PostgreSQL URL needs psycopg: pip install 'secretbroker[postgres]'"
+                "a PostgreSQL URL needs psycopg-pool: pip install 'secretbroker[catalog]'"
             ) from None
         try:
-            pg = psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+            # One connection of our own first: its error is caught here and named by class only,
+            # where the pool's workers would log libpq's message (which can quote the URL).
+            probe = await psycopg.AsyncConnection.connect(
+                url, connect_timeout=CONNECT_TIMEOUT_SECONDS
+            )
+            async with probe:
+                # Only when missing: a user without CREATE on the schema (a rotated or dynamic
+                # one, which must not own objects) is refused even CREATE ... IF NOT EXISTS.
+                found = await (await probe.execute("SELECT to_regclass('media')")).fetchone()
+                if found is None or found[0] is None:
+                    await probe.execute(POSTGRES_SCHEMA)
         except psycopg.Error as exc:
             raise DatabaseUnavailable(
                 f"cannot connect to the database ({type(exc).__name__})"
             ) from None
-        with pg, pg.cursor() as pg_cursor:
-            pg_cursor.execute(POSTGRES_SCHEMA)
-            yield pg_cursor, "%s"
-    else:
-        raise DatabaseUrlError(f"unsupported database URL scheme {scheme!r}")
+        pool = AsyncConnectionPool(
+            url,
+            min_size=POOL_MIN_SIZE,
+            max_size=POOL_MAX_SIZE,
+            timeout=POOL_WAIT_SECONDS,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+            open=False,
+            name="catalog",
+        )
+        await pool.open()
+        return cls(url, pool)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            async with self._pool.connection() as connection:
+                yield _PostgresConnection(connection)
+        except PoolTimeout:
+            raise DatabaseUnavailable("no database connection free in time") from None
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"the database failed ({type(exc).__name__})") from None
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+class _PostgresConnection:
+    mark = "%s"
+
+    def __init__(self, connection: psycopg.AsyncConnection[Row]) -> None:
+        self._connection = connection
+
+    async def fetch(self, query: str, params: Sequence[Any] = ()) -> list[Row]:
+        cursor = await self._connection.execute(query, params)
+        return await cursor.fetchall()

@@ -1,196 +1,263 @@
-"""The reference Media Catalog service: a small HTTP API whose database URL, JWT key and TMDB
-key all come from the broker, kept current by a WatchSecrets stream (no restart on rotation or
-rollback).
+"""The reference Media Catalog service: FastAPI on uvicorn. Its database URL, JWT key and TMDB
+key all come from the broker through an AsyncLiveSecrets, kept current by a WatchSecrets
+stream: no restart on rotation or rollback, and no request waits for the broker.
 
-    GET  /healthz   200 when every secret has a value (the process is alive and configured)
-    GET  /media     the catalog
-    POST /media     add an item; needs "Authorization: Bearer <JWT>" (python -m catalog token)
+    GET  /healthz        200 when every secret has a value (the process is alive and configured)
+    GET  /media          the catalog
+    POST /media          add an item; needs "Authorization: Bearer <JWT>" (python -m catalog token)
+    GET  /openapi.json   the API, described (and /docs)
+
+The wiring is the recipe to copy: ``lifespan`` opens the broker client, the live view and the
+database (a pool that follows ``database_url``) and closes them; ``Depends`` gives each request
+its Config, its token check and a database connection.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Protocol
 
-from catalog.auth import InvalidToken, TokenAuthority, WeakSigningKey
-from catalog.config import CONFIG_SECRETS, Config, MissingSecretKey
-from catalog.database import Cursor, DatabaseUnavailable, DatabaseUrlError, transaction
-from secretbroker.client import SecretLookup, SecretUnavailable
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from catalog.auth import DEFAULT_GRACE, InvalidToken, TokenAuthority, WeakSigningKey
+from catalog.config import CONFIG_SECRETS, DATABASE_URL, Config, MissingSecretKey
+from catalog.database import Connection, DatabaseUnavailable, DatabaseUrlError
+from catalog.followed_database import FollowedDatabase
+from catalog.models import Health, Media, MediaIn, MediaList, Problem, SecretStatus
+from secretbroker.client import (
+    AsyncLiveSecrets,
+    AsyncSecretsClient,
+    BrokerClientConfig,
+    SecretBrokerError,
+    SecretChange,
+    SecretLookup,
+)
 
 log = logging.getLogger(__name__)
 
-KINDS = frozenset({"movie", "series", "episode", "documentary"})
 MAX_BODY = 64 * 1024
+READY_TIMEOUT = 30.0
+"""Seconds the service waits at start for every secret (then it does not start)."""
+_BEARER = 'Bearer realm="media-catalog"'
 
 
-class HttpError(Exception):
-    def __init__(self, status: HTTPStatus, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
+@dataclass(frozen=True)
+class Catalog:
+    """What requests use, opened by the lifespan."""
+
+    secrets: SecretLookup
+    config: Config
+    auth: TokenAuthority
+    database: FollowedDatabase
 
 
-class CatalogApp:
-    """Request handling, independent of the HTTP server."""
-
-    def __init__(self, secrets: SecretLookup, auth: TokenAuthority) -> None:
-        self._secrets = secrets
-        self._config = Config(secrets)
-        self._auth = auth
-
-    def health(self) -> tuple[HTTPStatus, Any]:
-        report = {}
-        for name in CONFIG_SECRETS:
-            try:
-                secret = self._secrets.get_secret(name)
-            except SecretUnavailable:
-                return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "waiting for secrets"}
-            report[name] = {
-                "version": secret.version,
-                "source": secret.source.value,
-                "stale": secret.stale,
-            }
-        return HTTPStatus.OK, {"status": "ok", "secrets": report}
-
-    def list_media(self) -> tuple[HTTPStatus, Any]:
-        with self._database() as (cursor, _):
-            cursor.execute("SELECT id, title, kind, year, created_by FROM media ORDER BY id")
-            rows = cursor.fetchall()
-        keys = ("id", "title", "kind", "year", "created_by")
-        return HTTPStatus.OK, {"items": [dict(zip(keys, row, strict=True)) for row in rows]}
-
-    def add_media(self, authorization: str | None, body: bytes) -> tuple[HTTPStatus, Any]:
-        claims = self._authenticate(authorization)
-        item = _media_item(body)
-        with self._database() as (cursor, mark):
-            cursor.execute(
-                f"INSERT INTO media (title, kind, year, created_by) VALUES ({mark}, {mark}, {mark},"  # noqa: S608 - placeholders only
-                f" {mark}) RETURNING id",
-                (item["title"], item["kind"], item["year"], claims["sub"]),
-            )
-            (new_id,) = cursor.fetchone()
-        return HTTPStatus.CREATED, {"id": new_id, **item, "created_by": claims["sub"]}
-
-    def _authenticate(self, authorization: str | None) -> Mapping[str, Any]:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise HttpError(
-                HTTPStatus.UNAUTHORIZED,
-                "a bearer token is required",
-                {"WWW-Authenticate": 'Bearer realm="media-catalog"'},
-            )
-        try:
-            return self._auth.verify(token.strip())
-        except InvalidToken as exc:
-            raise HttpError(
-                HTTPStatus.UNAUTHORIZED,
-                str(exc),
-                {"WWW-Authenticate": 'Bearer realm="media-catalog", error="invalid_token"'},
-            ) from None
-        except (WeakSigningKey, SecretUnavailable) as exc:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"JWT key: {exc}") from None
-
-    @contextmanager
-    def _database(self) -> Iterator[tuple[Cursor, str]]:
-        try:
-            url = self._config.database_url
-        except (SecretUnavailable, MissingSecretKey) as exc:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, f"database URL: {exc}") from None
-        try:
-            with transaction(url) as opened:
-                yield opened
-        except (DatabaseUrlError, DatabaseUnavailable) as exc:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
+Resources = Callable[[], AbstractAsyncContextManager[Catalog]]
 
 
-def _media_item(body: bytes) -> dict[str, Any]:
+def from_broker(client_config: BrokerClientConfig, grace: float = DEFAULT_GRACE) -> Resources:
+    """The catalog's resources, read through the broker (what ``python -m catalog serve`` runs)."""
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[Catalog]:
+        async with (
+            AsyncSecretsClient(client_config) as client,
+            AsyncLiveSecrets(client, CONFIG_SECRETS) as live,
+        ):
+            await live.wait_ready(READY_TIMEOUT)
+            config = Config(live)
+            async with following_database(config, live) as database:
+                yield Catalog(
+                    live, config, TokenAuthority(live.get_secret, client, grace), database
+                )
+
+    return opened
+
+
+class ChangeSource(Protocol):
+    """What tells of changed secrets: an AsyncLiveSecrets."""
+
+    def on_change(self, listener: Callable[[SecretChange], None]) -> Callable[[], None]: ...
+
+
+@asynccontextmanager
+async def following_database(config: Config, live: ChangeSource) -> AsyncIterator[FollowedDatabase]:
+    """The database at ``config.database_url``, switched over whenever that secret changes."""
+    database = FollowedDatabase(lambda: config.database_url)
+
+    def changed(change: SecretChange) -> None:
+        if change.name == DATABASE_URL.name:
+            database.url_changed()
+
+    stop = live.on_change(changed)
+    await database.start()
     try:
-        document = json.loads(body)
-    except ValueError:
-        raise HttpError(HTTPStatus.BAD_REQUEST, "body must be a JSON object") from None
-    if not isinstance(document, dict):
-        raise HttpError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
-    title, kind, year = document.get("title"), document.get("kind", "movie"), document.get("year")
-    if not isinstance(title, str) or not 0 < len(title.strip()) <= 300:
-        raise HttpError(HTTPStatus.BAD_REQUEST, "title: must be a string of 1 to 300 characters")
-    if kind not in KINDS:
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"kind: must be one of {', '.join(sorted(KINDS))}")
-    if year is not None and (
-        not isinstance(year, int) or isinstance(year, bool) or not 1870 <= year <= 2200
-    ):
-        raise HttpError(HTTPStatus.BAD_REQUEST, "year: must be a whole number from 1870 to 2200")
-    unknown = sorted(set(document) - {"title", "kind", "year"})
-    if unknown:
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"unknown field: {unknown[0][:40]!r}")
-    return {"title": title.strip(), "kind": kind, "year": year}
-
-
-def make_server(app: CatalogApp, host: str, port: int) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "media-catalog"
-
-        def do_GET(self) -> None:
-            if self.path == "/healthz":
-                self._answer(app.health)
-            elif self.path == "/media":
-                self._answer(app.list_media)
-            else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": "no such path"})
-
-        def do_POST(self) -> None:
-            if self.path != "/media":
-                self._send(HTTPStatus.NOT_FOUND, {"error": "no such path"})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
-                return
-            body = self.rfile.read(length)
-            self._answer(lambda: app.add_media(self.headers.get("Authorization"), body))
-
-        def _answer(self, handler: Any) -> None:
-            try:
-                status, document = handler()
-            except HttpError as exc:
-                self._send(exc.status, {"error": str(exc)}, exc.headers)
-            except Exception:
-                log.exception("request %s %s failed", self.command, self.path)
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
-            else:
-                self._send(status, document)
-
-        def _send(
-            self, status: HTTPStatus, document: Any, headers: Mapping[str, str] | None = None
-        ) -> None:
-            payload = json.dumps(document).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.info("%s %s", self.address_string(), format % args)  # request line, never headers
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
-
-
-def serve(app: CatalogApp, host: str, port: int, ready: threading.Event | None = None) -> None:
-    server = make_server(app, host, port)
-    log.info("media catalog listening on http://%s:%d", host, server.server_address[1])
-    if ready is not None:
-        ready.set()
-    try:
-        server.serve_forever(poll_interval=0.2)
+        yield database
     finally:
-        server.server_close()
+        stop()
+        await database.aclose()
+
+
+def create_app(resources: Resources) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with resources() as catalog:
+            app.state.catalog = catalog
+            yield
+
+    app = FastAPI(
+        title="Media Catalog",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses={
+            503: {"model": Problem, "description": "a secret or the database is unavailable"}
+        },
+    )
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+    app.exception_handler(HTTPException)(_http_error)
+    app.exception_handler(RequestValidationError)(_invalid)
+    for unavailable in UNAVAILABLE:
+        app.exception_handler(unavailable)(_unavailable)
+    app.include_router(router)
+    return app
+
+
+# Dependencies: async, so they run on the event loop (a plain def would go to a thread pool).
+
+
+async def catalog_of(request: Request) -> Catalog:
+    catalog: Catalog = request.app.state.catalog
+    return catalog
+
+
+CatalogDep = Annotated[Catalog, Depends(catalog_of)]
+
+
+async def config_of(catalog: CatalogDep) -> Config:
+    return catalog.config
+
+
+async def token_claims(
+    catalog: CatalogDep, authorization: Annotated[str | None, Header()] = None
+) -> Mapping[str, Any]:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "a bearer token is required", {"WWW-Authenticate": _BEARER})
+    try:
+        return await catalog.auth.verify(token.strip())
+    except InvalidToken as exc:
+        raise HTTPException(
+            401, str(exc), {"WWW-Authenticate": f'{_BEARER}, error="invalid_token"'}
+        ) from None
+
+
+async def connection(catalog: CatalogDep) -> AsyncIterator[Connection]:
+    """One unit of work on the database in use now, committed before the answer is sent."""
+    async with catalog.database.connection() as opened:
+        yield opened
+
+
+ConnectionDep = Annotated[Connection, Depends(connection, scope="function")]
+ClaimsDep = Annotated[Mapping[str, Any], Depends(token_claims)]
+_COLUMNS = ("id", "title", "kind", "year", "created_by")
+
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health)
+async def health(catalog: CatalogDep) -> Health | JSONResponse:
+    report = {}
+    for name in CONFIG_SECRETS:
+        try:
+            secret = catalog.secrets.get_secret(name)
+        except SecretBrokerError:
+            return _problem(503, "waiting for secrets")
+        report[name] = SecretStatus(
+            version=secret.version, source=secret.source.value, stale=secret.stale
+        )
+    return Health(status="ok", secrets=report)
+
+
+@router.get("/media", response_model=MediaList)
+async def list_media(database: ConnectionDep) -> MediaList:
+    rows = await database.fetch("SELECT id, title, kind, year, created_by FROM media ORDER BY id")
+    return MediaList(items=[Media(**dict(zip(_COLUMNS, row, strict=True))) for row in rows])
+
+
+@router.post("/media", response_model=Media, status_code=201)
+async def add_media(item: MediaIn, claims: ClaimsDep, database: ConnectionDep) -> Media:
+    mark = database.mark
+    ((new_id,),) = await database.fetch(
+        f"INSERT INTO media (title, kind, year, created_by) VALUES ({mark}, {mark}, {mark},"  # noqa: S608 - placeholders only
+        f" {mark}) RETURNING id",
+        (item.title, item.kind, item.year, claims["sub"]),
+    )
+    return Media(id=new_id, created_by=claims["sub"], **item.model_dump())
+
+
+def _problem(code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(Problem(error=message).model_dump(), code, dict(headers or {}))
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _problem(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """400 naming the first field that is wrong, never its value (pydantic's ``input``)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "body")
+    if first["type"] == "json_invalid" or not where:
+        return _problem(400, "body must be a JSON object")
+    return _problem(400, f"{where}: {first['msg']}")
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A secret or the database cannot be used now: 503, naming what (never a value)."""
+    what = "database" if isinstance(exc, DatabaseUnavailable | DatabaseUrlError) else "secret"
+    return _problem(503, f"{what}: {exc}")
+
+
+UNAVAILABLE = (
+    DatabaseUnavailable,
+    DatabaseUrlError,
+    SecretBrokerError,
+    MissingSecretKey,
+    WeakSigningKey,
+)
+
+
+class BodyLimit:
+    """Refuses bodies over ``limit`` bytes with 413: by their Content-Length at once, and by
+    counting what arrives when it is absent (chunked). uvicorn refuses a malformed or negative
+    Content-Length with 400 before the app is called."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self._app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self._limit:
+            await _problem(413, "body too large")(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self._limit:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "body too large")
+            return message
+
+        await self._app(scope, counted, send)

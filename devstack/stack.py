@@ -325,7 +325,8 @@ As the catalog, from another terminal (config, or a token for POST /media):
   export {catalog}
   {python} -m catalog config
   curl -H "Authorization: Bearer $({python} -m catalog token --sub me)" \\
-    -d '{{"title": "Heat", "year": 1995}}' http://{catalog_url}/media
+    --json '{{"title": "Heat", "year": 1995}}' http://{catalog_url}/media
+  (the API: http://{catalog_url}/docs)
 As ops (rollback to env vars, rotate the JWT key; status and rollback reach every replica):
   export {ops}
   {python} -m broker status

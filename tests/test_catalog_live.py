@@ -3,6 +3,7 @@ broker restarts, and JWTs that survive a rotation for the grace period, and no l
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 import time
@@ -13,8 +14,16 @@ import jwt
 import pytest
 
 from catalog.auth import InvalidToken, TokenAuthority, WeakSigningKey
-from devstack.harness import free_port_pair, wait_until
-from secretbroker.client import Backoff, LiveSecrets, Secret, SecretsClient, SecretUnavailable
+from devstack.harness import client_config, free_port_pair, wait_until
+from secretbroker.client import (
+    AsyncLiveSecrets,
+    AsyncSecretsClient,
+    Backoff,
+    LiveSecrets,
+    Secret,
+    SecretsClient,
+    SecretUnavailable,
+)
 from secretbroker.v1 import broker_pb2
 from tests.support import API, DATABASE, BrokerFactory, Pki, RunningBroker, Vault, client_for
 
@@ -77,48 +86,47 @@ def test_live_secrets_follow_rotation_and_resume_after_a_broker_restart(
 
 
 def test_a_token_survives_rotation_for_the_grace_period_then_is_rejected(
-    jwt_vault: Vault,
-    pki: Pki,
-    start_broker: BrokerFactory,
-    client: Callable[[int], SecretsClient],
+    jwt_vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
     broker = start_broker(jwt_vault, secrets_=JWT_SECRETS)
-    broker_client = client(broker.port)
-    live = LiveSecrets(broker_client, [API], FAST_RESUME)
+    config = client_config(f"127.0.0.1:{broker.port}", pki.ca, pki.catalog)
     offset = [0.0]
 
     def clock() -> float:
         return time.time() + offset[0]
 
-    try:
-        live.wait_ready(timeout=20)
-        running = TokenAuthority(live.get_secret, broker_client, grace=60, clock=clock)
-        old_version = live.get_secret(API).version
-        old_token = running.mint("alice")
+    async def scenario() -> None:
+        async with (
+            AsyncSecretsClient(config) as client,
+            AsyncLiveSecrets(client, [API], FAST_RESUME) as live,
+        ):
+            await live.wait_ready(timeout=20)
+            running = TokenAuthority(live.get_secret, client, grace=60, clock=clock)
+            old_version = live.get_secret(API).version
+            old_token = running.mint("alice")
 
-        new_version = rotate(broker, pki)
-        wait_until(lambda: live.get_secret(API).version == new_version)
+            new_version = await asyncio.to_thread(rotate, broker, pki)
+            await asyncio.to_thread(wait_until, lambda: live.get_secret(API).version == new_version)
 
-        assert running.verify(old_token)["sub"] == "alice", "within grace on the running instance"
-        fresh_live = LiveSecrets(broker_client, [API], FAST_RESUME)
-        fresh_live.wait_ready(timeout=20)
-        fresh = TokenAuthority(fresh_live.get_secret, broker_client, grace=60, clock=clock)
-        assert fresh.verify(old_token)["sub"] == "alice", (
-            "within grace on an instance started after"
-        )
+            claims = await running.verify(old_token)
+            assert claims["sub"] == "alice", "within grace on the running instance"
+            async with AsyncLiveSecrets(client, [API], FAST_RESUME) as fresh_live:
+                await fresh_live.wait_ready(timeout=20)
+                fresh = TokenAuthority(fresh_live.get_secret, client, grace=60, clock=clock)
+                claims = await fresh.verify(old_token)
+                assert claims["sub"] == "alice", "within grace on an instance started after"
 
-        new_token = running.mint("bob")
-        assert _kid(new_token) == str(new_version) != str(old_version)
-        assert fresh.verify(new_token)["sub"] == "bob"
+                new_token = running.mint("bob")
+                assert _kid(new_token) == str(new_version) != str(old_version)
+                assert (await fresh.verify(new_token))["sub"] == "bob"
 
-        offset[0] = 61  # past the grace, counted from when the new version was written
-        for authority in (running, fresh):
-            with pytest.raises(InvalidToken, match="grace period has ended"):
-                authority.verify(old_token)
-            assert authority.verify(new_token)["sub"] == "bob"
-        fresh_live.close()
-    finally:
-        live.close()
+                offset[0] = 61  # past the grace, counted from when the new version was written
+                for authority in (running, fresh):
+                    with pytest.raises(InvalidToken, match="grace period has ended"):
+                        await authority.verify(old_token)
+                    assert (await authority.verify(new_token))["sub"] == "bob"
+
+    asyncio.run(scenario())
 
 
 def test_forged_tampered_and_expired_tokens_are_rejected_without_echoing_them(
@@ -128,20 +136,19 @@ def test_forged_tampered_and_expired_tokens_are_rejected_without_echoing_them(
 ) -> None:
     broker = start_broker(jwt_vault, secrets_=JWT_SECRETS)
     broker_client = client(broker.port)
-    authority = TokenAuthority(broker_client.get_secret, broker_client)
+    authority = TokenAuthority(broker_client.get_secret)
     good = authority.mint("alice")
     header, payload, signature = good.split(".")
     forged = TokenAuthority(
-        lambda name: _with_key(broker_client.get_secret(name), secrets.token_urlsafe(32)),
-        broker_client,
+        lambda name: _with_key(broker_client.get_secret(name), secrets.token_urlsafe(32))
     ).mint("mallory")
-    expired = TokenAuthority(
-        broker_client.get_secret, broker_client, clock=lambda: time.time() - 7200
-    ).mint("alice", lifetime=60)
+    expired = TokenAuthority(broker_client.get_secret, clock=lambda: time.time() - 7200).mint(
+        "alice", lifetime=60
+    )
 
     for token in (forged, f"{header}.{payload}x.{signature}", expired, "not-a-jwt", ""):
         with pytest.raises(InvalidToken) as caught:
-            authority.verify(token)
+            asyncio.run(authority.verify(token))
         assert not token or token not in str(caught.value)
 
 
@@ -159,7 +166,7 @@ def test_a_short_jwt_key_is_refused(
     jwt_vault.write(API, jwt_secret="short")
     broker_client = client(start_broker(jwt_vault, secrets_=JWT_SECRETS).port)
     with pytest.raises(WeakSigningKey, match="the JWT key has 5 bytes, fewer than 32"):
-        TokenAuthority(broker_client.get_secret, broker_client).mint("alice")
+        TokenAuthority(broker_client.get_secret).mint("alice")
 
 
 def test_a_denied_watch_surfaces_the_denial_instead_of_waiting_forever(

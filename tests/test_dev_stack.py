@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import hvac
 import pytest
 
@@ -149,14 +150,13 @@ def _catalog_service_and_ops(output: str, state_dir: Path) -> str:
         result = _run_module(args, env)
         printed += result.stdout + result.stderr
         if client == "catalog":
-            request = urllib.request.Request(  # noqa: S310 - the dev stack's loopback URL
+            added = httpx.post(  # as the banner's curl --json does
                 f"{service.group(1)}/media",
-                method="POST",
-                data=b'{"title": "Heat", "year": 1995}',
+                json={"title": "Heat", "year": 1995},
                 headers={"Authorization": f"Bearer {result.stdout.strip()}"},
+                timeout=10,
             )
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-                assert response.status == 201
+            assert added.status_code == 201
             printed = printed.replace(result.stdout, "")  # a token is not a stored secret
         else:
             assert "rule in force: default" in result.stdout

@@ -1,0 +1,114 @@
+"""The reference catalog service as its own process (``python -m catalog serve``) for tests,
+and a small HTTP client for it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpx
+
+from devstack.harness import free_port_pair, wait_until
+from devstack.stack import client_env
+from tests.support import API, DATABASE, EXTERNAL, Pki
+
+CATALOG_SECRETS = {
+    DATABASE: {"keys": ["url"]},
+    API: {"keys": ["jwt_secret"], "rotation": {"key": "jwt_secret"}},
+    EXTERNAL: {"keys": ["tmdb_api_key"]},
+}
+
+
+def http(method: str, url: str, token: str | None = None, body: Any = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.request(method, url, json=body, headers=headers, timeout=10)
+    return response.status_code, response.json()
+
+
+class Catalog:
+    def __init__(self, process: subprocess.Popen[str], url: str, environ: dict[str, str]) -> None:
+        self.process = process
+        self.url = url
+        self.environ = environ
+
+    def health(self) -> dict[str, Any]:
+        status, document = http("GET", f"{self.url}/healthz")
+        assert status == 200, document
+        secrets_: dict[str, Any] = document["secrets"]
+        return secrets_
+
+    def wait_for(self, name: str, **expected: Any) -> None:
+        def reported() -> bool:
+            report = self.health()[name]
+            return all(report[k] == v for k, v in expected.items())
+
+        wait_until(reported, 20, f"{name} to become {expected}", interval=0.1)
+
+    def token(self, subject: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "catalog", "token", "--sub", subject],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            env=self.environ,
+        )
+        return result.stdout.strip()
+
+    def add(self, token: str, title: str) -> int:
+        status, _ = http("POST", f"{self.url}/media", token, {"title": title, "year": 1999})
+        return status
+
+
+@contextlib.contextmanager
+def catalog_service(
+    broker_port: int, pki: Pki, values: Iterable[str], *, read_output: bool = True
+) -> Iterator[Catalog]:
+    """The service reading through the broker at ``broker_port``; after it stopped, none of
+    ``values`` (but SQLite paths) may be in its output. Without ``read_output``, nobody reads
+    its output until it stopped: a stalled log sink."""
+    port = free_port_pair()
+    environ = {**os.environ, **client_env(f"127.0.0.1:{broker_port}", pki.ca, pki.catalog)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "catalog", "serve", "--listen", f"127.0.0.1:{port}"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    catalog = Catalog(process, f"http://127.0.0.1:{port}", environ)
+
+    def up() -> bool:
+        assert process.poll() is None, "the catalog service exited"
+        try:
+            catalog.health()
+        except (httpx.HTTPError, AssertionError):
+            return False
+        return True
+
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout or ()), daemon=True)
+    if read_output:
+        reader.start()
+    try:
+        wait_until(up, 30, "the catalog service", interval=0.1)
+        yield catalog
+    finally:
+        process.send_signal(signal.SIGTERM)
+        if read_output:
+            process.wait(timeout=20)
+            reader.join(timeout=20)
+            if process.stdout is not None:
+                process.stdout.close()
+        else:
+            lines.append(process.communicate(timeout=20)[0])
+    output = "".join(lines)
+    for value in values:
+        if not value.startswith("sqlite:"):
+            assert value not in output, "a secret value reached the catalog's output"
