@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.catalog import CONFIG_READS, REQUESTS, running_catalog
 from bench.failover import FULL_FAILOVER, QUICK_FAILOVER, measure_failover
 from bench.floor import METHOD as FLOOR_METHOD
 from bench.report import draw_latency_chart, render_table
@@ -48,6 +49,8 @@ class Sizes:
     """Reads of a secret of TTL ``expiring_ttl`` against pure hits, call for call."""
     scale: tuple[int, ...]
     """Stream counts of the scale section: each opened in one burst."""
+    catalog_calls: int
+    """Requests per kind to the catalog service."""
 
 
 FULL = Sizes(
@@ -61,6 +64,7 @@ FULL = Sizes(
     expiring_ttl=0.5,
     expiring_seconds=10,
     scale=FULL_SCALE,
+    catalog_calls=2000,
 )
 QUICK = Sizes(
     20,
@@ -73,6 +77,7 @@ QUICK = Sizes(
     expiring_ttl=0.1,
     expiring_seconds=0.5,
     scale=QUICK_SCALE,
+    catalog_calls=50,
 )
 
 
@@ -133,6 +138,9 @@ def measure(rig: Rig, sizes: Sizes) -> dict[str, Any]:
     samples["catalog Config read"] = worker(
         "config", {**rig.client_args(rig.broker_addr), "count": sizes.config_calls}
     )["us"]
+    results["catalog"] = catalog_requests(
+        rig, sizes, percentiles(samples["catalog Config read"])["p50"]
+    )
     results["ttl_expiries"] = ttl_expiries(rig, sizes, samples)
     results["latency_us"] = {name: percentiles(values) for name, values in samples.items()}
     results["throughput_clients"] = sizes.throughput_clients
@@ -187,6 +195,18 @@ def ab_rounds(rig: Rig, sizes: Sizes, samples: dict[str, list[float]]) -> dict[s
             "per_round": values,
         }
     return {"count": sizes.rounds, "ratios": ratios, "per_round": per_round}
+
+
+def catalog_requests(rig: Rig, sizes: Sizes, config_read_us: float) -> dict[str, Any]:
+    """p50 and p99 per kind of catalog request through the whole stack, and the largest share
+    the in-memory secret reads (Config) take of a median request."""
+    with running_catalog(rig) as service:
+        measured = {
+            name: percentiles(worker("http", service.worker_args(name, sizes.catalog_calls))["us"])
+            for name in REQUESTS
+        }
+    share = max(CONFIG_READS[name] * config_read_us / measured[name]["p50"] for name in REQUESTS)
+    return {"requests_us": measured, "config_read_us": config_read_us, "config_share_max": share}
 
 
 def ttl_expiries(rig: Rig, sizes: Sizes, samples: dict[str, list[float]]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ argument and prints one JSON result line.
     python -m bench.workers vault '{"address": ..., "path": ..., "approle": [role_id_file, ...]}'
     python -m bench.workers config '{"target": ..., "calls": N}'
     python -m bench.workers streams '{"target": ..., "streams": 1000, "channels": 4, "name": ...}'
+    python -m bench.workers http '{"url": ..., "method": "GET", "path": "/media", "count": N}'
 """
 
 from __future__ import annotations
@@ -124,6 +125,23 @@ def config(args: Args) -> Args:
     return {"us": samples}
 
 
+def http(args: Args) -> Args:
+    """``count`` requests of one kind to the catalog service over one keep-alive connection,
+    timed one by one; any answer but a success fails the worker."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args['token']}"} if args.get("token") else {}
+    with httpx.Client(base_url=args["url"], timeout=30) as client:
+
+        def call() -> object:
+            response = client.request(
+                args["method"], args["path"], json=args.get("json"), headers=headers
+            )
+            return response.raise_for_status()
+
+        return {"us": _timed(call, 50, args["count"])}
+
+
 def streams(args: Args) -> Args:
     """Open ``streams`` WatchSecrets streams of one secret at once, spread over ``channels`` new
     connections. Print one JSON line once each stream has its first message or has failed
@@ -177,6 +195,7 @@ WORKERS: dict[str, Callable[[Args], Args]] = {
     "vault": vault,
     "config": config,
     "streams": streams,
+    "http": http,
 }
 
 if __name__ == "__main__":

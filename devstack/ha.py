@@ -24,6 +24,7 @@ from secretbroker.client import (
     BrokerClientConfig,
     LiveSecrets,
     Secret,
+    SecretBrokerError,
     SecretsClient,
     SecretSource,
     SecretUnavailable,
@@ -243,7 +244,7 @@ class CatalogLoad:
             for name in self._names:
                 try:
                     secret = self.live.get_secret(name)
-                except (SecretUnavailable, KeyError):
+                except SecretBrokerError:
                     with self._lock:
                         self.report.live_missing += 1
                     continue

@@ -37,6 +37,11 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
     assert results["watch_received"] == results["watch_streams"], "every stream got the rotation"
     assert results["rss_streams_bytes"] > 0
     assert results["rollback_flip_ms"] > 0
+    catalog = results["catalog"]  # through the whole stack, each kind answered with success
+    assert set(catalog["requests_us"]) == {"GET /healthz", "GET /media", "POST /media"}
+    assert all(p["n"] == 50 and p["p99"] >= p["p50"] > 0 for p in catalog["requests_us"].values())
+    assert 0 < catalog["config_share_max"] < 1
+    assert "secret reads' share of a median catalog request" in result.stdout
     for count, entry in results["scale"].items():  # streams opened in one burst
         assert (entry["refused"], entry["received"]) == (0, int(count)), entry
         assert entry["fanout_ms"] >= entry["fanout_p50_ms"]

@@ -5,6 +5,7 @@ asyncio, with none of the server's dependencies present."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,9 @@ def test_a_fresh_virtualenv_with_just_the_sdk_reads_a_secret_over_mtls(
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     python = str(venv / "bin" / "python")
     pip = [python, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "install", str(ROOT / "sdk")], check=True, capture_output=True)
+    source = tmp_path / "sdk"  # a copy: pip builds in the source tree, which stays clean
+    shutil.copytree(ROOT / "sdk", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    subprocess.run([*pip, "install", str(source)], check=True, capture_output=True)
     listed = subprocess.run(
         [*pip, "list", "--format=freeze"], check=True, capture_output=True, text=True
     ).stdout
