@@ -229,3 +229,29 @@ def test_many_live_views_start_no_thread_and_a_refusal_is_the_reason(
         assert refused.value.code.name == "PERMISSION_DENIED"
 
     run(scenario)
+
+
+def test_retries_wait_for_a_late_broker_and_give_up_at_the_overall_deadline(
+    vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """The sync client's retry policy, on asyncio.sleep: one broker comes up a second late and
+    is read; with nothing listening, the call ends with the last status after its deadline."""
+    port, nobody = free_port_pair(), free_port_pair()
+    patient = RetryPolicy(max_attempts=50, overall_deadline=30)
+    late = client_config(f"127.0.0.1:{port}", pki.ca, pki.catalog, retry=patient)
+    brief = RetryPolicy(max_attempts=100, backoff=Backoff(initial=0.05), overall_deadline=1.0)
+    absent = client_config(f"127.0.0.1:{nobody}", pki.ca, pki.catalog, retry=brief)
+
+    async def scenario() -> None:
+        async with AsyncSecretsClient(late) as client:
+            reading = asyncio.ensure_future(client.get_secret(API))
+            await asyncio.sleep(1)
+            assert not reading.done()
+            await asyncio.to_thread(start_broker, vault, listen=f"127.0.0.1:{port}")
+            assert (await reading).name == API
+        async with AsyncSecretsClient(absent) as client:
+            with pytest.raises(SecretUnavailable) as caught:
+                await client.get_secret(API)
+            assert caught.value.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+    run(scenario)
