@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import subprocess
 import threading
@@ -40,6 +41,7 @@ from devstack.openbao import OpenBaoDevServer
 from devstack.pki import CertFiles, DevCA, write_private
 from devstack.stack import client_env
 from secretbroker.client import (
+    BrokerClientConfig,
     RetryPolicy,
     SecretsClient,
     channel_credentials,
@@ -503,3 +505,38 @@ def assert_no_read_lost(load: CatalogLoad) -> None:
     assert report.failed == [], f"{len(report.failed)} of {report.reads} reads failed"
     assert report.went_back == []
     assert report.live_missing == 0
+
+
+class RenewedClientFiles:
+    """A copy of the catalog's certificate and key that ``renew`` replaces in place, as a
+    certificate manager would (key first, by rename), with one from another CA; and the client
+    settings that follow them (checked every 0.1 s, retrying patiently)."""
+
+    def __init__(self, pki: Pki, folder: Path) -> None:
+        self._folder = folder
+        self.cert, self.key = folder / "catalog.pem", folder / "catalog-key.pem"
+        self.cert.write_bytes(pki.catalog.cert.read_bytes())
+        write_private(self.key, pki.catalog.key.read_bytes())
+        self._ca = pki.ca
+        self.new_ca = DevCA("the next client CA")
+
+    def config(self, port: int) -> BrokerClientConfig:
+        return BrokerClientConfig(
+            target=f"127.0.0.1:{port}",
+            ca_file=self._ca,
+            cert_file=self.cert,
+            key_file=self.key,
+            reload_interval=0.1,
+            retry=RetryPolicy(max_attempts=50, overall_deadline=30),
+        )
+
+    def renew(self) -> Path:
+        """Replace the files with a certificate of the new CA; the new CA's file, for a broker
+        that trusts only it."""
+        renewed = self.new_ca.issue_files(
+            self._folder / "renewed", "catalog", "catalog", uri=CATALOG_ID
+        )
+        write_private(self.key.with_name("staged"), renewed.key.read_bytes())
+        os.replace(self.key.with_name("staged"), self.key)
+        self.cert.write_bytes(renewed.cert.read_bytes())
+        return self.new_ca.write_ca(self._folder / "new-ca.pem")

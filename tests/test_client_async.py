@@ -6,7 +6,6 @@ view and no thread of their own."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,12 +13,10 @@ from pathlib import Path
 import pytest
 
 from devstack.harness import client_config, free_port_pair, wait_until
-from devstack.pki import DevCA, write_private
 from secretbroker.client import (
     AsyncLiveSecrets,
     AsyncSecretsClient,
     Backoff,
-    BrokerClientConfig,
     NotWatched,
     RetryPolicy,
     SecretBrokerError,
@@ -29,10 +26,10 @@ from secretbroker.client import (
 from secretbroker.v1 import broker_pb2
 from tests.support import (
     API,
-    CATALOG_ID,
     DATABASE,
     BrokerFactory,
     Pki,
+    RenewedClientFiles,
     Vault,
     get,
     metric,
@@ -168,20 +165,10 @@ def test_rotated_client_certificates_move_the_channel_and_the_watch(
 ) -> None:
     """As the sync SDK's test: after the files change, a broker that trusts only the new CA
     serves both the point reads and the watch."""
-    cert, key = tmp_path / "catalog.pem", tmp_path / "catalog-key.pem"
-    cert.write_bytes(pki.catalog.cert.read_bytes())
-    write_private(key, pki.catalog.key.read_bytes())
+    files = RenewedClientFiles(pki, tmp_path)
     port = free_port_pair()
     first = start_broker(vault, listen=f"127.0.0.1:{port}")
-    config = BrokerClientConfig(
-        target=f"127.0.0.1:{port}",
-        ca_file=pki.ca,
-        cert_file=cert,
-        key_file=key,
-        reload_interval=0.1,
-        retry=RetryPolicy(max_attempts=50, overall_deadline=30),
-    )
-    new_ca = DevCA("the next client CA")
+    config = files.config(port)
 
     async def scenario() -> None:
         async with (
@@ -189,14 +176,10 @@ def test_rotated_client_certificates_move_the_channel_and_the_watch(
             AsyncLiveSecrets(client, [API], FAST_RESUME) as live,
         ):
             await live.wait_ready(timeout=20)
-            renewed = new_ca.issue_files(tmp_path / "renewed", "catalog", "catalog", uri=CATALOG_ID)
-            write_private(key.with_name("staged"), renewed.key.read_bytes())
-            os.replace(key.with_name("staged"), key)
-            cert.write_bytes(renewed.cert.read_bytes())
+            new_ca_file = await asyncio.to_thread(files.renew)
             await until(lambda: client.reconnects == 1, "the channel rebuilt")
 
             await asyncio.to_thread(first.stop)
-            new_ca_file = new_ca.write_ca(tmp_path / "new-ca.pem")
             await asyncio.to_thread(
                 start_broker, vault, listen=f"127.0.0.1:{port}", client_ca=new_ca_file
             )

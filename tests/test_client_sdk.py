@@ -4,23 +4,20 @@ SECRETBROKER_ADDR; several reach whichever broker answers."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import grpc
 import pytest
 
 from devstack.harness import client_config, free_port_pair, wait_until
-from devstack.pki import DevCA, write_private
 from secretbroker.client import (
     BrokerClientConfig,
     ClientConfigError,
     LiveSecrets,
-    RetryPolicy,
     SecretsClient,
     channel_target,
 )
-from tests.support import API, CATALOG_ID, BrokerFactory, Pki, Vault, get, status_of
+from tests.support import API, BrokerFactory, Pki, RenewedClientFiles, Vault, get, status_of
 
 
 @pytest.mark.parametrize(
@@ -73,32 +70,18 @@ def test_rotated_client_certificates_reach_a_broker_that_only_trusts_the_new_one
     """grpcio cannot reload client credentials: the SDK rebuilds its channel when the files
     change, and LiveSecrets moves its watch over. A broker restarted to trust only the new CA
     then serves the client; the old certificate would be refused."""
-    cert, key = tmp_path / "catalog.pem", tmp_path / "catalog-key.pem"
-    cert.write_bytes(pki.catalog.cert.read_bytes())
-    write_private(key, pki.catalog.key.read_bytes())
+    files = RenewedClientFiles(pki, tmp_path)
     port = free_port_pair()
     first = start_broker(vault, listen=f"127.0.0.1:{port}")
-    config = BrokerClientConfig(
-        target=f"127.0.0.1:{port}",
-        ca_file=pki.ca,
-        cert_file=cert,
-        key_file=key,
-        reload_interval=0.1,
-        retry=RetryPolicy(max_attempts=50, overall_deadline=30),
-    )
+    config = files.config(port)
     with SecretsClient(config) as client:
         live = LiveSecrets(client, [API])
         try:
             live.wait_ready(timeout=30)
-            new_ca = DevCA("the next client CA")
-            renewed = new_ca.issue_files(tmp_path / "renewed", "catalog", "catalog", uri=CATALOG_ID)
-            write_private(key.with_name("staged"), renewed.key.read_bytes())
-            os.replace(key.with_name("staged"), key)
-            cert.write_bytes(renewed.cert.read_bytes())
+            new_ca_file = files.renew()
             wait_until(lambda: client.reconnects == 1, what="the channel rebuilt")
 
             first.stop()
-            new_ca_file = new_ca.write_ca(tmp_path / "new-ca.pem")
             second = start_broker(vault, listen=f"127.0.0.1:{port}", client_ca=new_ca_file)
 
             assert client.get_secret(API).name == API

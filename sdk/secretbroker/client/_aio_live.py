@@ -12,9 +12,8 @@ import grpc
 
 from secretbroker.client._aio_client import AsyncSecretsClient
 from secretbroker.client._backoff import Backoff
-from secretbroker.client._base import Secret, secret_from_message
-from secretbroker.client._errors import NotReady, SecretUnavailable
-from secretbroker.client._held import ChangeListener, HeldSecrets, SecretChange
+from secretbroker.client._errors import NotReady
+from secretbroker.client._held import HeldSecrets, LiveView, SecretChange
 from secretbroker.client._live import RESUME_BACKOFF
 from secretbroker.v1 import broker_pb2
 
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 _Call = grpc.aio.UnaryStreamCall[broker_pb2.WatchSecretsRequest, broker_pb2.WatchSecretsResponse]
 
 
-class AsyncLiveSecrets:
+class AsyncLiveSecrets(LiveView):
     """The current values of ``names``, kept up to date by a WatchSecrets stream on a task.
 
     ``get_secret`` is a dictionary lookup (no await). When the stream breaks, the last good
@@ -42,7 +41,7 @@ class AsyncLiveSecrets:
         self._client = client
         self._held = HeldSecrets(names)
         self._backoff = backoff
-        self._complete = asyncio.Event()
+        self._complete: asyncio.Event = asyncio.Event()
         self._wake = asyncio.Event()
         """Ends a backoff wait early: on close, and when the client has a new channel."""
         self._call: _Call | None = None
@@ -52,26 +51,12 @@ class AsyncLiveSecrets:
         self._stop_listening: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = False
-        """Whether the stream is open and has delivered since it last (re)opened."""
 
     def start(self) -> None:
         """Open the stream (``async with`` does it)."""
         if self._task is None:
             self._stop_listening = self._client.on_reconnect(self._move)
             self._task = asyncio.create_task(self._follow(), name="secrets-watch")
-
-    def get_secret(self, name: str) -> Secret:
-        return self._held.get(name)
-
-    @property
-    def last_error(self) -> SecretUnavailable | None:
-        """Why the stream last broke (or was refused), if it ever did."""
-        return self._held.last_error
-
-    def on_change(self, listener: ChangeListener) -> Callable[[], None]:
-        """Call ``listener(change)`` on the loop whenever a watched secret's value, version or
-        source changes; it must not block. Returns the function that unregisters it."""
-        return self._held.on_change(listener)
 
     async def changes(self) -> AsyncGenerator[SecretChange, None]:
         """Every change from now on, in order, until the live view closes."""
@@ -164,9 +149,3 @@ class AsyncLiveSecrets:
                 await asyncio.wait_for(self._wake.wait(), self._backoff.delay(attempt))
             self._wake.clear()
             attempt += 1
-
-    def _store(self, response: broker_pb2.WatchSecretsResponse) -> None:
-        self._held.store(secret_from_message(response.secret))
-        self.connected = True
-        if self._held.complete:
-            self._complete.set()

@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
-from secretbroker.client._base import Secret, SecretSource
+from secretbroker.client._base import Secret, SecretSource, secret_from_message
 from secretbroker.client._errors import NotWatched, SecretUnavailable
+from secretbroker.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +106,38 @@ def _older(secret: Secret, held: Secret) -> bool:
         and secret.version < held.version
         and (secret.created_at or 0.0) <= (held.created_at or 0.0)
     )
+
+
+class _Event(Protocol):
+    def set(self) -> None: ...
+
+
+class LiveView:
+    """What LiveSecrets (a thread) and AsyncLiveSecrets (a task) share: reading the values held,
+    and holding what the watch delivers."""
+
+    _held: HeldSecrets
+    _complete: _Event
+    connected: bool
+    """Whether the stream is open and has delivered since it last (re)opened."""
+
+    def get_secret(self, name: str) -> Secret:
+        """The value held: a dictionary lookup, no I/O."""
+        return self._held.get(name)
+
+    @property
+    def last_error(self) -> SecretUnavailable | None:
+        """Why the stream last broke (or was refused), if it ever did."""
+        return self._held.last_error
+
+    def on_change(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call ``listener(change)`` whenever a watched secret's value, version or source
+        changes: on the watch's thread (LiveSecrets) or on the event loop (AsyncLiveSecrets),
+        so it must not block. Returns the function that unregisters it."""
+        return self._held.on_change(listener)
+
+    def _store(self, response: broker_pb2.WatchSecretsResponse) -> None:
+        self._held.store(secret_from_message(response.secret))
+        self.connected = True
+        if self._held.complete:
+            self._complete.set()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 
 import grpc
 
 from secretbroker.client._backoff import Backoff
-from secretbroker.client._base import Secret, secret_from_message
 from secretbroker.client._client import SecretsClient
-from secretbroker.client._errors import NotReady, SecretUnavailable
-from secretbroker.client._held import ChangeListener, HeldSecrets
+from secretbroker.client._errors import NotReady
+from secretbroker.client._held import HeldSecrets, LiveView
 from secretbroker.v1 import broker_pb2
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ other replicas over that second instead of one tick. The values held are served 
 and the resumed stream re-sends the current values, so the wait costs no read."""
 
 
-class LiveSecrets:
+class LiveSecrets(LiveView):
     """The current values of ``names``, kept up to date by a WatchSecrets stream.
 
     ``get_secret`` is a dictionary lookup. When the stream breaks (broker restart,
@@ -41,7 +40,7 @@ class LiveSecrets:
         self._client = client
         self._held = HeldSecrets(names)
         self._backoff = backoff
-        self._complete = threading.Event()
+        self._complete: threading.Event = threading.Event()
         self._closed = threading.Event()
         self._wake = threading.Event()
         """Ends a backoff wait early: on close, and when the client has a new channel."""
@@ -50,23 +49,9 @@ class LiveSecrets:
         self._moving = False
         """The open call was cancelled to move it to the client's new channel."""
         self.connected = False
-        """Whether the stream is open and has delivered since it last (re)opened."""
         self._stop_listening = client.on_reconnect(self._move)
         self._thread = threading.Thread(target=self._follow, name="secrets-watch", daemon=True)
         self._thread.start()
-
-    def get_secret(self, name: str) -> Secret:
-        return self._held.get(name)
-
-    @property
-    def last_error(self) -> SecretUnavailable | None:
-        """Why the stream last broke (or was refused), if it ever did."""
-        return self._held.last_error
-
-    def on_change(self, listener: ChangeListener) -> Callable[[], None]:
-        """Call ``listener(change)`` on the watch thread whenever a watched secret's value,
-        version or source changes. Returns the function that unregisters it."""
-        return self._held.on_change(listener)
 
     def wait_ready(self, timeout: float) -> None:
         """Block until every name has a value; raise the last error, or NotReady."""
@@ -135,9 +120,3 @@ class LiveSecrets:
             self._wake.wait(self._backoff.delay(attempt))
             self._wake.clear()
             attempt += 1
-
-    def _store(self, response: broker_pb2.WatchSecretsResponse) -> None:
-        self._held.store(secret_from_message(response.secret))
-        self.connected = True
-        if self._held.complete:
-            self._complete.set()
