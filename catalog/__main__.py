@@ -12,7 +12,7 @@ import os
 import sys
 
 from catalog.auth import DEFAULT_GRACE, DEFAULT_LIFETIME, TokenAuthority
-from catalog.config import DATABASE_URL, JWT_SECRET_KEY, TMDB_API_KEY, Config
+from catalog.config import CONFIG_PROPERTIES, Config
 from secretbroker.client import (
     BrokerClientConfig,
     ClientConfigError,
@@ -65,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def show_config(client: SecretsClient) -> int:
     config = Config(client)
-    for prop, ref in (
-        ("database_url", DATABASE_URL),
-        ("jwt_secret_key", JWT_SECRET_KEY),
-        ("tmdb_api_key", TMDB_API_KEY),
-    ):
+    for prop, ref in CONFIG_PROPERTIES.items():
         value = getattr(config, prop)
         secret = client.get_secret(ref.name)
         stale = ", stale" if secret.stale else ""

@@ -25,6 +25,12 @@ CONFIG_SECRETS = tuple(
     dict.fromkeys(ref.name for ref in (DATABASE_URL, JWT_SECRET_KEY, TMDB_API_KEY))
 )
 """The secrets Config reads: what a LiveSecrets for it should watch."""
+CONFIG_PROPERTIES = {
+    "database_url": DATABASE_URL,
+    "jwt_secret_key": JWT_SECRET_KEY,
+    "tmdb_api_key": TMDB_API_KEY,
+}
+"""Config's properties, each with the secret and key it reads."""
 
 
 class Config:

@@ -26,7 +26,13 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from catalog.auth import DEFAULT_GRACE, InvalidToken, TokenAuthority, WeakSigningKey
-from catalog.config import CONFIG_SECRETS, DATABASE_URL, Config, MissingSecretKey
+from catalog.config import (
+    CONFIG_PROPERTIES,
+    CONFIG_SECRETS,
+    DATABASE_URL,
+    Config,
+    MissingSecretKey,
+)
 from catalog.database import Connection, DatabaseUnavailable, DatabaseUrlError
 from catalog.followed_database import FollowedDatabase
 from catalog.models import Health, Media, MediaIn, MediaList, Problem, SecretStatus
@@ -142,6 +148,9 @@ async def config_of(catalog: CatalogDep) -> Config:
     return catalog.config
 
 
+ConfigDep = Annotated[Config, Depends(config_of)]
+
+
 async def token_claims(
     catalog: CatalogDep, authorization: Annotated[str | None, Header()] = None
 ) -> Mapping[str, Any]:
@@ -171,16 +180,22 @@ router = APIRouter()
 
 
 @router.get("/healthz", response_model=Health)
-async def health(catalog: CatalogDep) -> Health | JSONResponse:
+async def health(catalog: CatalogDep, config: ConfigDep) -> Health | JSONResponse:
+    """200 when every Config property has a value (each secret holds its key), with each
+    secret's version, source and staleness; 503 naming what is missing otherwise."""
     report = {}
-    for name in CONFIG_SECRETS:
-        try:
+    try:
+        for prop in CONFIG_PROPERTIES:
+            getattr(config, prop)
+        for name in CONFIG_SECRETS:
             secret = catalog.secrets.get_secret(name)
-        except SecretBrokerError:
-            return _problem(503, "waiting for secrets")
-        report[name] = SecretStatus(
-            version=secret.version, source=secret.source.value, stale=secret.stale
-        )
+            report[name] = SecretStatus(
+                version=secret.version, source=secret.source.value, stale=secret.stale
+            )
+    except SecretBrokerError:
+        return _problem(503, "waiting for secrets")
+    except MissingSecretKey as exc:
+        return _problem(503, str(exc))
     return Health(status="ok", secrets=report)
 
 

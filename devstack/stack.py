@@ -25,7 +25,7 @@ from broker.config_loader import load_config
 from broker.observe.logs import configure_logging
 from broker.sources.env import variable_name
 from broker.tools.vault_policy import vault_policy
-from catalog.config import Config
+from catalog.config import CONFIG_PROPERTIES, Config
 from devstack.bootstrap import (
     BROKER_POLICY,
     AppRoleFiles,
@@ -342,6 +342,6 @@ def _show_catalog_config(listen: str, certs: DevCertificates) -> None:
     with contextlib.closing(SecretsClient(client_config)) as client:
         client.wait_until_connected(timeout=30)
         config = Config(client)
-        for prop in ("database_url", "jwt_secret_key", "tmdb_api_key"):
+        for prop in CONFIG_PROPERTIES:
             value = getattr(config, prop)
             log.info("catalog read Config.%s through the broker (%d characters)", prop, len(value))

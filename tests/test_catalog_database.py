@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from catalog.auth import TokenAuthority
-from catalog.config import DATABASE_URL, JWT_SECRET_KEY, Config
+from catalog.config import DATABASE_URL, JWT_SECRET_KEY, TMDB_API_KEY, Config
 from catalog.database import POOL_MIN_SIZE
 from catalog.service import Catalog, create_app, following_database
 from devstack.harness import wait_until
@@ -45,6 +45,7 @@ class FakeSecrets:
         data = {
             DATABASE_URL.name: {DATABASE_URL.key: self.database_url},
             JWT_SECRET_KEY.name: {JWT_SECRET_KEY.key: self.jwt_key},
+            TMDB_API_KEY.name: {},  # lacks its key
         }[name]
         return Secret(name, data, 1, SecretSource.VAULT, stale=False, fetched_at=0.0)
 
@@ -201,3 +202,18 @@ def test_a_database_that_cannot_be_opened_is_a_503_without_the_url(
 
     run_app(FakeSecrets(break_url(postgres_url)), scenario)
     assert "secret-in-url" not in caplog.text
+
+
+def test_health_is_a_503_naming_the_key_a_secret_lacks(tmp_path: Path) -> None:
+    """Config comes from a dependency: /healthz reads every property, so a secret without the
+    key Config needs makes the service unhealthy, named, before any request needs it."""
+    fake = FakeSecrets(f"sqlite:///{tmp_path / 'catalog.db'}")
+
+    async def scenario(client: httpx.AsyncClient, catalog: Catalog, bearer: str) -> None:
+        response = await client.get("/healthz")
+        assert response.status_code == 503
+        assert response.json() == {
+            "error": "secret 'media-catalog/external' has no key 'tmdb_api_key'"
+        }
+
+    run_app(fake, scenario)
