@@ -103,13 +103,13 @@ def test_no_request_fails_while_the_jwt_key_rotates_and_the_database_moves(
         async def scenario() -> collections.Counter[str]:
             stop = asyncio.Event()
             running = asyncio.ensure_future(load(catalog, tokens, stop))
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.5)
             rotated = await asyncio.to_thread(
                 admin.RotateSecret, broker_pb2.RotateSecretRequest(name=API), timeout=30
             )
             await asyncio.to_thread(catalog.wait_for, API, version=rotated.version)
             tokens.append(await asyncio.to_thread(catalog.token, "after-rotation"))
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.5)
             await asyncio.to_thread(private_vault.write, DATABASE, url=second)
             await asyncio.to_thread(catalog.wait_for, DATABASE, version=database_version + 1)
             await asyncio.to_thread(
@@ -118,7 +118,7 @@ def test_no_request_fails_while_the_jwt_key_rotates_and_the_database_moves(
                 30,
                 "the old user's pool closed",
             )
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.5)
             stop.set()
             return await running
 

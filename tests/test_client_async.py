@@ -130,7 +130,8 @@ def test_point_reads_never_go_back_a_version_across_replicas_whose_caches_disagr
 def test_a_watch_resumes_on_another_replica_when_its_own_stops(
     vault: Vault, pki: Pki, start_broker: BrokerFactory
 ) -> None:
-    replicas = [start_broker(vault, secrets_={API: {}}) for _ in range(2)]
+    rotating = {API: {"rotation": {"key": "value"}}}
+    replicas = [start_broker(vault, secrets_=rotating) for _ in range(2)]
     config = client_config([f"127.0.0.1:{r.port}" for r in replicas], pki.ca, pki.catalog)
 
     def holder() -> int | None:
@@ -152,10 +153,14 @@ def test_a_watch_resumes_on_another_replica_when_its_own_stops(
                 lambda: metric(survivor, "secretbroker_watch_streams") == 1,
                 "the watch resumed on the other replica",
             )
-            written = await asyncio.to_thread(vault.write, API, value="after", other="o")
-            await asyncio.to_thread(survivor.forget, API)
-            await until(lambda: live.get_secret(API).version == written, "the new version")
-            assert live.get_secret(API).data["value"] == "after"
+            rotated = await asyncio.to_thread(
+                survivor.admin(pki.ops, pki.ca).RotateSecret,
+                broker_pb2.RotateSecretRequest(name=API),
+                timeout=30,
+            )
+            await until(
+                lambda: live.get_secret(API).version == rotated.version, "the rotated version"
+            )
 
     run(scenario)
 
