@@ -92,8 +92,10 @@ def test_no_request_fails_while_the_jwt_key_rotates_and_the_database_moves(
     private_vault.write(DATABASE, url=first)
     private_vault.write(API, jwt_secret=secrets.token_urlsafe(32))
     private_vault.write(EXTERNAL, tmdb_api_key=secrets.token_urlsafe(16))
-    declared = {**CATALOG_SECRETS, DATABASE: {"keys": ["url"], "ttl": 1}}
-    broker = start_broker(private_vault, secrets_=declared)
+    # The new URL is written to Vault as ops would; the broker's watch poll finds it.
+    broker = start_broker(
+        private_vault, secrets_=CATALOG_SECRETS, rollout={"watch_poll_interval": "300ms"}
+    )
     admin = broker.admin(pki.ops, pki.ca)
 
     with catalog_service(broker.port, pki, []) as catalog:
@@ -110,8 +112,16 @@ def test_no_request_fails_while_the_jwt_key_rotates_and_the_database_moves(
             await asyncio.to_thread(catalog.wait_for, API, version=rotated.version)
             tokens.append(await asyncio.to_thread(catalog.token, "after-rotation"))
             await asyncio.sleep(0.5)
-            await asyncio.to_thread(private_vault.write, DATABASE, url=second)
-            await asyncio.to_thread(catalog.wait_for, DATABASE, version=database_version + 1)
+            # The switch comes while every old connection is busy and requests queue for one:
+            # a lock holds them on the table until the new pool is open.
+            with psycopg.connect(postgres_admin_url) as locker:
+                locker.execute("LOCK TABLE media IN ACCESS EXCLUSIVE MODE")
+                await asyncio.to_thread(private_vault.write, DATABASE, url=second)
+                await asyncio.to_thread(catalog.wait_for, DATABASE, version=database_version + 1)
+                await asyncio.to_thread(
+                    wait_until, lambda: backends(postgres_admin_url, "catalog_b") > 0, 30
+                )
+                await asyncio.sleep(0.2)
             await asyncio.to_thread(
                 wait_until,
                 lambda: backends(postgres_admin_url, "catalog_a") == 0,
