@@ -58,7 +58,8 @@ class TokenAuthority:
         self._versions = versions
         self.grace = grace
         self._clock = clock
-        self._previous: dict[int, asyncio.Task[bytes]] = {}
+        self._previous: dict[int, bytes] = {}
+        self._fetching = asyncio.Lock()
 
     def mint(self, subject: str, lifetime: float = DEFAULT_LIFETIME, **claims: Any) -> str:
         secret = self._current(JWT_SECRET_KEY.name)
@@ -109,16 +110,13 @@ class TokenAuthority:
         return claims
 
     async def _previous_key(self, version: int) -> bytes:
-        """One fetch per version, shared by the requests that need it meanwhile; a failed
-        fetch is forgotten, so the next request tries again."""
-        fetch = self._previous.get(version)
-        if fetch is None:
-            fetch = self._previous[version] = asyncio.ensure_future(self._fetch(version))
-        try:
-            return await asyncio.shield(fetch)
-        except InvalidToken:
-            self._previous.pop(version, None)
-            raise
+        """Fetched once per version (concurrent requests wait for the one fetch); a failed
+        fetch is not kept, so the next request tries again."""
+        async with self._fetching:
+            key = self._previous.get(version)
+            if key is None:
+                key = self._previous[version] = await self._fetch(version)
+            return key
 
     async def _fetch(self, version: int) -> bytes:
         if self._versions is None:
