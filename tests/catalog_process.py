@@ -103,7 +103,8 @@ def catalog_service(
             reader.join(timeout=20)
             if process.stdout is not None:
                 process.stdout.close()
-        else:
+        else:  # it stops while nobody reads: its logs must not hold it
+            process.wait(timeout=20)
             lines.append(process.communicate(timeout=20)[0])
     output = "".join(lines)
     for value in values:
