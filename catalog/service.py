@@ -227,7 +227,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     """400 naming the first field that is wrong, never its value (pydantic's ``input``)."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"] if part != "body")
+    where = ".".join(str(part)[:40] for part in first["loc"] if part != "body")  # caller's keys
     if first["type"] == "json_invalid" or not where:
         return _problem(400, "body must be a JSON object")
     return _problem(400, f"{where}: {first['msg']}")
