@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -217,3 +218,28 @@ def test_health_is_a_503_naming_the_key_a_secret_lacks(tmp_path: Path) -> None:
         }
 
     run_app(fake, scenario)
+
+
+def test_a_new_database_that_hangs_keeps_requests_on_the_one_in_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new URL's server accepts the connection and never answers (a hung PostgreSQL):
+    opening it waits for its connect timeout in the background, requests keep going to the
+    database in use meanwhile, and the switch is not made."""
+    fake = FakeSecrets(f"sqlite:///{tmp_path / 'catalog.db'}")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        hung = f"postgresql://catalog:pw-secret-in-url@127.0.0.1:{silent.getsockname()[1]}/db"
+
+        async def scenario(client: httpx.AsyncClient, catalog: Catalog, bearer: str) -> None:
+            fake.move_database(hung)
+            for number in range(20):
+                assert (await add(client, bearer, f"during {number}")).status_code == 201
+            assert catalog.database.switches == 0
+            assert "cannot be used" not in caplog.text, "answered while the open still waited"
+            listing = (await client.get("/media")).json()["items"]
+            assert len(listing) == 20, "all of them in the database in use"
+
+        run_app(fake, scenario)
+    assert "secret-in-url" not in caplog.text

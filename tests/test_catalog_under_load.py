@@ -90,15 +90,16 @@ def test_no_request_fails_while_the_jwt_key_rotates_and_the_database_moves(
 ) -> None:
     first, second = (user_url(postgres_admin_url, u) for u in ("catalog_a", "catalog_b"))
     private_vault.write(DATABASE, url=first)
-    private_vault.write(API, jwt_secret=secrets.token_urlsafe(32))
-    private_vault.write(EXTERNAL, tmdb_api_key=secrets.token_urlsafe(16))
+    values = [secrets.token_urlsafe(32), secrets.token_urlsafe(16)]
+    private_vault.write(API, jwt_secret=values[0])
+    private_vault.write(EXTERNAL, tmdb_api_key=values[1])
     # The new URL is written to Vault as ops would; the broker's watch poll finds it.
     broker = start_broker(
         private_vault, secrets_=CATALOG_SECRETS, rollout={"watch_poll_interval": "300ms"}
     )
     admin = broker.admin(pki.ops, pki.ca)
 
-    with catalog_service(broker.port, pki, []) as catalog:
+    with catalog_service(broker.port, pki, values) as catalog:
         tokens = [catalog.token("before-rotation")]
         database_version = catalog.health()[DATABASE]["version"]
 
