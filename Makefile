@@ -76,7 +76,8 @@ buf-lint: $(BUF)
 ## The API contract stays wire-compatible with its last release (PROTO_RELEASE).
 buf-breaking: $(BUF)
 	@git cat-file -e $(PROTO_RELEASE)^{commit} 2>/dev/null || (echo "buf-breaking needs the git history (commit $(PROTO_RELEASE)): clone without --depth" && exit 1)
-	$(BUF) breaking --against '.git#ref=$(PROTO_RELEASE)'
+	@# buf clones only 50 commits back from HEAD unless told how deep the release lies
+	$(BUF) breaking --against ".git#ref=$(PROTO_RELEASE),depth=$$(( $$(git rev-list --count $(PROTO_RELEASE)..HEAD) + 1 ))"
 
 lint: $(BIN)/python
 	$(BIN)/ruff check .
