@@ -136,7 +136,7 @@ class PostgresDatabase:
     async def open(cls, url: str) -> PostgresDatabase:
         try:
             import psycopg
-            from psycopg_pool import AsyncConnectionPool
+            from psycopg_pool import AsyncConnectionPool, PoolTimeout
         except ImportError:
             raise DatabaseUrlError(
                 "a PostgreSQL URL needs psycopg-pool: pip install 'secretbroker[catalog]'"
@@ -166,7 +166,13 @@ class PostgresDatabase:
             open=False,
             name="catalog",
         )
-        await pool.open()
+        try:
+            # Filled before it serves: a request in the first moments would otherwise wait for
+            # the background opens, and the pool would grow past min_size for nothing.
+            await pool.open(wait=True, timeout=POOL_WAIT_SECONDS)
+        except PoolTimeout:
+            await pool.close()
+            raise DatabaseUnavailable("the pool's first connections did not open in time") from None
         return cls(url, pool)
 
     @asynccontextmanager
