@@ -6,6 +6,7 @@ documented in ``deploy/broker.example.toml``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from broker.audit.chain import ChainKey
 from broker.config_reader import (
     Sensitive,
+    Table,
     choice,
     count,
     existing_file,
@@ -26,6 +28,7 @@ from broker.config_reader import (
     section_of,
     setting,
 )
+from broker.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,39 @@ class RotationSpec:
     """A version older than this is rotated by the scheduler."""
 
 
+DATABASE_KEYS = ("username", "password", "url", "expires_at")
+"""What a database secret can serve: the user and password of its lease, a URL made from the
+``url`` template, and when the lease ends (Unix seconds, as text)."""
+
+
+def _url_template(table: Table, name: str, _: None) -> str | None:
+    if not table.has(name):
+        return None
+    template = table.string(name)
+    if "{username}" not in template or "{password}" not in template:
+        raise ConfigError(table.full(name), "must hold {username} and {password}")
+    return template
+
+
+@dataclass(frozen=True)
+class DatabaseCredentialsSpec:
+    """Credentials issued by Vault's database secrets engine, instead of a KV value: one
+    PostgreSQL user per broker replica, renewed while served, succeeded before its max TTL,
+    and revoked once its successor has been served for ``handover`` (core/leases.py)."""
+
+    role: str = setting(dataclasses.MISSING, lambda table, name, _: table.string(name))
+    """The engine's role (``database/creds/ROLE``)."""
+    mount: str = mount_point("database")
+    """Mount point of the database secrets engine."""
+    url: str | None = setting(None, _url_template)
+    """A URL made for each user: the template with {username} and {password} replaced (both
+    percent-encoded), e.g. "postgresql://{username}:{password}@db:5432/catalog"."""
+    handover: float = positive_seconds(60.0)
+    """Seconds old credentials stay valid after their successor is first served: long enough
+    for every client to move its connections (a pool drain waits for the queries running on
+    them). The old lease is revoked then, and never sooner."""
+
+
 @dataclass(frozen=True)
 class SecretSpec:
     """One secret the broker may serve."""
@@ -154,6 +190,8 @@ class SecretSpec:
     keys: tuple[str, ...] = ()
     """The keys the secret holds; what a rollback reads from environment variables."""
     rotation: RotationSpec | None = None
+    database: DatabaseCredentialsSpec | None = None
+    """Issued by the database secrets engine instead of read from KV (``path`` unused)."""
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,14 @@ from typing import Any
 
 from broker.audit.chain import KeyFileError, load_key
 from broker.config import (
+    DATABASE_KEYS,
     KUBERNETES_TOKEN_FILE,
     AdminConfig,
     AppRoleAuth,
     AuditConfig,
     BrokerConfig,
     CacheConfig,
+    DatabaseCredentialsSpec,
     IdentityConfig,
     JwtAuth,
     RotationSpec,
@@ -187,6 +189,7 @@ def _parse_secrets(table: Table, default_ttl: float) -> Mapping[str, SecretSpec]
         keys = entry.strings("keys", required=True)
         if not keys:
             raise ConfigError(f"{key}.keys", "must list at least one key")
+        database = _parse_database(entry, keys)
         specs[name] = SecretSpec(
             name=name,
             path=path,
@@ -194,11 +197,30 @@ def _parse_secrets(table: Table, default_ttl: float) -> Mapping[str, SecretSpec]
             ttl=entry.duration("ttl", default_ttl),
             keys=keys,
             rotation=_parse_rotation(entry, keys),
+            database=database,
         )
+        if database is not None and specs[name].rotation is not None:
+            raise ConfigError(f"{key}.rotation", "a database secret is rotated by its lease")
         entry.reject_unknown()
     if not specs:
         raise ConfigError("secrets", "declares no secret")
     return specs
+
+
+def _parse_database(entry: Table, keys: tuple[str, ...]) -> DatabaseCredentialsSpec | None:
+    if not entry.has("database"):
+        return None
+    table = entry.table("database")
+    database = table.section(DatabaseCredentialsSpec)
+    unknown = [key for key in keys if key not in DATABASE_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"{entry.key}.keys",
+            f"a database secret serves only {', '.join(DATABASE_KEYS)}; not {', '.join(unknown)}",
+        )
+    if "url" in keys and database.url is None:
+        raise ConfigError(f"{table.key}.url", "is needed to serve the key url")
+    return database
 
 
 def _parse_rotation(entry: Table, keys: tuple[str, ...]) -> RotationSpec | None:

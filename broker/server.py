@@ -40,9 +40,10 @@ from broker.api.admin import SecretBrokerAdminService
 from broker.api.calls import CallPlumbing, CallRules, DrainGate, add_servicer
 from broker.api.service import SecretBrokerService
 from broker.audit.trail import AuditTrail
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, SecretSpec
 from broker.core.cache import SecretCache
 from broker.core.changes import ChangeFeed
+from broker.core.leases import LeaseKeeper
 from broker.core.policy import AccessPolicy
 from broker.core.reader import SecretReader
 from broker.core.resolver import SecretResolver
@@ -55,7 +56,8 @@ from broker.observe.metrics import BrokerMetrics, ScrapedState
 from broker.observe.metrics_http import MetricsServer
 from broker.security.identity import IdentityResolver
 from broker.security.tls import ServerTlsReloader
-from broker.sources.base import SourceKind
+from broker.sources.base import RoutedStore, SecretValue, SourceKind
+from broker.sources.database_engine import DatabaseEngine
 from broker.sources.env import EnvSource
 from broker.sources.token_keeper import keep_token_fresh
 from broker.sources.vault import VaultSource
@@ -153,8 +155,16 @@ class Broker:
             raise ConfigError(
                 "audit.file", f"cannot open {config.audit.file} ({exc.strerror})"
             ) from None
+        self.leases = LeaseKeeper(
+            config.secrets,
+            DatabaseEngine(config.vault, self.vault.session),
+            self.run_vault_io,
+            on_new_value=self._serve_new_credentials,
+        )
+        # Leases die with the token that read them: the keeper moves them to a new one first.
+        self.vault.session.keep_replaced_tokens = bool(self.leases.specs)
         self.cache = SecretCache(
-            self.vault,
+            RoutedStore(self.vault, self.leases),
             config.cache,
             self._executor,
             clock=clock,
@@ -313,6 +323,8 @@ class Broker:
         self._background(
             "rotation-schedule", self.rotator.run_schedule(rollout.rotation_check_interval)
         )
+        if self.leases.specs:
+            self._background("database-leases", self.leases.run())
         self._background(
             "watch-version-poller",
             poll_watched_versions(
@@ -374,6 +386,7 @@ class Broker:
                 ),
             ),
             ("stop background tasks", self._stop_background),
+            ("shorten the database leases", self.leases.release),
             ("stop the metrics listener", self._stop_metrics),
             # A Vault call in flight finishes (bounded by vault.call_budget): none outlives it.
             ("stop Vault I/O", lambda: asyncio.to_thread(self._close_vault_io)),
@@ -575,6 +588,10 @@ class Broker:
             audit_queued=lambda: self.audit.queued,
             watch_streams=lambda: len(self.feed),
         )
+
+    def _serve_new_credentials(self, spec: SecretSpec, value: SecretValue) -> None:
+        self.resolver.serve_written(spec, value)
+        self.feed.publish([spec.name])
 
     def _background(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro, name=name)

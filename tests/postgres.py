@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -29,7 +30,31 @@ def postgres_bindir() -> Path:
 
 @contextlib.contextmanager
 def running_postgres() -> Iterator[str]:
-    """Yields a postgresql:// URL of a fresh server."""
+    """Yields a postgresql:// URL of a fresh server (trust auth: no password)."""
+    with _running("trust") as (_, port):
+        yield f"postgresql://catalog@127.0.0.1:{port}/postgres"
+
+
+@dataclass(frozen=True)
+class PasswordedPostgres:
+    """A server whose TCP logins need a password (SCRAM), as in production."""
+
+    superuser_url: str
+    """The superuser, over the server's Unix socket (trusted): setup and counting only."""
+    port: int
+    """Its TCP port on 127.0.0.1."""
+
+
+@contextlib.contextmanager
+def running_passworded_postgres() -> Iterator[PasswordedPostgres]:
+    with _running("scram-sha-256") as (socket_dir, port):
+        yield PasswordedPostgres(
+            f"postgresql://catalog@/postgres?host={socket_dir}&port={port}", port
+        )
+
+
+@contextlib.contextmanager
+def _running(host_auth: str) -> Iterator[tuple[Path, int]]:
     bindir = postgres_bindir()
     # setpriv, not runuser: a change of user clears the parent-death signal, so it is set after
     # (by die_with_parent, as the postgres user), and no wrapper process stays between.
@@ -42,7 +67,16 @@ def running_postgres() -> Iterator[str]:
     if as_user:
         shutil.chown(data, "postgres", "postgres")
     subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "catalog"],
+        [
+            *as_user,
+            str(bindir / "initdb"),
+            "-D",
+            str(data / "db"),
+            "--auth-local=trust",
+            f"--auth-host={host_auth}",
+            "-U",
+            "catalog",
+        ],
         check=True,
         capture_output=True,
     )
@@ -63,7 +97,7 @@ def running_postgres() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"postgresql://catalog@127.0.0.1:{port}/postgres"
+    url = f"postgresql://catalog@/postgres?host={data}&port={port}"
     try:
 
         def accepts() -> bool:
@@ -73,7 +107,7 @@ def running_postgres() -> Iterator[str]:
             return True
 
         wait_until(accepts, 30, "PostgreSQL to accept", (psycopg.OperationalError,), 0.1)
-        yield url
+        yield data, port
     finally:
         stop_process(server, timeout=30)
         shutil.rmtree(data, ignore_errors=True)

@@ -130,8 +130,8 @@ async def poll_watched_versions(
         await asyncio.sleep(interval)
         for name in feed.watched():
             spec = secrets_[name]
-            if resolver.source_of(spec) is not SourceKind.VAULT:
-                continue
+            if spec.database is not None or resolver.source_of(spec) is not SourceKind.VAULT:
+                continue  # env keeps no versions; database leases push their own
             try:
                 info = await run_blocking(functools.partial(vault.current_version, spec))
             except BrokerError as exc:

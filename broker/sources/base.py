@@ -73,3 +73,17 @@ class RunBlocking(Protocol):
     """Runs a blocking source call off the event loop (the broker's Vault I/O pool)."""
 
     def __call__(self, call: Callable[[], T], /) -> Awaitable[T]: ...
+
+
+class RoutedStore:
+    """The cache's one source: database secrets from their lease keeper, the rest from KV."""
+
+    def __init__(self, kv: SecretStore, database: SecretStore) -> None:
+        self._kv = kv
+        self._database = database
+
+    def read(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
+        store = self._kv if spec.database is None else self._database
+        return store.read(spec, version, newest=newest)

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -15,7 +15,6 @@ from broker.config import SecretSpec, VaultConfig
 from broker.errors import (
     LoginRefused,
     SecretMissingInSource,
-    SourceDenied,
     SourceUnavailable,
     WriteConflict,
 )
@@ -65,11 +64,11 @@ class VaultSource:
         self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
     ) -> SecretValue:
         """Every key Vault holds at the secret's path: what a rotation writes back."""
-        return self._with_token(lambda: self._read(spec, version, newest))
+        return self.session.with_token(lambda: self._read(spec, version, newest))
 
     def current_version(self, spec: SecretSpec) -> VersionInfo:
         """The current version and when it was written, from metadata: no secret value."""
-        return self._with_token(lambda: self._current_version(spec))
+        return self.session.with_token(lambda: self._current_version(spec))
 
     def write_version(
         self, spec: SecretSpec, data: Mapping[str, str], expected_version: int
@@ -86,7 +85,7 @@ class VaultSource:
         first = True
         while True:
             try:
-                return self._with_token(lambda: self._write(spec, data, expected_version))
+                return self.session.with_token(lambda: self._write(spec, data, expected_version))
             except WriteConflict:
                 landed = self._landed(spec, data, expected_version + 1, deadline)
                 if landed is None:
@@ -125,17 +124,6 @@ class VaultSource:
                 version,
             )
             return found
-
-    def _with_token(self, call: Callable[[], T]) -> T:
-        token = self.session.token()
-        try:
-            return call()
-        except SourceDenied:
-            # A dead token (revoked, expired) looks like the policy refusing the path; retry
-            # once only when the session found the token dead and replaced it.
-            if not self.session.replace_if_dead(token):
-                raise
-            return call()
 
     def _read(self, spec: SecretSpec, version: int | None, newest: bool = False) -> SecretValue:
         at = "" if version is None else f" version {version}"

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import hvac
 
@@ -37,6 +37,7 @@ from broker.sources.observer import VaultObserver
 from broker.sources.vault_nodes import VaultNodes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RENEW_AT_FRACTION = 2 / 3
 RELOGIN_BACKOFF = 10.0
@@ -66,6 +67,14 @@ class VaultSession:
         self._unwrapped: tuple[bytes, Sensitive] | None = None  # wrapping token digest, secret_id
         self._refused: LoginRefused | None = None
         """Vault's refusal of the last login, until a login succeeds."""
+        self.generation = 0
+        """Counts logins: what a lease read with the token remembers (core/leases.py)."""
+        self.on_login: list[Callable[[], None]] = []
+        """Called (on the logging-in thread) after every login."""
+        self.keep_replaced_tokens = False
+        """Leave a replaced token to expire instead of revoking it: set while the broker holds
+        database leases, which Vault revokes with the token that read them. Their keeper moves
+        them to the new token within the old token's remaining lease."""
 
     def token(self) -> str:
         """The current token, logging in first when there is none; but not after Vault refused
@@ -81,6 +90,18 @@ class VaultSession:
             if self._refused is not None:
                 raise LoginRefused(str(self._refused))
             return self._login()
+
+    def with_token(self, call: Callable[[], T]) -> T:
+        """``call`` with the current token (the nodes hold it). A dead token (revoked, expired)
+        looks like the policy refusing the path: retry once only when it was found dead and
+        replaced."""
+        token = self.token()
+        try:
+            return call()
+        except SourceDenied:
+            if not self.replace_if_dead(token):
+                raise
+            return call()
 
     def replace_if_dead(self, rejected: str) -> bool:
         """Vault refused a call made with ``rejected``. True when a retry can help: another
@@ -176,6 +197,9 @@ class VaultSession:
         self._replaced_at = self._clock()
         if isinstance(self._config.auth, TokenAuth):
             return  # a given token is not ours to revoke
+        if self.keep_replaced_tokens:
+            log.info("the replaced vault token is left to expire: leases were read with it")
+            return
         try:
             self.nodes.call(
                 "revoke",
@@ -225,12 +249,15 @@ class VaultSession:
             lease, renewable = float(result["lease_duration"]), bool(result["renewable"])
         self.nodes.set_token(token)
         self._token = token
+        self.generation += 1
         self._set_lease(lease, renewable)
         log.info(
             "logged in to vault (%s); token lease %s",
             _method(auth),
             f"{lease:.0f}s" if lease else "does not expire",
         )
+        for listener in self.on_login:
+            listener()
         return token
 
     def _login_call(self, auth: JwtAuth | AppRoleAuth) -> tuple[Callable[[hvac.Client], Any], str]:

@@ -1,0 +1,293 @@
+"""Database credentials as served secrets: each database secret holds one lease at a time.
+
+One lease's life, per broker replica:
+
+1. **Issue** on the first read (the warm-up): a PostgreSQL user for this replica, shared by
+   every caller it serves.
+2. **Renew** at 2/3 of the granted duration, asking for that duration again.
+3. **Succeed** when a renewal grants less than asked (the role's max TTL is near; renewals
+   come 2/3 of a duration apart, so at least a third of one is left: a role's ``default_ttl``
+   of at least 3 x ``handover`` leaves the whole handover before the old lease ends), when
+   the broker logged in to Vault again (the lease dies with the token that read it), or when
+   the lease is gone: a new lease is issued, served, and pushed to every watcher at once.
+4. **Revoke** the old lease ``handover`` seconds after its successor was first served, never
+   sooner: clients move their connections meanwhile (a pool drain waits for the queries on
+   them), and the role's revocation statements end whatever session is left.
+
+A broker that stops shortens each lease it holds to ``handover`` from now (a renewal asking
+for that): its clients resume on other replicas, which serve their own users, and Vault
+revokes the old ones itself after the handover, with no replica left to do it. A replica that
+dies stops renewing: its users end with their lease or its token, whichever is first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from broker.config import DatabaseCredentialsSpec, SecretSpec
+from broker.errors import BrokerError, NotApplicable, SourceDenied
+from broker.sources.base import RunBlocking, SecretValue, SourceKind
+from broker.sources.database_engine import DatabaseEngine, Lease
+from secretbroker.client import Backoff
+
+log = logging.getLogger(__name__)
+
+RENEW_AT = 2 / 3
+"""Fraction of a granted duration after which the lease is renewed."""
+RETRY_BACKOFF = Backoff(initial=1.0, maximum=30.0)
+"""Waits after failed renewals, issues and revocations (full jitter)."""
+
+
+def credentials_value(spec: SecretSpec, lease: Lease, ends_at: float) -> SecretValue:
+    """The secret as served: the declared keys of username, password, url, expires_at. The
+    version is the issue time in milliseconds, so a later user is a higher version on every
+    replica."""
+    database = _database(spec)
+    password = lease.password.reveal()
+    data = {
+        "username": lease.username,
+        "password": password,
+        "expires_at": str(int(ends_at)),
+    }
+    if database.url is not None:
+        data["url"] = database.url.replace("{username}", quote(lease.username, safe="")).replace(
+            "{password}", quote(password, safe="")
+        )
+    return SecretValue(
+        data={key: data[key] for key in spec.keys},
+        version=int(lease.issued_at * 1000),
+        source=SourceKind.VAULT,
+        fetched_at=time.time(),
+        created_at=lease.issued_at,
+    )
+
+
+@dataclass
+class _Held:
+    lease: Lease
+    value: SecretValue
+    renew_at: float
+    """Monotonic time of the next renewal (or retry)."""
+    ends_at: float
+    """Monotonic time the lease ends as last granted."""
+    failures: int = 0
+
+
+@dataclass
+class _Retiring:
+    name: str
+    lease: Lease
+    revoke_at: float
+    ends_at: float
+    failures: int = 0
+
+
+class LeaseKeeper:
+    """Holds the database secrets' leases (see the module docstring). ``read`` is the cache's
+    source for them (blocking, from the Vault I/O threads); ``run`` tends the leases."""
+
+    def __init__(
+        self,
+        secrets: Mapping[str, SecretSpec],
+        engine: DatabaseEngine,
+        run_blocking: RunBlocking,
+        on_new_value: Callable[[SecretSpec, SecretValue], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.specs = {name: spec for name, spec in secrets.items() if spec.database is not None}
+        self._engine = engine
+        self._run_blocking = run_blocking
+        self._on_new_value = on_new_value
+        self._clock = clock
+        self._lock = threading.Lock()
+        """Serialises first issues (concurrent first reads issue one lease) and swaps."""
+        self._held: dict[str, _Held] = {}
+        self._retiring: list[_Retiring] = []
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def read(
+        self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
+    ) -> SecretValue:
+        """The credentials served now, issuing the first lease on the first read."""
+        if version is not None:
+            raise NotApplicable("database credentials keep no versions: read the current one")
+        with self._lock:
+            held = self._held.get(spec.name)
+            if held is None:
+                held = self._held[spec.name] = self._hold(spec, self._engine.issue(_database(spec)))
+                log.info(
+                    "%s: issued database user %s (%r)", spec.name, held.lease.username, held.lease
+                )
+                self._wake_soon()
+            return held.value
+
+    async def run(self) -> None:
+        """Renew, succeed and revoke when due; until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        self._engine.session.on_login.append(self._wake_soon)
+        while True:
+            self._wake.clear()
+            for name in list(self._held):
+                await self._tend(self.specs[name])
+            await self._revoke_due()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wake.wait(), max(0.0, self._next_due() - self._clock())
+                )
+
+    async def release(self) -> None:
+        """A stopping broker: shorten every lease to its secret's handover (module docstring)."""
+        now = self._clock()
+        leases = [
+            (self.specs[name], held.lease, _database(self.specs[name]).handover)
+            for name, held in self._held.items()
+        ]
+        leases += [
+            (self.specs[r.name], r.lease, max(1.0, r.revoke_at - now)) for r in self._retiring
+        ]
+        for spec, lease, seconds in leases:
+            try:
+                await self._run_blocking(functools.partial(self._engine.renew, lease, seconds))
+                log.info("%s: %r ends in %.0fs, revoked by vault", spec.name, lease, seconds)
+            except BrokerError as exc:
+                log.warning(
+                    "%s: %r not shortened (%s); it ends with its lease", spec.name, lease, exc
+                )
+
+    def _wake_soon(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _next_due(self) -> float:
+        moments = [held.renew_at for held in self._held.values()]
+        moments += [retiring.revoke_at for retiring in self._retiring]
+        return min(moments, default=self._clock() + 3600.0)
+
+    def _hold(self, spec: SecretSpec, lease: Lease) -> _Held:
+        handover = _database(spec).handover
+        if lease.duration < 3 * handover:
+            log.warning(
+                "%s: leases of %.0fs may end within the handover of %.0fs after their successor"
+                " is served; give the role a default_ttl of at least %.0fs",
+                spec.name,
+                lease.duration,
+                handover,
+                3 * handover,
+            )
+        now = self._clock()
+        ends_wall = lease.issued_at + lease.duration
+        return _Held(
+            lease,
+            credentials_value(spec, lease, ends_wall),
+            renew_at=now + lease.duration * RENEW_AT,
+            ends_at=now + lease.duration,
+        )
+
+    async def _tend(self, spec: SecretSpec) -> None:
+        held = self._held[spec.name]
+        if held.lease.token_generation != self._engine.session.generation:
+            await self._succeed(spec, held, "the broker logged in to vault again")
+            return
+        now = self._clock()
+        if now < held.renew_at:
+            return
+        asked = held.lease.duration
+        try:
+            granted = await self._run_blocking(
+                functools.partial(self._engine.renew, held.lease, asked)
+            )
+        except SourceDenied as exc:  # expired or revoked: renewing cannot help
+            await self._succeed(spec, held, f"its lease cannot be renewed ({exc})")
+            return
+        except BrokerError as exc:
+            pause = min(RETRY_BACKOFF.delay(held.failures), max(1.0, (held.ends_at - now) / 3))
+            held.failures += 1
+            held.renew_at = now + pause
+            log.warning(
+                "%s: renewal of %r failed, again in %.0fs: %s", spec.name, held.lease, pause, exc
+            )
+            return
+        held.failures = 0
+        held.ends_at = self._clock() + granted
+        if granted < asked:
+            await self._succeed(spec, held, f"its max TTL is near ({granted:.0f}s left)")
+            return
+        held.renew_at = self._clock() + granted * RENEW_AT
+        log.debug("%s: renewed %r for %.0fs", spec.name, held.lease, granted)
+
+    async def _succeed(self, spec: SecretSpec, old: _Held, why: str) -> None:
+        database = _database(spec)
+        try:
+            lease = await self._run_blocking(functools.partial(self._engine.issue, database))
+        except BrokerError as exc:
+            pause = RETRY_BACKOFF.delay(old.failures)
+            old.failures += 1
+            old.renew_at = self._clock() + pause
+            log.warning(
+                "%s: no successor for %r yet (%s), again in %.0fs", spec.name, old.lease, exc, pause
+            )
+            return
+        new = self._hold(spec, lease)
+        with self._lock:
+            self._held[spec.name] = new
+        now = self._clock()
+        self._retiring.append(
+            _Retiring(spec.name, old.lease, revoke_at=now + database.handover, ends_at=old.ends_at)
+        )
+        log.info(
+            "%s: database user %s (%r) succeeds %s because %s; the old is revoked in %.0fs",
+            spec.name,
+            lease.username,
+            lease,
+            old.lease.username,
+            why,
+            database.handover,
+        )
+        self._on_new_value(spec, new.value)
+
+    async def _revoke_due(self) -> None:
+        now = self._clock()
+        for retiring in [r for r in self._retiring if r.revoke_at <= now]:
+            try:
+                await self._run_blocking(functools.partial(self._engine.revoke, retiring.lease))
+            except BrokerError as exc:
+                if self._clock() >= retiring.ends_at:
+                    self._retiring.remove(retiring)
+                    log.warning(
+                        "%s: %r not revoked (%s); it has ended", retiring.name, retiring.lease, exc
+                    )
+                    continue
+                pause = RETRY_BACKOFF.delay(retiring.failures)
+                retiring.failures += 1
+                retiring.revoke_at = self._clock() + pause
+                log.warning(
+                    "%s: revocation of %r failed, again in %.0fs: %s",
+                    retiring.name,
+                    retiring.lease,
+                    pause,
+                    exc,
+                )
+                continue
+            self._retiring.remove(retiring)
+            log.info(
+                "%s: revoked %r (database user %s)",
+                retiring.name,
+                retiring.lease,
+                retiring.lease.username,
+            )
+
+
+def _database(spec: SecretSpec) -> DatabaseCredentialsSpec:
+    database = spec.database
+    if database is None:
+        raise ValueError(f"{spec.name} is not a database secret")
+    return database

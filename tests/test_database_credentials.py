@@ -1,0 +1,242 @@
+"""Database secrets from OpenBao's database engine, against a real OpenBao and a real
+PostgreSQL with password logins: the broker issues one user, renews its lease, succeeds it
+before the role's max TTL, revokes the old user only after the handover, and a stopping
+broker leaves no user behind. The broker's AppRole has only the policy derived from its
+config (least privilege)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from broker.config_loader import parse_config
+from broker.tools.vault_policy import vault_policy
+from devstack.bootstrap import RoleTTLs, create_broker_approle, write_policy
+from devstack.broker_config import approle_auth
+from devstack.database_engine import (
+    CREATION_STATEMENTS,
+    REVOCATION_STATEMENTS,
+    DatabaseEngineSetup,
+    configure_engine,
+    prepare_postgres,
+)
+from devstack.harness import wait_until
+from tests.postgres import PasswordedPostgres, running_passworded_postgres
+from tests.support import (
+    DATABASE,
+    BrokerFactory,
+    Pki,
+    RunningBroker,
+    Vault,
+    Watch,
+    broker_settings,
+    get,
+)
+
+ISSUED_USERS = "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-%'"
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PasswordedPostgres]:
+    with running_passworded_postgres() as server:
+        yield server
+
+
+@dataclass
+class Engine:
+    vault: Vault
+    postgres: PasswordedPostgres
+    setup: DatabaseEngineSetup
+
+    def users(self) -> int:
+        with psycopg.connect(self.postgres.superuser_url) as db:
+            row = db.execute(ISSUED_USERS).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def valid_until(self, user: str) -> float | None:
+        with psycopg.connect(self.postgres.superuser_url) as db:
+            row = db.execute(
+                "SELECT extract(epoch FROM rolvaliduntil) FROM pg_roles WHERE rolname = %s",
+                (user,),
+            ).fetchone()
+        return None if row is None else float(row[0])
+
+
+@pytest.fixture
+def engine(private_vault: Vault, postgres: PasswordedPostgres) -> Iterator[Engine]:
+    """One role per test (its own name), on a fresh OpenBao; no user left after the test."""
+    role = f"catalog-{secrets.token_hex(3)}"
+    admin_password = secrets.token_urlsafe(18)
+    if not _prepared(postgres):
+        prepare_postgres(postgres.superuser_url, admin_password)
+    else:
+        with psycopg.connect(postgres.superuser_url, autocommit=True) as db:
+            db.execute(
+                psycopg.sql.SQL("ALTER ROLE secretbroker_admin PASSWORD {}").format(
+                    psycopg.sql.Literal(admin_password)
+                )
+            )
+    setup = DatabaseEngineSetup("database", role, "127.0.0.1", postgres.port, "postgres")
+    configure_engine(private_vault.admin, setup, admin_password, default_ttl="3s", max_ttl="8s")
+    found = Engine(private_vault, postgres, setup)
+    assert found.users() == 0, "a test before this one left users"
+    yield found
+    _drop_issued_users(postgres)  # OpenBao stops with the test, before it could revoke them
+
+
+def _drop_issued_users(postgres: PasswordedPostgres) -> None:
+    with psycopg.connect(postgres.superuser_url, autocommit=True) as db:
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename LIKE 'v-%'"
+        )
+        for (user,) in db.execute(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'"
+        ).fetchall():
+            db.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(user)))
+
+
+def _prepared(postgres: PasswordedPostgres) -> bool:
+    with psycopg.connect(postgres.superuser_url) as db:
+        row = db.execute("SELECT 1 FROM pg_roles WHERE rolname = 'secretbroker_admin'").fetchone()
+    return row is not None
+
+
+def start(
+    engine: Engine,
+    pki: Pki,
+    tmp_path: Path,
+    start_broker: BrokerFactory,
+    handover: str,
+    ttls: RoleTTLs | None = None,
+) -> RunningBroker:
+    """A broker serving DATABASE from the engine, logged in with the derived policy only."""
+    database: dict[str, Any] = {
+        "role": engine.setup.role,
+        "url": engine.setup.url_template(),
+        "handover": handover,
+    }
+    secrets_ = {DATABASE: {"keys": ["url", "username", "expires_at"], "database": database}}
+    config = parse_config(broker_settings(engine.vault, pki, secrets_=secrets_), tmp_path, {})
+    approle = create_broker_approle(
+        engine.vault.admin,
+        write_policy(engine.vault.admin, vault_policy(config), name="database-broker"),
+        tmp_path / "database-approle",
+        ttls or RoleTTLs(),
+    )
+    auth = approle_auth(approle.role_id_file, approle.secret_id_file)
+    return start_broker(engine.vault, secrets_=secrets_, auth=auth)
+
+
+def logged_in_user(url: str) -> str:
+    with psycopg.connect(url, connect_timeout=5) as db:
+        row = db.execute("SELECT current_user, count(*) FROM media").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_the_served_user_logs_in_and_its_lease_is_renewed_while_served(
+    engine: Engine, pki: Pki, tmp_path: Path, start_broker: BrokerFactory
+) -> None:
+    broker = start(engine, pki, tmp_path, start_broker, handover="2s")
+    secret = get(broker.stub(pki.catalog, pki.ca), DATABASE)
+    user = secret.data["username"]
+    assert user.startswith("v-")
+    assert logged_in_user(secret.data["url"]) == user, "the URL's password logs in"
+    assert float(secret.data["expires_at"]) > time.time()
+    first_valid_until = engine.valid_until(user)
+    assert first_valid_until is not None
+    # Each renewal (at 2 s of a 3 s lease) moves VALID UNTIL to 3 s (+5 s) from then.
+    wait_until(lambda: (engine.valid_until(user) or 0) > first_valid_until + 1, 10, "a renewal")
+    assert get(broker.stub(pki.catalog, pki.ca), DATABASE).data["username"] == user
+    assert engine.users() == 1
+
+
+def test_a_lease_near_its_max_ttl_is_succeeded_and_the_old_user_revoked_after_the_handover(
+    engine: Engine,
+    pki: Pki,
+    tmp_path: Path,
+    start_broker: BrokerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    broker = start(engine, pki, tmp_path, start_broker, handover="1s")
+    watch = Watch(broker.stub(pki.catalog, pki.ca), [DATABASE])
+    first = watch.next()
+    old_user = first.data["username"]
+    held = psycopg.connect(first.data["url"], autocommit=True)  # the old user's open session
+    try:
+        # Renewals at 2 s and 4 s get 3 s; the one at 6 s gets 2 s (max TTL 8 s): a successor.
+        second = watch.next()
+        served_at = time.monotonic()
+        new_user = second.data["username"]
+        assert new_user != old_user
+        assert second.version > first.version
+        assert logged_in_user(second.data["url"]) == new_user
+        # Within the handover (1 s) the old user still works on its open session.
+        assert held.execute("SELECT count(*) FROM media").fetchone() is not None
+        assert engine.valid_until(old_user) is not None
+        # Then it is revoked: its session ended, the user dropped.
+        wait_until(lambda: engine.valid_until(old_user) is None, 15, "the old user's revocation")
+        assert time.monotonic() - served_at >= 0.5, "revoked before the handover ended"
+        with pytest.raises(psycopg.OperationalError):
+            held.execute("SELECT count(*) FROM media")
+    finally:
+        held.close()
+        watch.cancel()
+    logged = caplog.text + "".join(broker.audit_lines())
+    assert "lease" in logged, "the log names the leases"
+    for served in (first, second):
+        assert served.data["url"].split(":")[2].split("@")[0] not in logged, "a password leaked"
+
+
+def test_a_new_broker_login_moves_the_credentials_to_a_lease_of_the_new_token(
+    engine: Engine, pki: Pki, tmp_path: Path, start_broker: BrokerFactory
+) -> None:
+    """Leases die with the token that read them: before the old token ends (max TTL 6 s, so
+    a new login at about 4 s), a successor is read with the new token, and the old user is
+    revoked by the broker after the handover, not dropped with the old token."""
+    engine.vault.admin.secrets.database.create_role(
+        engine.setup.role,
+        db_name="postgres-connection",
+        creation_statements=CREATION_STATEMENTS,
+        revocation_statements=REVOCATION_STATEMENTS,
+        default_ttl="60s",
+        max_ttl="120s",
+        mount_point=engine.setup.mount,
+    )
+    broker = start(engine, pki, tmp_path, start_broker, handover="1s", ttls=RoleTTLs("3s", "6s"))
+    watch = Watch(broker.stub(pki.catalog, pki.ca), [DATABASE])
+    try:
+        first = watch.next()
+        held = psycopg.connect(first.data["url"], autocommit=True)
+        try:
+            second = watch.next()
+            assert second.data["username"] != first.data["username"]
+            # The old user works until the broker revokes it, a handover after the successor.
+            assert held.execute("SELECT count(*) FROM media").fetchone() is not None
+        finally:
+            held.close()
+        wait_until(lambda: engine.valid_until(first.data["username"]) is None, 10, "revocation")
+        assert logged_in_user(second.data["url"]) == second.data["username"]
+    finally:
+        watch.cancel()
+
+
+def test_a_stopping_broker_leaves_no_database_user_behind(
+    engine: Engine, pki: Pki, tmp_path: Path, start_broker: BrokerFactory
+) -> None:
+    broker = start(engine, pki, tmp_path, start_broker, handover="2s")
+    user = get(broker.stub(pki.catalog, pki.ca), DATABASE).data["username"]
+    assert engine.valid_until(user) is not None
+    broker.stop()
+    # Shortened to the handover at stop, then revoked by OpenBao at the lease's end.
+    wait_until(lambda: engine.users() == 0, 20, "OpenBao to revoke the stopped broker's user")
