@@ -160,7 +160,11 @@ class Broker:
             DatabaseEngine(config.vault, self.vault.session),
             self.run_vault_io,
             on_new_value=self._serve_new_credentials,
+            metrics=self.metrics,
+            audit=self.audit,
         )
+        for name in self.leases.specs:
+            self.metrics.database_secret(name)
         # Leases die with the token that read them: the keeper moves them to a new one first.
         self.vault.session.keep_replaced_tokens = bool(self.leases.specs)
         self.cache = SecretCache(
@@ -187,6 +191,7 @@ class Broker:
             self.feed,
             self.run_vault_io,
             metrics=self.metrics,
+            leases=self.leases,
         )
         self.readiness = Readiness(
             config.secrets,
@@ -587,6 +592,7 @@ class Broker:
             cache_entries=lambda: len(self.cache),
             audit_queued=lambda: self.audit.queued,
             watch_streams=lambda: len(self.feed),
+            database_leases=self.leases.states,
         )
 
     def _serve_new_credentials(self, spec: SecretSpec, value: SecretValue) -> None:

@@ -291,3 +291,71 @@ def test_the_resilience_settings_default_as_documented_and_a_wrong_one_names_its
         with pytest.raises(ConfigError) as caught:
             parse_config(data, files, environ={})
         assert caught.value.key == f"{table}.{key}"
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected_key", "problem"),
+    [
+        ({"keys": ["url"], "database": {}}, "secrets.media-catalog/database.database.role", ""),
+        (
+            {"keys": ["url"], "database": {"role": "catalog"}},
+            "secrets.media-catalog/database.database.url",
+            "is needed to serve the key url",
+        ),
+        (
+            {"keys": ["url"], "database": {"role": "catalog", "url": "postgresql://db/x"}},
+            "secrets.media-catalog/database.database.url",
+            "must hold {username} and {password}",
+        ),
+        (
+            {"keys": ["dsn"], "database": {"role": "catalog"}},
+            "secrets.media-catalog/database.keys",
+            "serves only username, password, url, expires_at; not dsn",
+        ),
+        (
+            {"keys": ["username"], "database": {"role": "catalog", "handover": 0}},
+            "secrets.media-catalog/database.database.handover",
+            "",
+        ),
+        (
+            {"keys": ["username"], "database": {"role": "catalog", "rol": "x"}},
+            "secrets.media-catalog/database.database.rol",
+            "",
+        ),
+        (
+            {
+                "keys": ["password"],
+                "database": {"role": "catalog"},
+                "rotation": {"key": "password"},
+            },
+            "secrets.media-catalog/database.rotation",
+            "rotated by its lease",
+        ),
+    ],
+)
+def test_a_bad_database_secret_names_its_key(
+    files: Path, entry: dict[str, Any], expected_key: str, problem: str
+) -> None:
+    data = settings()
+    data["secrets"]["media-catalog/database"] = entry
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, files, environ={})
+    assert caught.value.key == expected_key
+    assert problem in caught.value.problem
+
+
+def test_a_database_secret_is_read_with_its_defaults(files: Path) -> None:
+    data = settings()
+    template = "postgresql://{username}:{password}@db:5432/catalog"
+    data["secrets"]["media-catalog/database"] = {
+        "keys": ["url", "expires_at"],
+        "database": {"role": "catalog", "url": template},
+    }
+    database = parse_config(data, files, environ={}).secrets["media-catalog/database"].database
+    assert database is not None
+    assert (database.role, database.mount, database.url, database.handover) == (
+        "catalog",
+        "database",
+        template,
+        60.0,
+    )

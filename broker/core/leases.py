@@ -32,8 +32,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from broker.audit.trail import AuditTrail
 from broker.config import DatabaseCredentialsSpec, SecretSpec
-from broker.errors import BrokerError, NotApplicable, SourceDenied
+from broker.errors import AuditUnavailable, BrokerError, NotApplicable, SourceDenied
+from broker.observe.metrics import BrokerMetrics, LeaseState
 from broker.sources.base import RunBlocking, SecretValue, SourceKind
 from broker.sources.database_engine import DatabaseEngine, Lease
 from secretbroker.client import Backoff
@@ -78,6 +80,10 @@ class _Held:
     """Monotonic time of the next renewal (or retry)."""
     ends_at: float
     """Monotonic time the lease ends as last granted."""
+    ends_wall: float
+    """The same, as Unix time (for the metrics)."""
+    final: bool = False
+    """Vault granted less than asked: the role's max TTL is near, a successor is due."""
     failures: int = 0
 
 
@@ -100,15 +106,21 @@ class LeaseKeeper:
         engine: DatabaseEngine,
         run_blocking: RunBlocking,
         on_new_value: Callable[[SecretSpec, SecretValue], None],
+        *,
+        metrics: BrokerMetrics | None = None,
+        audit: AuditTrail | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.specs = {name: spec for name, spec in secrets.items() if spec.database is not None}
         self._engine = engine
         self._run_blocking = run_blocking
         self._on_new_value = on_new_value
+        self._metrics = metrics
+        self._audit = audit
         self._clock = clock
-        self._lock = threading.Lock()
-        """Serialises first issues (concurrent first reads issue one lease) and swaps."""
+        self._first_issue = threading.Lock()
+        """Concurrent first reads (Vault I/O threads) issue one lease. Nothing on the event loop
+        takes it: the loop alone changes ``_held`` after that, and ``_retiring`` at all."""
         self._held: dict[str, _Held] = {}
         self._retiring: list[_Retiring] = []
         self._wake = asyncio.Event()
@@ -120,15 +132,39 @@ class LeaseKeeper:
         """The credentials served now, issuing the first lease on the first read."""
         if version is not None:
             raise NotApplicable("database credentials keep no versions: read the current one")
-        with self._lock:
+        held = self._held.get(spec.name)
+        if held is not None:
+            return held.value
+        with self._first_issue:
             held = self._held.get(spec.name)
             if held is None:
-                held = self._held[spec.name] = self._hold(spec, self._engine.issue(_database(spec)))
+                held = self._held[spec.name] = self._hold(spec, self._issue(spec))
                 log.info(
                     "%s: issued database user %s (%r)", spec.name, held.lease.username, held.lease
                 )
                 self._wake_soon()
             return held.value
+
+    async def rotate(self, spec: SecretSpec) -> SecretValue:
+        """A successor now (an operator's RotateSecret): served and pushed at once, the old
+        user revoked after the handover. Raises when Vault cannot issue one."""
+        held = self._held.get(spec.name)
+        if held is None:
+            return await self._run_blocking(functools.partial(self.read, spec))
+        return await self._succeed(spec, held, "an operator asked for it")
+
+    def states(self) -> dict[str, LeaseState]:
+        """For the metrics, from the scraping thread."""
+        now = self._clock()
+        retiring = [r.name for r in list(self._retiring)]
+        return {
+            name: LeaseState(
+                held=1 + retiring.count(name),
+                expires_at=held.ends_wall,
+                at_risk=held.final or (held.ends_at - now) < held.lease.duration / 4,
+            )
+            for name, held in list(self._held.items())
+        }
 
     async def run(self) -> None:
         """Renew, succeed and revoke when due; until cancelled."""
@@ -157,11 +193,14 @@ class LeaseKeeper:
         for spec, lease, seconds in leases:
             try:
                 await self._run_blocking(functools.partial(self._engine.renew, lease, seconds))
-                log.info("%s: %r ends in %.0fs, revoked by vault", spec.name, lease, seconds)
             except BrokerError as exc:
+                self._event(spec.name, "shorten", lease, exc)
                 log.warning(
                     "%s: %r not shortened (%s); it ends with its lease", spec.name, lease, exc
                 )
+                continue
+            self._event(spec.name, "shorten", lease)
+            log.info("%s: %r ends in %.0fs, revoked by vault", spec.name, lease, seconds)
 
     def _wake_soon(self) -> None:
         if self._loop is not None:
@@ -171,6 +210,16 @@ class LeaseKeeper:
         moments = [held.renew_at for held in self._held.values()]
         moments += [retiring.revoke_at for retiring in self._retiring]
         return min(moments, default=self._clock() + 3600.0)
+
+    def _issue(self, spec: SecretSpec) -> Lease:
+        """Blocking: a new lease, counted and audited."""
+        try:
+            lease = self._engine.issue(_database(spec))
+        except BrokerError as exc:
+            self._event(spec.name, "issue", None, exc)
+            raise
+        self._event(spec.name, "issue", lease)
+        return lease
 
     def _hold(self, spec: SecretSpec, lease: Lease) -> _Held:
         handover = _database(spec).handover
@@ -190,15 +239,19 @@ class LeaseKeeper:
             credentials_value(spec, lease, ends_wall),
             renew_at=now + lease.duration * RENEW_AT,
             ends_at=now + lease.duration,
+            ends_wall=ends_wall,
         )
 
     async def _tend(self, spec: SecretSpec) -> None:
         held = self._held[spec.name]
         if held.lease.token_generation != self._engine.session.generation:
-            await self._succeed(spec, held, "the broker logged in to vault again")
+            await self._try_succeed(spec, held, "the broker logged in to vault again")
             return
         now = self._clock()
         if now < held.renew_at:
+            return
+        if held.final:  # a successor failed before: try again
+            await self._try_succeed(spec, held, "its max TTL is near")
             return
         asked = held.lease.duration
         try:
@@ -206,9 +259,12 @@ class LeaseKeeper:
                 functools.partial(self._engine.renew, held.lease, asked)
             )
         except SourceDenied as exc:  # expired or revoked: renewing cannot help
-            await self._succeed(spec, held, f"its lease cannot be renewed ({exc})")
+            self._event(spec.name, "renew", held.lease, exc)
+            held.final = True
+            await self._try_succeed(spec, held, f"its lease cannot be renewed ({exc})")
             return
         except BrokerError as exc:
+            self._event(spec.name, "renew", held.lease, exc)
             pause = min(RETRY_BACKOFF.delay(held.failures), max(1.0, (held.ends_at - now) / 3))
             held.failures += 1
             held.renew_at = now + pause
@@ -216,18 +272,21 @@ class LeaseKeeper:
                 "%s: renewal of %r failed, again in %.0fs: %s", spec.name, held.lease, pause, exc
             )
             return
+        self._event(spec.name, "renew", held.lease)
         held.failures = 0
         held.ends_at = self._clock() + granted
+        held.ends_wall = time.time() + granted
         if granted < asked:
-            await self._succeed(spec, held, f"its max TTL is near ({granted:.0f}s left)")
+            held.final = True
+            await self._try_succeed(spec, held, f"its max TTL is near ({granted:.0f}s left)")
             return
         held.renew_at = self._clock() + granted * RENEW_AT
         log.debug("%s: renewed %r for %.0fs", spec.name, held.lease, granted)
 
-    async def _succeed(self, spec: SecretSpec, old: _Held, why: str) -> None:
-        database = _database(spec)
+    async def _try_succeed(self, spec: SecretSpec, old: _Held, why: str) -> None:
+        """A successor, or a retry with backoff while the old lease lasts."""
         try:
-            lease = await self._run_blocking(functools.partial(self._engine.issue, database))
+            await self._succeed(spec, old, why)
         except BrokerError as exc:
             pause = RETRY_BACKOFF.delay(old.failures)
             old.failures += 1
@@ -235,13 +294,19 @@ class LeaseKeeper:
             log.warning(
                 "%s: no successor for %r yet (%s), again in %.0fs", spec.name, old.lease, exc, pause
             )
-            return
+
+    async def _succeed(self, spec: SecretSpec, old: _Held, why: str) -> SecretValue:
+        database = _database(spec)
+        lease = await self._run_blocking(functools.partial(self._issue, spec))
         new = self._hold(spec, lease)
-        with self._lock:
-            self._held[spec.name] = new
-        now = self._clock()
+        self._held[spec.name] = new
         self._retiring.append(
-            _Retiring(spec.name, old.lease, revoke_at=now + database.handover, ends_at=old.ends_at)
+            _Retiring(
+                spec.name,
+                old.lease,
+                revoke_at=self._clock() + database.handover,
+                ends_at=old.ends_at,
+            )
         )
         log.info(
             "%s: database user %s (%r) succeeds %s because %s; the old is revoked in %.0fs",
@@ -253,6 +318,8 @@ class LeaseKeeper:
             database.handover,
         )
         self._on_new_value(spec, new.value)
+        self._wake_soon()
+        return new.value
 
     async def _revoke_due(self) -> None:
         now = self._clock()
@@ -260,8 +327,9 @@ class LeaseKeeper:
             try:
                 await self._run_blocking(functools.partial(self._engine.revoke, retiring.lease))
             except BrokerError as exc:
+                self._event(retiring.name, "revoke", retiring.lease, exc)
                 if self._clock() >= retiring.ends_at:
-                    self._retiring.remove(retiring)
+                    self._forget(retiring)
                     log.warning(
                         "%s: %r not revoked (%s); it has ended", retiring.name, retiring.lease, exc
                     )
@@ -277,13 +345,36 @@ class LeaseKeeper:
                     exc,
                 )
                 continue
-            self._retiring.remove(retiring)
+            self._event(retiring.name, "revoke", retiring.lease)
+            self._forget(retiring)
             log.info(
                 "%s: revoked %r (database user %s)",
                 retiring.name,
                 retiring.lease,
                 retiring.lease.username,
             )
+
+    def _forget(self, retiring: _Retiring) -> None:
+        self._retiring.remove(retiring)
+
+    def _event(
+        self, name: str, operation: str, lease: Lease | None, error: BrokerError | None = None
+    ) -> None:
+        """Count it, and audit it with the lease id and the user, never the password."""
+        result = "ok" if error is None else "failed"
+        if self._metrics is not None:
+            self._metrics.lease_operation(name, operation, result)
+        if self._audit is None:
+            return
+        fields: dict[str, object] = {"operation": operation, "secret": name, "result": result}
+        if lease is not None:
+            fields.update(lease_id=lease.lease_id, user=lease.username)
+        if error is not None:
+            fields["error"] = str(error)
+        try:
+            self._audit.record("database_lease", **fields)
+        except AuditUnavailable as exc:
+            log.warning("%s: the %s of a lease was not audited: %s", name, operation, exc)
 
 
 def _database(spec: SecretSpec) -> DatabaseCredentialsSpec:

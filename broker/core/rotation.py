@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 from broker.config import RotationSpec, SecretSpec
 from broker.core.changes import ChangeFeed
+from broker.core.leases import LeaseKeeper
 from broker.core.resolver import SecretResolver
 from broker.errors import BrokerError, NotApplicable, WriteConflict
 from broker.observe.metrics import BrokerMetrics
@@ -36,8 +37,10 @@ class Rotator:
         run_blocking: RunBlocking,
         clock: Callable[[], float] = time.time,
         metrics: BrokerMetrics | None = None,
+        leases: LeaseKeeper | None = None,
     ) -> None:
         self._metrics = metrics
+        self._leases = leases
         self._rotating = [(s, s.rotation) for s in secrets_.values() if s.rotation is not None]
         for spec, rotation in self._rotating:
             if metrics is not None:
@@ -49,14 +52,17 @@ class Rotator:
         self._clock = clock
 
     async def rotate(self, spec: SecretSpec) -> SecretValue:
-        """Rotate now. Raises NotApplicable, WriteConflict or a source error."""
-        rotation = spec.rotation
-        if rotation is None:
-            raise NotApplicable("secret is not declared rotating in the broker config")
+        """Rotate now. Raises NotApplicable, WriteConflict or a source error. A database
+        secret gets a new user on this replica (its keeper revokes the old one later)."""
         if self._resolver.source_of(spec) is not SourceKind.VAULT:
             raise NotApplicable(
                 "secret is served from environment variables; rotate it where they are set"
             )
+        if spec.database is not None and self._leases is not None:
+            return await self._leases.rotate(spec)
+        rotation = spec.rotation
+        if rotation is None:
+            raise NotApplicable("secret is not declared rotating in the broker config")
         try:
             written = await self._run_blocking(
                 functools.partial(self._rotate_blocking, spec, rotation, None)

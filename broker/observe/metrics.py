@@ -68,6 +68,8 @@ VAULT_OPERATIONS = (
 )
 VAULT_OUTCOMES = ("ok", "unavailable", "denied", "missing", "conflict", "error")
 ROTATION_RESULTS = ("rotated", "conflict", "failed")
+LEASE_OPERATIONS = ("issue", "renew", "revoke", "shorten")
+LEASE_RESULTS = ("ok", "failed")
 LIMITS = ("watch_names", "watch_streams_per_identity")
 TLS_CERTIFICATES = ("server", "client_ca")
 TLS_RELOAD_RESULTS = ("loaded", "rejected")
@@ -207,6 +209,12 @@ class BrokerMetrics:
             ("result",),
             registry=r,
         )
+        self.lease_operations = Counter(
+            "secretbroker_database_lease_operations",
+            "Database credential leases issued, renewed, revoked, or shortened at stop, by result.",
+            ("secret", "operation", "result"),
+            registry=r,
+        )
         self.audit_failures = Counter(
             "secretbroker_audit_failures", "Audit records that could not be written.", registry=r
         )
@@ -327,6 +335,14 @@ class BrokerMetrics:
         if node in self._vault_nodes:
             self.vault_node_requests.labels(node, outcome).inc()
 
+    def database_secret(self, name: str) -> None:
+        for operation in LEASE_OPERATIONS:
+            for result in LEASE_RESULTS:
+                self.lease_operations.labels(name, operation, result)
+
+    def lease_operation(self, name: str, operation: str, result: str) -> None:
+        self.lease_operations.labels(name, operation, result).inc()
+
     def rotating(self, name: str, period: float) -> None:
         self.rotation_period.labels(name).set(period)
         for result in ROTATION_RESULTS:
@@ -380,6 +396,19 @@ class RpcObservation:
 
 
 @dataclass(frozen=True)
+class LeaseState:
+    """One database secret's leases, as the metrics show them (core/leases.py keeps them)."""
+
+    held: int
+    """Leases this replica holds: the current one, and those waiting for revocation."""
+    expires_at: float
+    """When the current lease ends as last granted (Unix time)."""
+    at_risk: bool
+    """The current lease cannot be extended (max TTL) or its renewals fail, and no successor
+    has been issued yet."""
+
+
+@dataclass(frozen=True)
 class ScrapedState:
     """Where the state metrics come from: each read at scrape time, on the scraping thread, so
     each must be safe to call from any thread and must not block."""
@@ -394,6 +423,7 @@ class ScrapedState:
     cache_entries: Callable[[], int]
     audit_queued: Callable[[], int]
     watch_streams: Callable[[], int]
+    database_leases: Callable[[], Mapping[str, LeaseState]] = dict
 
 
 class StateCollector(Collector):
@@ -466,6 +496,33 @@ class StateCollector(Collector):
             ),
             (
                 _gauge(
+                    "database_leases_held",
+                    "Per database secret: leases this replica holds (the current one, and old"
+                    " ones waiting for revocation after the handover).",
+                    ("secret",),
+                ),
+                functools.partial(self._leases, lambda state: state.held),
+            ),
+            (
+                _gauge(
+                    "database_lease_expiry_timestamp_seconds",
+                    "Per database secret: when the current lease ends as last granted (Unix"
+                    " time); renewals move it.",
+                    ("secret",),
+                ),
+                functools.partial(self._leases, lambda state: state.expires_at),
+            ),
+            (
+                _gauge(
+                    "database_lease_at_risk",
+                    "Per database secret: 1 while the current lease cannot be extended (max TTL"
+                    " near, or renewals failing) and no successor has been issued.",
+                    ("secret",),
+                ),
+                functools.partial(self._leases, lambda state: float(state.at_risk)),
+            ),
+            (
+                _gauge(
                     "vault_enabled",
                     "1: the category is served from Vault; 0: rolled back to environment"
                     " variables.",
@@ -533,6 +590,10 @@ class StateCollector(Collector):
         for node in self._vault_nodes:
             health = found.get(node)
             family.add_metric([node], float(health is not None and value(health)))
+
+    def _leases(self, value: Callable[[LeaseState], float], family: GaugeMetricFamily) -> None:
+        for name, state in sorted(self._state.database_leases().items()):
+            family.add_metric([name], value(state))
 
     def _token_expiry(self, family: GaugeMetricFamily) -> None:
         family.add_metric([], self._state.token_expires_at())
