@@ -6,6 +6,7 @@ config (least privilege)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import time
@@ -39,6 +40,7 @@ from tests.support import (
     Watch,
     broker_settings,
     get,
+    metric,
 )
 
 ISSUED_USERS = "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-%'"
@@ -192,8 +194,22 @@ def test_a_lease_near_its_max_ttl_is_succeeded_and_the_old_user_revoked_after_th
     finally:
         held.close()
         watch.cancel()
+    records = [json.loads(line) for line in broker.audit_lines()]
+    lease_records = [r for r in records if r["event"] == "database_lease"]
+    done = {(r["operation"], r["user"]) for r in lease_records if r["result"] == "ok"}
+    assert {("issue", old_user), ("renew", old_user), ("issue", new_user)} <= done
+    assert ("revoke", old_user) in done
+    assert all(r["lease_id"].startswith("database/creds/") for r in lease_records)
+    operations = "secretbroker_database_lease_operations_total"
+    for operation, at_least in (("issue", 2), ("renew", 1), ("revoke", 1)):
+        counted = metric(broker, operations, secret=DATABASE, operation=operation, result="ok")
+        assert counted >= at_least, operation
+    assert metric(broker, "secretbroker_database_leases_held", secret=DATABASE) == 1
+    assert metric(broker, "secretbroker_database_lease_at_risk", secret=DATABASE) == 0
+    expiry = metric(broker, "secretbroker_database_lease_expiry_timestamp_seconds", secret=DATABASE)
+    assert expiry > time.time()
     logged = caplog.text + "".join(broker.audit_lines())
-    assert "lease" in logged, "the log names the leases"
+    assert old_user in caplog.text, "the log names the users"
     for served in (first, second):
         assert served.data["url"].split(":")[2].split("@")[0] not in logged, "a password leaked"
 

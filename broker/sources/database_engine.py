@@ -45,9 +45,10 @@ class DatabaseEngine:
 
     def issue(self, database: DatabaseCredentialsSpec) -> Lease:
         operation = f"issue of credentials from {database.mount}/creds/{database.role}"
-        generation = self.session.generation
-        body = self.session.with_token(
-            lambda: self.session.nodes.call(
+
+        def issue() -> tuple[int, Any]:
+            generation = self.session.generation  # after with_token's login, if it logged in
+            body = self.session.nodes.call(
                 "issue",
                 operation,
                 lambda client: client.secrets.database.generate_credentials(
@@ -55,7 +56,9 @@ class DatabaseEngine:
                 ),
                 write=True,
             )
-        )
+            return generation, body
+
+        generation, body = self.session.with_token(issue)
         with translate_vault_errors(operation, self._config.timeout):  # for the body's shape
             return Lease(
                 lease_id=str(body["lease_id"]),
