@@ -20,7 +20,7 @@ from devstack.stack import client_env
 from secretbroker.client import BrokerClientConfig, SecretsClient
 from tests.support import API, DATABASE, EXTERNAL, Pki
 
-CATALOG_SECRETS = {
+CATALOG_SECRETS: dict[str, dict[str, Any]] = {
     DATABASE: {"keys": ["url"]},
     API: {"keys": ["jwt_secret"], "rotation": {"key": "jwt_secret"}},
     EXTERNAL: {"keys": ["tmdb_api_key"]},

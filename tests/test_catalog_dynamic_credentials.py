@@ -1,0 +1,146 @@
+"""The catalog on database users issued by OpenBao's database engine, under continuous load:
+20 rotations in a row (each a new PostgreSQL user, the old one revoked by the broker after the
+handover) fail no request and leave no user behind. Real OpenBao, broker, PostgreSQL (password
+logins) and uvicorn processes."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from broker.config_loader import parse_config
+from broker.tools.vault_policy import vault_policy
+from devstack.bootstrap import create_broker_approle, write_policy
+from devstack.broker_config import approle_auth
+from devstack.database_engine import DatabaseEngineSetup, configure_engine, prepare_postgres
+from devstack.harness import wait_until
+from secretbroker.v1 import broker_pb2
+from tests.catalog_process import CATALOG_SECRETS, catalog_service
+from tests.postgres import PasswordedPostgres, running_passworded_postgres
+from tests.support import (
+    API,
+    DATABASE,
+    EXTERNAL,
+    BrokerFactory,
+    Measure,
+    Pki,
+    Vault,
+    Watch,
+    broker_settings,
+)
+from tests.test_catalog_under_load import load
+
+ROTATIONS = 20
+ISSUED = "SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'"
+
+
+@pytest.fixture
+def postgres() -> Iterator[PasswordedPostgres]:
+    with running_passworded_postgres() as server:
+        yield server
+
+
+def issued_users(postgres: PasswordedPostgres) -> set[str]:
+    with psycopg.connect(postgres.superuser_url) as db:
+        return {str(row[0]) for row in db.execute(ISSUED).fetchall()}
+
+
+def sessions_of(postgres: PasswordedPostgres, user: str) -> int:
+    with psycopg.connect(postgres.superuser_url) as db:
+        row = db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (user,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_twenty_user_rotations_under_load_fail_no_request_and_leave_no_user(
+    private_vault: Vault,
+    postgres: PasswordedPostgres,
+    pki: Pki,
+    start_broker: BrokerFactory,
+    tmp_path: Path,
+    measure: Measure,
+) -> None:
+    admin_password = secrets.token_urlsafe(18)
+    prepare_postgres(postgres.superuser_url, admin_password)
+    setup = DatabaseEngineSetup("database", "catalog", "127.0.0.1", postgres.port, "postgres")
+    configure_engine(private_vault.admin, setup, admin_password, default_ttl="1h", max_ttl="2h")
+    values = [secrets.token_urlsafe(32), secrets.token_urlsafe(16)]
+    private_vault.write(API, jwt_secret=values[0])
+    private_vault.write(EXTERNAL, tmdb_api_key=values[1])
+    database = {"role": setup.role, "url": setup.url_template(), "handover": "2s"}
+    secrets_: dict[str, Mapping[str, Any]] = {
+        **CATALOG_SECRETS,
+        DATABASE: {"keys": ["url"], "database": database},
+    }
+    config = parse_config(broker_settings(private_vault, pki, secrets_=secrets_), tmp_path, {})
+    approle = create_broker_approle(
+        private_vault.admin,
+        write_policy(private_vault.admin, vault_policy(config), name="catalog-broker"),
+        tmp_path / "approle",
+    )
+    broker = start_broker(
+        private_vault,
+        secrets_=secrets_,
+        auth=approle_auth(approle.role_id_file, approle.secret_id_file),
+    )
+    admin = broker.admin(pki.ops, pki.ca)
+    # Every user the catalog is given, seen as the catalog sees it: their passwords must not
+    # reach its output (catalog_service checks at its end).
+    watch = Watch(broker.stub(pki.catalog, pki.ca), [DATABASE])
+    served = [watch.next().data["url"]]
+    passwords = [*values, str(urlsplit(served[0]).password)]
+
+    with catalog_service(broker.port, pki, passwords) as catalog:
+        tokens = [catalog.token("load")]
+
+        async def scenario() -> collections.Counter[str]:
+            stop = asyncio.Event()
+            running = asyncio.ensure_future(load(catalog, tokens, stop))
+            await asyncio.sleep(0.5)
+            for _ in range(ROTATIONS):
+                old_user = str(urlsplit(served[-1]).username)
+                issued = time.monotonic()
+                rotated = await asyncio.to_thread(
+                    admin.RotateSecret, broker_pb2.RotateSecretRequest(name=DATABASE), timeout=30
+                )
+                served.append((await asyncio.to_thread(watch.next)).data["url"])
+                passwords.append(str(urlsplit(served[-1]).password))
+                await asyncio.to_thread(catalog.wait_for, DATABASE, version=rotated.version)
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda user=old_user: sessions_of(postgres, user) == 0,
+                    30,
+                    "the catalog's old pool to close",
+                )
+                measure(
+                    "database user rotation: issue until the catalog's pool is all on the new"
+                    " user (ms)",
+                    (time.monotonic() - issued) * 1000,
+                )
+                await asyncio.sleep(0.2)
+            stop.set()
+            return await running
+
+        outcomes = asyncio.run(scenario())
+        watch.cancel()
+        assert set(outcomes) == {"ok"}, f"failed requests: {outcomes}"
+        assert outcomes["ok"] > 100
+        current = str(urlsplit(served[-1]).username)
+        # The old users are revoked a handover (2 s) after their successor: only the current one
+        # is left, and the catalog is on it.
+        wait_until(lambda: issued_users(postgres) == {current}, 20, "the old users revoked")
+        assert len({urlsplit(url).username for url in served}) == ROTATIONS + 1
+        assert sessions_of(postgres, current) > 0
+    broker.stop()
+    wait_until(lambda: not issued_users(postgres), 20, "the stopped broker's user revoked")
