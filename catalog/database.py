@@ -185,7 +185,9 @@ class PostgresDatabase:
                 yield _PostgresConnection(connection)
         except PoolTimeout:
             raise DatabaseUnavailable("no database connection free in time") from None
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
+            # Also what is not "operational" to psycopg: a session ended by the user's revocation
+            # (then "the connection is closed"), rights taken away (InsufficientPrivilege).
             raise DatabaseUnavailable(f"the database failed ({type(exc).__name__})") from None
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -109,5 +110,11 @@ def _running(host_auth: str) -> Iterator[tuple[Path, int]]:
         wait_until(accepts, 30, "PostgreSQL to accept", (psycopg.OperationalError,), 0.1)
         yield data, port
     finally:
-        stop_process(server, timeout=30)
+        # SIGINT: PostgreSQL's fast shutdown, which ends the sessions still open (OpenBao's, a
+        # pool's); SIGTERM's smart shutdown would wait for them.
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=20)
+        stop_process(server, timeout=10)
         shutil.rmtree(data, ignore_errors=True)

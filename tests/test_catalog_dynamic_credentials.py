@@ -10,6 +10,8 @@ import collections
 import secrets
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +26,7 @@ from devstack.broker_config import approle_auth
 from devstack.database_engine import DatabaseEngineSetup, configure_engine, prepare_postgres
 from devstack.harness import wait_until
 from secretbroker.v1 import broker_pb2
-from tests.catalog_process import CATALOG_SECRETS, catalog_service
+from tests.catalog_process import CATALOG_SECRETS, catalog_service, http
 from tests.postgres import PasswordedPostgres, running_passworded_postgres
 from tests.support import (
     API,
@@ -33,6 +35,7 @@ from tests.support import (
     BrokerFactory,
     Measure,
     Pki,
+    RunningBroker,
     Vault,
     Watch,
     broker_settings,
@@ -63,14 +66,23 @@ def sessions_of(postgres: PasswordedPostgres, user: str) -> int:
     return int(row[0])
 
 
-def test_twenty_user_rotations_under_load_fail_no_request_and_leave_no_user(
+@dataclass
+class EngineBroker:
+    broker: RunningBroker
+    values: list[str]
+    """The catalog's other secret values."""
+
+
+def start_engine_broker(
     private_vault: Vault,
     postgres: PasswordedPostgres,
     pki: Pki,
     start_broker: BrokerFactory,
     tmp_path: Path,
-    measure: Measure,
-) -> None:
+    handover: str,
+) -> EngineBroker:
+    """A broker serving the catalog's secrets, its database users from the engine, logged in
+    with the policy derived from its config only."""
     admin_password = secrets.token_urlsafe(18)
     prepare_postgres(postgres.superuser_url, admin_password)
     setup = DatabaseEngineSetup("database", "catalog", "127.0.0.1", postgres.port, "postgres")
@@ -78,7 +90,7 @@ def test_twenty_user_rotations_under_load_fail_no_request_and_leave_no_user(
     values = [secrets.token_urlsafe(32), secrets.token_urlsafe(16)]
     private_vault.write(API, jwt_secret=values[0])
     private_vault.write(EXTERNAL, tmdb_api_key=values[1])
-    database = {"role": setup.role, "url": setup.url_template(), "handover": "2s"}
+    database = {"role": setup.role, "url": setup.url_template(), "handover": handover}
     secrets_: dict[str, Mapping[str, Any]] = {
         **CATALOG_SECRETS,
         DATABASE: {"keys": ["url"], "database": database},
@@ -94,6 +106,19 @@ def test_twenty_user_rotations_under_load_fail_no_request_and_leave_no_user(
         secrets_=secrets_,
         auth=approle_auth(approle.role_id_file, approle.secret_id_file),
     )
+    return EngineBroker(broker, values)
+
+
+def test_twenty_user_rotations_under_load_fail_no_request_and_leave_no_user(
+    private_vault: Vault,
+    postgres: PasswordedPostgres,
+    pki: Pki,
+    start_broker: BrokerFactory,
+    tmp_path: Path,
+    measure: Measure,
+) -> None:
+    started = start_engine_broker(private_vault, postgres, pki, start_broker, tmp_path, "2s")
+    broker, values = started.broker, started.values
     admin = broker.admin(pki.ops, pki.ca)
     # Every user the catalog is given, seen as the catalog sees it: their passwords must not
     # reach its output (catalog_service checks at its end).
@@ -144,3 +169,40 @@ def test_twenty_user_rotations_under_load_fail_no_request_and_leave_no_user(
         assert sessions_of(postgres, current) > 0
     broker.stop()
     wait_until(lambda: not issued_users(postgres), 20, "the stopped broker's user revoked")
+
+
+def test_a_query_that_outlives_the_handover_is_ended_with_a_503_and_the_next_requests_succeed(
+    private_vault: Vault,
+    postgres: PasswordedPostgres,
+    pki: Pki,
+    start_broker: BrokerFactory,
+    tmp_path: Path,
+) -> None:
+    """The handover bounds how long a query on the old user may run: one still running when
+    the old user is revoked is ended by the revocation (its session terminated), and its
+    request is answered 503 naming that, not left hanging or a 500."""
+    started = start_engine_broker(private_vault, postgres, pki, start_broker, tmp_path, "1s")
+    admin = started.broker.admin(pki.ops, pki.ca)
+    with catalog_service(started.broker.port, pki, started.values) as catalog:
+        token = catalog.token("writer")
+        assert catalog.add(token, "before") == 201
+        old_user = next(iter(issued_users(postgres)))
+        with psycopg.connect(postgres.superuser_url) as locker, ThreadPoolExecutor(1) as pool:
+            locker.execute("LOCK TABLE media IN ACCESS EXCLUSIVE MODE")  # until rolled back
+            stuck = pool.submit(http, "POST", f"{catalog.url}/media", token, {"title": "stuck"})
+            wait_until(lambda: waiting_on_a_lock(postgres, old_user), 10, "the query to wait")
+            admin.RotateSecret(broker_pb2.RotateSecretRequest(name=DATABASE), timeout=30)
+            wait_until(lambda: old_user not in issued_users(postgres), 20, "the revocation")
+            status, body = stuck.result(timeout=20)
+            locker.rollback()
+        assert (status, body) == (503, {"error": "database: the database failed (AdminShutdown)"})
+        assert catalog.add(token, "after") == 201
+
+
+def waiting_on_a_lock(postgres: PasswordedPostgres, user: str) -> bool:
+    with psycopg.connect(postgres.superuser_url) as db:
+        row = db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND wait_event_type = 'Lock'",
+            (user,),
+        ).fetchone()
+    return row is not None and row[0] > 0
