@@ -5,7 +5,7 @@ changes only, and everything raised shares one base class."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import cast
 
 import grpc
@@ -66,7 +66,7 @@ class FakeClient:
         self.calls = 0
         self.listeners: list[Callable[[], None]] = []
 
-    def watch(self, names: Sequence[str]) -> Stream:
+    def watch(self, names: Sequence[str], min_versions: Mapping[str, int] | None = None) -> Stream:
         self.calls += 1
         return self._streams(self.calls)
 

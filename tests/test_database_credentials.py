@@ -6,6 +6,7 @@ config (least privilege)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
 
@@ -29,7 +31,9 @@ from devstack.database_engine import (
     configure_engine,
     prepare_postgres,
 )
-from devstack.harness import wait_until
+from devstack.harness import BrokerProcess, client_config, wait_until
+from secretbroker.client import LiveSecrets, Secret, SecretsClient
+from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 from tests.postgres import PasswordedPostgres, running_passworded_postgres
 from tests.support import (
     DATABASE,
@@ -41,6 +45,7 @@ from tests.support import (
     broker_settings,
     get,
     metric,
+    secure_channel,
 )
 
 ISSUED_USERS = "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-%'"
@@ -63,6 +68,11 @@ class Engine:
             row = db.execute(ISSUED_USERS).fetchone()
         assert row is not None
         return int(row[0])
+
+    def issued_users(self) -> set[str]:
+        with psycopg.connect(self.postgres.superuser_url) as db:
+            rows = db.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'").fetchall()
+        return {str(row[0]) for row in rows}
 
     def valid_until(self, user: str) -> float | None:
         with psycopg.connect(self.postgres.superuser_url) as db:
@@ -112,15 +122,11 @@ def _prepared(postgres: PasswordedPostgres) -> bool:
     return row is not None
 
 
-def start(
-    engine: Engine,
-    pki: Pki,
-    tmp_path: Path,
-    start_broker: BrokerFactory,
-    handover: str,
-    ttls: RoleTTLs | None = None,
-) -> RunningBroker:
-    """A broker serving DATABASE from the engine, logged in with the derived policy only."""
+def engine_settings(
+    engine: Engine, pki: Pki, tmp_path: Path, handover: str, ttls: RoleTTLs | None = None
+) -> dict[str, Any]:
+    """Settings of a broker serving DATABASE from the engine, logged in with the policy
+    derived from them only."""
     database: dict[str, Any] = {
         "role": engine.setup.role,
         "url": engine.setup.url_template(),
@@ -135,7 +141,30 @@ def start(
         ttls or RoleTTLs(),
     )
     auth = approle_auth(approle.role_id_file, approle.secret_id_file)
-    return start_broker(engine.vault, secrets_=secrets_, auth=auth)
+    return {"secrets_": secrets_, "auth": auth}
+
+
+def start(
+    engine: Engine,
+    pki: Pki,
+    tmp_path: Path,
+    start_broker: BrokerFactory,
+    handover: str,
+    ttls: RoleTTLs | None = None,
+) -> RunningBroker:
+    return start_broker(engine.vault, **engine_settings(engine, pki, tmp_path, handover, ttls))
+
+
+def set_role_ttls(engine: Engine, default_ttl: str, max_ttl: str) -> None:
+    engine.vault.admin.secrets.database.create_role(
+        engine.setup.role,
+        db_name="postgres-connection",
+        creation_statements=CREATION_STATEMENTS,
+        revocation_statements=REVOCATION_STATEMENTS,
+        default_ttl=default_ttl,
+        max_ttl=max_ttl,
+        mount_point=engine.setup.mount,
+    )
 
 
 def logged_in_user(url: str) -> str:
@@ -220,15 +249,7 @@ def test_a_new_broker_login_moves_the_credentials_to_a_lease_of_the_new_token(
     """Leases die with the token that read them: before the old token ends (max TTL 6 s, so
     a new login at about 4 s), a successor is read with the new token, and the old user is
     revoked by the broker after the handover, not dropped with the old token."""
-    engine.vault.admin.secrets.database.create_role(
-        engine.setup.role,
-        db_name="postgres-connection",
-        creation_statements=CREATION_STATEMENTS,
-        revocation_statements=REVOCATION_STATEMENTS,
-        default_ttl="60s",
-        max_ttl="120s",
-        mount_point=engine.setup.mount,
-    )
+    set_role_ttls(engine, "60s", "120s")
     broker = start(engine, pki, tmp_path, start_broker, handover="1s", ttls=RoleTTLs("3s", "6s"))
     watch = Watch(broker.stub(pki.catalog, pki.ca), [DATABASE])
     try:
@@ -256,3 +277,69 @@ def test_a_stopping_broker_leaves_no_database_user_behind(
     broker.stop()
     # Shortened to the handover at stop, then revoked by OpenBao at the lease's end.
     wait_until(lambda: engine.users() == 0, 20, "OpenBao to revoke the stopped broker's user")
+
+
+def test_a_replica_killed_after_issuing_a_user_loses_no_query_and_leaves_no_user(
+    engine: Engine, pki: Pki, tmp_path: Path
+) -> None:
+    """Two replicas, each with its own user. The watched one issues a new user and is killed
+    before it revokes the old (between issue and handover): the watch resumes on the other
+    replica with the version it holds, that replica issues a newer user, and the client never
+    goes back a version. Queries (each on a new connection, with the URL held at that moment)
+    never fail, and the dead replica's users end with their leases."""
+    set_role_ttls(engine, "6s", "60s")  # a dead replica's users end at most 6 s after it
+    document = broker_settings(engine.vault, pki, **engine_settings(engine, pki, tmp_path, "1s"))
+    replicas = [BrokerProcess(tmp_path / f"broker{i}", document).start() for i in range(2)]
+    users = {
+        wait_until(functools.partial(user_of, replica, pki), 30, "a replica", (grpc.RpcError,)): (
+            replica
+        )
+        for replica in replicas
+    }
+    failed: list[str] = []
+    queries = 0
+    try:
+        config = client_config([r.endpoint for r in replicas], pki.ca, pki.catalog)
+        with SecretsClient(config) as client, LiveSecrets(client, [DATABASE]) as live:
+            live.wait_ready(timeout=10)
+            watched = users[live.get_secret(DATABASE).data["username"]]
+            other = next(r for r in replicas if r is not watched)
+            admin = broker_pb2_grpc.SecretBrokerAdminStub(
+                secure_channel(watched.port, pki.ca, pki.ops)
+            )
+            admin.RotateSecret(broker_pb2.RotateSecretRequest(name=DATABASE), timeout=10)
+            newest = wait_until(lambda: newer_than(live, set(users)), 10, "the new user")
+            watched.kill()
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                held = live.get_secret(DATABASE)
+                assert held.version >= newest.version, "went back a version"
+                try:
+                    logged_in_user(held.data["url"])
+                    queries += 1
+                except psycopg.Error as exc:
+                    failed.append(type(exc).__name__)
+            final = live.get_secret(DATABASE)
+        assert final.version > newest.version, "the other replica issued a newer user"
+        assert final.data["username"] == user_of(other, pki)
+        assert queries > 20
+        assert failed == [], f"{len(failed)} of {queries} queries failed"
+        wait_until(
+            lambda: engine.issued_users() == {final.data["username"]},
+            20,
+            "the killed replica's users to end with their leases, the other's old one revoked",
+        )
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def user_of(replica: BrokerProcess, pki: Pki) -> str:
+    """The user this replica serves now (a point read on it alone)."""
+    stub = broker_pb2_grpc.SecretBrokerStub(secure_channel(replica.port, pki.ca, pki.catalog))
+    return get(stub, DATABASE).data["username"]
+
+
+def newer_than(live: LiveSecrets, users: set[str]) -> Secret | None:
+    held = live.get_secret(DATABASE)
+    return held if held.data["username"] not in users else None

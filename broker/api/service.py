@@ -51,7 +51,8 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
     ) -> AsyncIterator[broker_pb2.WatchSecretsResponse]:
         names = list(request.names)
         call.note(secret=",".join(names))
-        async for name, cached in self._watcher.watch(call.identity, names):
+        min_versions = dict(request.min_versions)
+        async for name, cached in self._watcher.watch(call.identity, names, min_versions):
             await self._audit.confirm(self._allowed(call, name, cached))
             yield self._watch_responses.response(name, cached)
 

@@ -129,10 +129,16 @@ class LeaseKeeper:
     def read(
         self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
     ) -> SecretValue:
-        """The credentials served now, issuing the first lease on the first read."""
+        """The credentials served now, issuing the first lease on the first read. ``newest``: a
+        caller holds a newer version than the one served here (a user another replica issued
+        later): a successor is issued, so clients moving here never go back a version."""
         if version is not None:
             raise NotApplicable("database credentials keep no versions: read the current one")
         held = self._held.get(spec.name)
+        if held is not None and newest and self._loop is not None:
+            log.info("%s: a caller holds a newer user than %s", spec.name, held.lease.username)
+            moved = asyncio.run_coroutine_threadsafe(self.rotate(spec), self._loop)
+            return moved.result()
         if held is not None:
             return held.value
         with self._first_issue:

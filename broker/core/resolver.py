@@ -8,6 +8,7 @@ not when Vault gives up (the Vault read itself goes on, for the cache)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -18,6 +19,10 @@ from broker.errors import InvalidRequest, NotApplicable, VersionOutOfRange
 from broker.observe.metrics import BrokerMetrics
 from broker.sources.base import SecretValue, SourceKind
 from broker.sources.env import EnvSource
+
+CLOCK_SKEW_MS = 60_000
+"""A database secret's versions are issue times (ms): a ``min_version`` further in the future
+than this is no replica's, and does not make this one issue a new user."""
 
 
 class SecretResolver:
@@ -83,6 +88,8 @@ class SecretResolver:
     ) -> CachedSecret:
         if version is not None and version <= 0:
             raise InvalidRequest("version must be a positive number")
+        if spec.database is not None and min_version > time.time() * 1000 + CLOCK_SKEW_MS:
+            min_version = 0  # no user was issued then: not a reason to issue one
         if version is None and not min_version:
             hit = self.fresh(spec)  # no task, no wait: a rotation's fan-out reads this 10,000 times
             if hit is not None:

@@ -54,9 +54,11 @@ class Watcher:
         self._limit_log = Throttle(LIMIT_LOG_INTERVAL)
 
     async def watch(
-        self, identity: str, names: Sequence[str]
+        self, identity: str, names: Sequence[str], min_versions: Mapping[str, int] | None = None
     ) -> AsyncIterator[tuple[str, CachedSecret]]:
-        """Every name is authorized before anything is sent; errors then end the stream."""
+        """Every name is authorized before anything is sent; errors then end the stream.
+        ``min_versions``: per name, the version the caller holds (a resumed watch); its first
+        value is read as GetSecret's ``min_version`` reads."""
         if not names:
             raise InvalidRequest("names is empty: name at least one secret to watch")
         limits = self._limits
@@ -82,8 +84,9 @@ class Watcher:
         subscription = self._feed.subscribe(specs)
         try:
             sent: dict[str, SecretValue] = {}
+            held = min_versions or {}
             for name, spec in specs.items():
-                cached = await self._resolver.get(spec)
+                cached = await self._resolver.get(spec, min_version=max(0, held.get(name, 0)))
                 sent[name] = cached.value
                 yield name, cached
             while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -124,10 +124,12 @@ class AsyncSecretsClient:
             return self._versions.answer(request, response.secret)
 
     def watch(
-        self, names: Sequence[str]
+        self, names: Sequence[str], min_versions: Mapping[str, int] | None = None
     ) -> grpc.aio.UnaryStreamCall[broker_pb2.WatchSecretsRequest, broker_pb2.WatchSecretsResponse]:
-        """A WatchSecrets stream with no deadline; cancel it to end it."""
-        return self._stub_now().WatchSecrets(broker_pb2.WatchSecretsRequest(names=names))
+        """A WatchSecrets stream with no deadline; cancel it to end it. ``min_versions``: the
+        versions already held, so a resumed watch never starts from an older one."""
+        request = broker_pb2.WatchSecretsRequest(names=names, min_versions=min_versions)
+        return self._stub_now().WatchSecrets(request)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):

@@ -123,7 +123,7 @@ class AsyncLiveSecrets(LiveView):
         attempt = 0
         while not self._closed:
             try:
-                self._call = self._client.watch(self._held.names)
+                self._call = self._client.watch(self._held.names, self._held.versions())
                 async for response in self._call:
                     self._store(response)
                     attempt = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
 import grpc
@@ -106,9 +106,13 @@ class SecretsClient:
             raise SecretUnavailable(name, exc.code(), exc.details() or "") from None
         return self._versions.answer(request, response.secret)
 
-    def watch(self, names: Sequence[str]) -> grpc.CallIterator[broker_pb2.WatchSecretsResponse]:
-        """A WatchSecrets stream with no deadline; cancel it to end it."""
-        return self._stub.WatchSecrets(broker_pb2.WatchSecretsRequest(names=names))
+    def watch(
+        self, names: Sequence[str], min_versions: Mapping[str, int] | None = None
+    ) -> grpc.CallIterator[broker_pb2.WatchSecretsResponse]:
+        """A WatchSecrets stream with no deadline; cancel it to end it. ``min_versions``: the
+        versions already held, so a resumed watch never starts from an older one."""
+        request = broker_pb2.WatchSecretsRequest(names=names, min_versions=min_versions)
+        return self._stub.WatchSecrets(request)
 
     def close(self) -> None:
         self._closed.set()

@@ -43,6 +43,10 @@ class HeldSecrets:
     def complete(self) -> bool:
         return len(self._values) == len(self.names)
 
+    def versions(self) -> dict[str, int]:
+        """The version held of each name that has one (env-served values have none)."""
+        return {name: secret.version for name, secret in self._values.items() if secret.version}
+
     def get(self, name: str) -> Secret:
         secret = self._values.get(name)
         if secret is None:

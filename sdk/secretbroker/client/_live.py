@@ -98,7 +98,7 @@ class LiveSecrets(LiveView):
         while not self._closed.is_set():
             try:
                 with self._lock:
-                    self._call = self._client.watch(self._held.names)
+                    self._call = self._client.watch(self._held.names, self._held.versions())
                 for response in self._call:
                     self._store(response)
                     attempt = 0
