@@ -80,6 +80,7 @@ def start_engine_broker(
     start_broker: BrokerFactory,
     tmp_path: Path,
     handover: str,
+    environ: Mapping[str, str] | None = None,
 ) -> EngineBroker:
     """A broker serving the catalog's secrets, its database users from the engine, logged in
     with the policy derived from its config only."""
@@ -103,6 +104,7 @@ def start_engine_broker(
     )
     broker = start_broker(
         private_vault,
+        environ,
         secrets_=secrets_,
         auth=approle_auth(approle.role_id_file, approle.secret_id_file),
     )
@@ -206,3 +208,66 @@ def waiting_on_a_lock(postgres: PasswordedPostgres, user: str) -> bool:
             (user,),
         ).fetchone()
     return row is not None and row[0] > 0
+
+
+def test_a_rollback_moves_the_catalog_to_the_url_from_env_and_back_with_no_failed_request(
+    private_vault: Vault,
+    postgres: PasswordedPostgres,
+    pki: Pki,
+    start_broker: BrokerFactory,
+    tmp_path: Path,
+) -> None:
+    """The ADR's emergency switch still works for a database secret from the engine: rolled
+    back, the catalog moves to the static URL from the broker's environment; cleared, back to
+    the engine's user. Under load, 0 failed requests."""
+    static_password = secrets.token_urlsafe(18)
+    static_url = f"postgresql://catalog_static:{static_password}@127.0.0.1:{postgres.port}/postgres"
+    environ = {"MEDIA_CATALOG_DATABASE_URL": static_url}
+    started = start_engine_broker(
+        private_vault, postgres, pki, start_broker, tmp_path, "2s", environ
+    )
+    with psycopg.connect(postgres.superuser_url, autocommit=True) as db:
+        db.execute(
+            psycopg.sql.SQL(
+                "CREATE ROLE catalog_static LOGIN PASSWORD {} IN ROLE catalog_app"
+            ).format(psycopg.sql.Literal(static_password))
+        )
+    admin = started.broker.admin(pki.ops, pki.ca)
+    engine_user = next(iter(issued_users(postgres)))
+    with catalog_service(started.broker.port, pki, [*started.values, static_password]) as catalog:
+        tokens = [catalog.token("load")]
+
+        async def scenario() -> collections.Counter[str]:
+            stop = asyncio.Event()
+            running = asyncio.ensure_future(load(catalog, tokens, stop))
+            await asyncio.sleep(0.5)
+            for flip, now_on, now_off in (
+                (
+                    broker_pb2.SetRollbackOverrideRequest(
+                        vault_enabled_categories=["api", "external"]
+                    ),
+                    "catalog_static",
+                    engine_user,
+                ),
+                (None, engine_user, "catalog_static"),
+            ):
+                if flip is None:
+                    request = broker_pb2.ClearRollbackOverrideRequest()
+                    await asyncio.to_thread(admin.ClearRollbackOverride, request, timeout=10)
+                else:
+                    await asyncio.to_thread(admin.SetRollbackOverride, flip, timeout=10)
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda on=now_on, off=now_off: (
+                        sessions_of(postgres, on) > 0 and sessions_of(postgres, off) == 0
+                    ),
+                    30,
+                    f"the catalog's pool on {now_on} alone",
+                )
+                await asyncio.sleep(0.5)
+            stop.set()
+            return await running
+
+        outcomes = asyncio.run(scenario())
+    assert set(outcomes) == {"ok"}, f"failed requests: {outcomes}"
+    assert outcomes["ok"] > 100
