@@ -3,6 +3,8 @@ and a small HTTP client for it."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -19,6 +21,10 @@ from devstack.harness import free_port_pair, wait_until
 from devstack.stack import client_env
 from secretbroker.client import BrokerClientConfig, SecretsClient
 from tests.support import API, DATABASE, EXTERNAL, Pki
+
+WORKERS = 16
+"""More than the pool's POOL_MAX_SIZE connections: requests wait in the pool's queue, also when
+the switch comes."""
 
 CATALOG_SECRETS: dict[str, dict[str, Any]] = {
     DATABASE: {"keys": ["url"]},
@@ -110,3 +116,34 @@ def catalog_service(
     for value in values:
         if not value.startswith("sqlite:"):
             assert value not in output, "a secret value reached the catalog's output"
+
+
+async def load(
+    catalog: Catalog, tokens: list[str], stop: asyncio.Event
+) -> collections.Counter[str]:
+    """WORKERS clients adding and listing, each POST with the newest and the oldest token in
+    turn, until ``stop``; the outcomes counted ("ok", or what failed)."""
+    outcomes: collections.Counter[str] = collections.Counter()
+
+    async def worker(number: int, client: httpx.AsyncClient) -> None:
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            token = tokens[-1] if turn % 2 else tokens[0]
+            try:
+                added = await client.post(
+                    "/media",
+                    json={"title": f"worker {number} turn {turn}"},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                listed = await client.get("/media")
+            except httpx.HTTPError as exc:
+                outcomes[type(exc).__name__] += 1
+                continue
+            for response, expected in ((added, 201), (listed, 200)):
+                ok = response.status_code == expected
+                outcomes["ok" if ok else f"{response.status_code}: {response.text[:80]}"] += 1
+
+    async with httpx.AsyncClient(base_url=catalog.url, timeout=10) as client:
+        await asyncio.gather(*(worker(number, client) for number in range(WORKERS)))
+    return outcomes

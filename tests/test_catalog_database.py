@@ -24,8 +24,8 @@ from catalog.config import DATABASE_URL, JWT_SECRET_KEY, TMDB_API_KEY, Config
 from catalog.database import POOL_MAX_SIZE
 from catalog.service import Catalog, create_app, following_database
 from devstack.harness import wait_until
+from devstack.postgres import running_postgres
 from secretbroker.client import Secret, SecretChange, SecretSource
-from tests.postgres import running_postgres
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ from devstack.bootstrap import create_broker_approle, write_policy
 from devstack.broker_config import approle_auth
 from devstack.database_engine import DatabaseEngineSetup, configure_engine, prepare_postgres
 from devstack.harness import wait_until
+from devstack.postgres import PasswordedPostgres, running_passworded_postgres
 from secretbroker.v1 import broker_pb2
-from tests.catalog_process import CATALOG_SECRETS, catalog_service, http
-from tests.postgres import PasswordedPostgres, running_passworded_postgres
+from tests.catalog_process import CATALOG_SECRETS, catalog_service, http, load
 from tests.support import (
     API,
     DATABASE,
@@ -40,7 +40,6 @@ from tests.support import (
     Watch,
     broker_settings,
 )
-from tests.test_catalog_under_load import load
 
 ROTATIONS = 20
 ISSUED = "SELECT rolname FROM pg_roles WHERE rolname LIKE 'v-%'"

@@ -10,20 +10,15 @@ import collections
 import secrets
 from collections.abc import Iterator
 
-import httpx
 import psycopg
 import pytest
 
 from catalog.database import POSTGRES_SCHEMA
 from devstack.harness import wait_until
+from devstack.postgres import running_postgres
 from secretbroker.v1 import broker_pb2
-from tests.catalog_process import CATALOG_SECRETS, Catalog, catalog_service
-from tests.postgres import running_postgres
+from tests.catalog_process import CATALOG_SECRETS, catalog_service, load
 from tests.support import API, DATABASE, EXTERNAL, BrokerFactory, Pki, Vault
-
-WORKERS = 16
-"""More than the pool's POOL_MAX_SIZE connections: requests wait in the pool's queue, also when
-the switch comes."""
 
 
 @pytest.fixture(scope="module")
@@ -49,37 +44,6 @@ def backends(admin_url: str, user: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-async def load(
-    catalog: Catalog, tokens: list[str], stop: asyncio.Event
-) -> collections.Counter[str]:
-    """WORKERS clients adding and listing, each POST with the newest and the oldest token in
-    turn, until ``stop``; the outcomes counted ("ok", or what failed)."""
-    outcomes: collections.Counter[str] = collections.Counter()
-
-    async def worker(number: int, client: httpx.AsyncClient) -> None:
-        turn = 0
-        while not stop.is_set():
-            turn += 1
-            token = tokens[-1] if turn % 2 else tokens[0]
-            try:
-                added = await client.post(
-                    "/media",
-                    json={"title": f"worker {number} turn {turn}"},
-                    headers={"Authorization": f"Bearer {token}"},
-                )
-                listed = await client.get("/media")
-            except httpx.HTTPError as exc:
-                outcomes[type(exc).__name__] += 1
-                continue
-            for response, expected in ((added, 201), (listed, 200)):
-                ok = response.status_code == expected
-                outcomes["ok" if ok else f"{response.status_code}: {response.text[:80]}"] += 1
-
-    async with httpx.AsyncClient(base_url=catalog.url, timeout=10) as client:
-        await asyncio.gather(*(worker(number, client) for number in range(WORKERS)))
-    return outcomes
 
 
 def test_no_request_fails_while_the_jwt_key_rotates_and_the_database_moves(

@@ -32,9 +32,9 @@ from devstack.database_engine import (
     prepare_postgres,
 )
 from devstack.harness import BrokerProcess, client_config, wait_until
+from devstack.postgres import PasswordedPostgres, running_passworded_postgres
 from secretbroker.client import LiveSecrets, Secret, SecretsClient
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
-from tests.postgres import PasswordedPostgres, running_passworded_postgres
 from tests.support import (
     DATABASE,
     BrokerFactory,

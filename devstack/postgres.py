@@ -1,6 +1,6 @@
-"""A throwaway PostgreSQL server for tests: initdb in a temporary folder, trust auth, loopback
-only, stopped with the test session. Runs as the ``postgres`` user when the tests run as root
-(the server refuses to run as root)."""
+"""A throwaway PostgreSQL server for the tests, the bench and the dev stack: initdb in a
+temporary folder, loopback only, removed when it stops. Runs as the ``postgres`` user when run
+as root (the server refuses to run as root)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _running(host_auth: str) -> Iterator[tuple[Path, int]]:
     data = Path(tempfile.mkdtemp(prefix="catalog-pg-"))
     if as_user:
         shutil.chown(data, "postgres", "postgres")
-    subprocess.run(
+    subprocess.run(  # noqa: S603 - the PostgreSQL binaries found above
         [
             *as_user,
             str(bindir / "initdb"),
@@ -82,7 +82,7 @@ def _running(host_auth: str) -> Iterator[tuple[Path, int]]:
         capture_output=True,
     )
     port = free_port_pair()
-    server = subprocess.Popen(
+    server = subprocess.Popen(  # noqa: S603 - the PostgreSQL binaries found above
         [
             *as_user,
             *die_with_parent([str(bindir / "postgres")]),
