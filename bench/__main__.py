@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.catalog import CONFIG_READS, REQUESTS, running_catalog
+from bench.database import measure_database
 from bench.failover import FULL_FAILOVER, QUICK_FAILOVER, measure_failover
 from bench.floor import METHOD as FLOOR_METHOD
 from bench.report import draw_latency_chart, render_table
 from bench.rig import COLD, EXPIRING, FLIP, GET_SECRET, HOT, Rig, running_rig
 from bench.scale import FULL_SCALE, QUICK_SCALE, held_streams, measure_scale, rotate_and_follow
+from bench.stats import percentiles
 from secretbroker.v1 import broker_pb2
 
 OUT = Path(__file__).parent / "out"
@@ -51,6 +53,10 @@ class Sizes:
     """Stream counts of the scale section: each opened in one burst."""
     catalog_calls: int
     """Requests per kind to the catalog service."""
+    database_rotations: int = 20
+    """Database users issued in a row under catalog load."""
+    database_issues: int = 30
+    """Issues timed, through the broker and with hvac directly."""
 
 
 FULL = Sizes(
@@ -78,6 +84,8 @@ QUICK = Sizes(
     expiring_seconds=0.5,
     scale=QUICK_SCALE,
     catalog_calls=50,
+    database_rotations=3,
+    database_issues=5,
 )
 
 
@@ -93,16 +101,6 @@ def worker(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"the {kind} worker failed:\n{result.stderr[-3000:]}")
     answer: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return answer
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50": ordered[len(ordered) // 2],
-        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-        "mean": statistics.fmean(ordered),
-        "n": len(ordered),
-    }
 
 
 def grpc_args(rig: Rig, target: str, method: str, name: str, count: int) -> dict[str, Any]:
@@ -152,6 +150,7 @@ def measure(rig: Rig, sizes: Sizes) -> dict[str, Any]:
     results.update(watch_fan_out(rig, sizes, samples))
     results["rollback_flip_ms"] = rollback_flip(rig)
     results["scale"] = measure_scale(rig, sizes.scale, idle=results["rss_cached_bytes"])
+    results["database"] = measure_database(rig, sizes.database_rotations, sizes.database_issues)
     return {"results": results, "samples": samples}
 
 

@@ -49,9 +49,11 @@ class CatalogService:
 
 
 @contextlib.contextmanager
-def running_catalog(rig: Rig) -> Iterator[CatalogService]:
-    """``python -m catalog serve`` reading through the rig's broker as the catalog identity."""
-    environ = {**os.environ, **client_env(rig.broker_addr, rig.certs.ca, rig.certs.catalog)}
+def running_catalog(rig: Rig, broker_addr: str | None = None) -> Iterator[CatalogService]:
+    """``python -m catalog serve`` reading through the rig's broker (or the one at
+    ``broker_addr``) as the catalog identity."""
+    broker = broker_addr or rig.broker_addr
+    environ = {**os.environ, **client_env(broker, rig.certs.ca, rig.certs.catalog)}
     url = f"http://127.0.0.1:{free_port_pair()}"
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
         die_with_parent([sys.executable, "-m", "catalog", "serve", "--listen", url[7:]]),

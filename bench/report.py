@@ -108,6 +108,8 @@ def render_table(r: dict[str, Any]) -> str:
         lines += ["", *render_catalog(r["catalog"])]
     if "scale" in r:
         lines += ["", *render_scale(r["scale"])]
+    if "database" in r:
+        lines += ["", *render_database(r["database"])]
     if "failover" in r:
         lines += ["", *render_failover(r["failover"])]
     return "\n".join(lines)
@@ -136,6 +138,41 @@ def render_catalog(c: dict[str, Any]) -> list[str]:
         ),
     ]
     return lines
+
+
+def render_database(d: dict[str, Any]) -> list[str]:
+    """Database users from the engine: issue latency, and rotations under catalog load."""
+    issue, direct = d["issue_ms"], d["hvac_issue_ms"]
+    return [
+        "Database users from OpenBao's database engine (PostgreSQL, password logins), served to"
+        f" the catalog service; handover {d['handover_s']:g} s:",
+        "",
+        "| measure | p50 | p99 / max |",
+        "| --- | ---: | ---: |",
+        f"| issue through the broker (RotateSecret: issue, serve, push) | {issue['p50']:.1f} ms"
+        f" | {issue['p99']:.1f} ms |",
+        f"| issue with hvac directly | {direct['p50']:.1f} ms | {direct['p99']:.1f} ms |",
+        f"| issue until the catalog's pool is all on the new user | {d['switch_ms']['p50']:.0f} ms"
+        f" | {d['switch_ms']['max']:.0f} ms |",
+        "",
+        "| target | measured | bound | |",
+        "| --- | ---: | ---: | --- |",
+        _row(
+            f"failed requests over {d['rotations']} rotations in a row under load",
+            f"{d['failed_queries']} of {d['requests']}",
+            "0",
+            d["failed_queries"] == 0,
+        ),
+        _row(
+            "issued users left after the handovers", str(d["users_left"]), "0", d["users_left"] == 0
+        ),
+        _row(
+            "issue through the broker / hvac directly (p50)",
+            f"{d['issue_ratio']:.2f}",
+            "—",
+            True,
+        ),
+    ]
 
 
 def render_scale(s: dict[str, Any]) -> list[str]:

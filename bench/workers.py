@@ -142,6 +142,40 @@ def http(args: Args) -> Args:
         return {"us": _timed(call, 50, args["count"])}
 
 
+def catalog_load(args: Args) -> Args:
+    """``clients`` clients adding and listing media on the catalog service until a line (or
+    the end) on standard input; the outcomes counted: "ok", or the status or error."""
+    import httpx
+
+    outcomes: dict[str, int] = {}
+
+    async def client_loop(client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        headers = {"Authorization": f"Bearer {args['token']}"}
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            try:
+                added = await client.post("/media", json={"title": f"t{turn}"}, headers=headers)
+                listed = await client.get("/media")
+            except httpx.HTTPError as exc:
+                outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
+                continue
+            for response, expected in ((added, 201), (listed, 200)):
+                outcome = "ok" if response.status_code == expected else str(response.status_code)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        waiting = loop.run_in_executor(None, sys.stdin.readline)
+        waiting.add_done_callback(lambda _: stop.set())
+        async with httpx.AsyncClient(base_url=args["url"], timeout=30) as client:
+            await asyncio.gather(*(client_loop(client, stop) for _ in range(args["clients"])))
+
+    asyncio.run(run())
+    return {"outcomes": outcomes}
+
+
 def streams(args: Args) -> Args:
     """Open ``streams`` WatchSecrets streams of one secret at once, spread over ``channels`` new
     connections. Print one JSON line once each stream has its first message or has failed
@@ -196,6 +230,7 @@ WORKERS: dict[str, Callable[[Args], Args]] = {
     "config": config,
     "streams": streams,
     "http": http,
+    "catalog_load": catalog_load,
 }
 
 if __name__ == "__main__":

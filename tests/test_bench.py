@@ -65,3 +65,12 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
         assert hung[kind]["failed_reads"] == 0, f"{kind}: a read failed while Vault hung"
         assert hung[kind]["hung"]["n"] > 0
     assert "failed catalog reads during the leader kill" in result.stdout
+    database = results["database"]  # users from the engine, rotated under catalog load
+    assert database["rotations"] == 3
+    assert database["failed_queries"] == 0, database["failures_by_kind"]
+    assert database["users_left"] == 0
+    assert database["requests"] > 0
+    assert database["issue_ms"]["p50"] > 0
+    assert database["hvac_issue_ms"]["p50"] > 0
+    assert database["switch_ms"]["max"] >= database["switch_ms"]["p50"] > 0
+    assert "issued users left after the handovers" in result.stdout
