@@ -13,7 +13,7 @@ CHECKOV_VERSION := 3.3.30
 KUBERNETES_VALIDATE_VERSION := 1.37.0
 CRD_MODELS := .tools/node_modules/@kubernetes-models/prometheus-operator
 
-.PHONY: dev dev-ha test check lint typecheck proto proto-check buf-lint buf-breaking unit clean system-tools deploy-check k8s-rules
+.PHONY: dev dev-ha dev-postgres test check lint typecheck proto proto-check buf-lint buf-breaking unit clean system-tools deploy-check k8s-rules
 
 # The SDK (sdk/, its own distribution) and the broker with its dev extra, both editable.
 $(BIN)/python: pyproject.toml sdk/pyproject.toml
@@ -32,6 +32,10 @@ dev: $(BIN)/python
 ## The same with a 3-node OpenBao raft cluster and two broker replicas (kill a node and watch).
 dev-ha: $(BIN)/python
 	$(BIN)/python -m devstack --ha
+
+## The catalog on PostgreSQL, one user per broker issued by OpenBao's database engine (rotate: a new one).
+dev-postgres: $(BIN)/python
+	$(BIN)/python -m devstack --postgres
 
 ## Every check CI runs: generated code fresh, buf lint, ruff, mypy --strict, the deploy kit, then the test suite.
 test: system-tools proto-check buf-lint buf-breaking lint typecheck deploy-check

@@ -1,4 +1,4 @@
-"""``python -m devstack [--dir .dev-stack] [--ha]``: the local stack (``make dev``)."""
+"""``python -m devstack [--dir .dev-stack] [--ha] [--postgres]``: the local stack (``make dev``)."""
 
 import argparse
 import sys
@@ -15,5 +15,10 @@ parser.add_argument(
     action="store_true",
     help="a 3-node OpenBao raft cluster and two broker replicas instead of one of each",
 )
+parser.add_argument(
+    "--postgres",
+    action="store_true",
+    help="the catalog on PostgreSQL, its users issued by OpenBao's database engine",
+)
 arguments = parser.parse_args()
-sys.exit(run_dev_stack(arguments.dir, ha=arguments.ha))
+sys.exit(run_dev_stack(arguments.dir, ha=arguments.ha, postgres=arguments.postgres))

@@ -73,6 +73,16 @@ def prepare_postgres(superuser_url: str, admin_password: str) -> None:
             db.execute(grant)
 
 
+def create_static_user(superuser_url: str, user: str, password: str) -> None:
+    """A fixed login user in APP_GROUP: what a rollback to environment variables serves."""
+    with psycopg.connect(superuser_url, autocommit=True) as db:
+        db.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(user), sql.Literal(password), sql.Identifier(APP_GROUP)
+            )
+        )
+
+
 def configure_engine(
     admin: hvac.Client,
     setup: DatabaseEngineSetup,

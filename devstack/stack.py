@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -38,6 +38,12 @@ from devstack.bootstrap import (
 )
 from devstack.broker_config import approle_auth, broker_document
 from devstack.cluster import OpenBaoCluster
+from devstack.database_engine import (
+    DatabaseEngineSetup,
+    configure_engine,
+    create_static_user,
+    prepare_postgres,
+)
 from devstack.harness import (
     BrokerProcess,
     die_with_parent,
@@ -48,7 +54,14 @@ from devstack.harness import (
 )
 from devstack.openbao import OpenBaoDevServer
 from devstack.pki import CertFiles, DevCA, issue_loopback_server
-from secretbroker.client import ENV_PREFIX, BrokerClientConfig, SecretsClient
+from devstack.postgres import running_passworded_postgres
+from secretbroker.client import (
+    ENV_PREFIX,
+    BrokerClientConfig,
+    LiveSecrets,
+    SecretChange,
+    SecretsClient,
+)
 
 log = logging.getLogger("devstack")
 
@@ -87,13 +100,49 @@ DEV_SECRETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class DevDatabase:
+    """``--postgres``: PostgreSQL, its users issued by OpenBao's database engine."""
+
+    setup: DatabaseEngineSetup
+    static_url: str
+    """A fixed user's URL: what a rollback of the database category serves from env."""
+
+
+STATIC_USER = "catalog_static"
+
+
+def start_dev_database(stack: contextlib.ExitStack, admin: hvac.Client) -> DevDatabase:
+    server = stack.enter_context(running_passworded_postgres())
+    admin_password, static_password = random_token(), random_token()
+    prepare_postgres(server.superuser_url, admin_password)
+    create_static_user(server.superuser_url, STATIC_USER, static_password)
+    setup = DatabaseEngineSetup("database", "catalog", "127.0.0.1", server.port, "postgres")
+    configure_engine(admin, setup, admin_password, default_ttl="1h", max_ttl="24h")
+    log.info("PostgreSQL on 127.0.0.1:%d, users issued by OpenBao's database engine", server.port)
+    return DevDatabase(
+        setup, f"postgresql://{STATIC_USER}:{static_password}@127.0.0.1:{server.port}/postgres"
+    )
+
+
 def dev_broker_document(
     vault_addr: str | list[str],
     certs: DevCertificates,
     role: AppRoleFiles,
     state_dir: Path,
+    database: DevDatabase | None = None,
 ) -> dict[str, Any]:
     """A dev broker's config; BrokerProcess gives it free loopback ports."""
+    secrets_ = dict(DEV_SECRETS)
+    if database is not None:
+        secrets_["media-catalog/database"] = {
+            "keys": ["url", "username"],
+            "database": {
+                "role": database.setup.role,
+                "url": database.setup.url_template(),
+                "handover": "10s",
+            },
+        }
     return broker_document(
         server=certs.broker,
         client_ca=certs.ca,
@@ -101,7 +150,7 @@ def dev_broker_document(
         if isinstance(vault_addr, str) or len(vault_addr) > 1
         else vault_addr[0],
         auth=approle_auth(role.role_id_file, role.secret_id_file),
-        secrets=DEV_SECRETS,
+        secrets=secrets_,
         access={CATALOG_SPIFFE_ID: ["media-catalog/*"]},
         vault={"mount": KV_MOUNT, "timeout": "2s"},
         cache={"default_ttl": "5m", "max_stale": "1h"},
@@ -210,9 +259,10 @@ def _cluster_lines(cluster: OpenBaoCluster) -> str:
     return "\n".join(lines)
 
 
-def run_dev_stack(state_dir: Path, ha: bool = False) -> int:
+def run_dev_stack(state_dir: Path, ha: bool = False, postgres: bool = False) -> int:
     """The dev stack; with ``ha``, a 3-node OpenBao raft cluster and two broker replicas that
-    the catalog spreads its calls over."""
+    the catalog spreads its calls over; with ``postgres``, the catalog on PostgreSQL with users
+    issued by OpenBao's database engine (and each new user logged)."""
     configure_logging("INFO")
     state_dir = state_dir.resolve()
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -222,10 +272,13 @@ def run_dev_stack(state_dir: Path, ha: bool = False) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     vault: DevVault | None = None
     children: dict[str, BrokerProcess | CatalogProcess] = {}
+    stack = contextlib.ExitStack()  # PostgreSQL: stopped last
+    watching = contextlib.ExitStack()  # the user logger: stopped first, before its broker
     try:
         vault = start_dev_vault(state_dir, ha)
         admin = hvac.Client(url=vault.addresses[0], token=vault.root_token, timeout=5)
         role = create_broker_approle(admin, [BROKER_POLICY], state_dir / "approle")
+        database = start_dev_database(stack, admin) if postgres else None
         database_url = f"sqlite:///{state_dir / 'media-catalog.db'}"
         seed_secrets(admin, KV_MOUNT, dev_secret_values(database_url))
         certs = issue_dev_certificates(state_dir / "certs")
@@ -236,8 +289,8 @@ def run_dev_stack(state_dir: Path, ha: bool = False) -> int:
             folder.mkdir(mode=0o700, exist_ok=True)
             brokers[name] = BrokerProcess(
                 folder,
-                dev_broker_document(vault.addresses, certs, role, folder),
-                environ=rollback_environment(database_url),
+                dev_broker_document(vault.addresses, certs, role, folder, database),
+                environ=rollback_environment(database_url, database),
                 to_terminal=True,
                 header=CONFIG_HEADER,
             )
@@ -254,8 +307,10 @@ def run_dev_stack(state_dir: Path, ha: bool = False) -> int:
             catalog_url, client_env(endpoints, certs.ca, certs.catalog)
         ).start()
         wait_until(lambda: catalog.answers("/healthz"), 60, f"the catalog service at {catalog_url}")
-        banner = _banner(vault, brokers, certs, role.role_id_file.parent, catalog_url)
+        banner = _banner(vault, brokers, certs, role.role_id_file.parent, catalog_url, database)
         print(banner, flush=True)  # noqa: T201 - the dev stack talks to its user
+        if database is not None:
+            watching.enter_context(_logging_database_users(endpoints, certs))
         while True:
             for name, child in children.items():
                 if child.exited() is not None:
@@ -265,21 +320,50 @@ def run_dev_stack(state_dir: Path, ha: bool = False) -> int:
     except (KeyboardInterrupt, _Stop):
         return 0
     finally:
+        watching.close()
         for child in reversed(children.values()):
             child.stop()
         if vault is not None:
             vault.stop()
+        stack.close()
         log.info("dev stack stopped")
 
 
-def rollback_environment(database_url: str) -> dict[str, str]:
+def rollback_environment(database_url: str, database: DevDatabase | None = None) -> dict[str, str]:
     """What the broker serves when ops roll a category back to environment variables: fresh
-    random values, except the database URL, so the catalog keeps its data through a flip."""
-    return {
+    random values, except the database URL, so the catalog keeps its data through a flip (with
+    PostgreSQL: a fixed user's URL)."""
+    environ = {
         variable_name(name, key): database_url if key == "url" else random_token()
         for name, keys in dev_secret_values(database_url).items()
         for key in keys
     }
+    if database is not None:
+        environ[variable_name("media-catalog/database", "url")] = database.static_url
+        environ[variable_name("media-catalog/database", "username")] = STATIC_USER
+    return environ
+
+
+@contextlib.contextmanager
+def _logging_database_users(endpoints: str, certs: DevCertificates) -> Iterator[None]:
+    """Say which PostgreSQL user the catalog is given, now and at every change."""
+    config = BrokerClientConfig.from_env(client_env(endpoints, certs.ca, certs.catalog))
+    with SecretsClient(config) as client, LiveSecrets(client, ["media-catalog/database"]) as live:
+
+        def say(change: SecretChange) -> None:
+            log.info(
+                "the catalog's database user is now %s (was %s)",
+                change.current.data["username"],
+                change.previous.data["username"],
+            )
+
+        live.wait_ready(timeout=30)
+        log.info(
+            "the catalog's database user is %s",
+            live.get_secret("media-catalog/database").data["username"],
+        )
+        live.on_change(say)
+        yield
 
 
 def client_env(listen: str, ca: Path, client: CertFiles) -> dict[str, str]:
@@ -302,6 +386,7 @@ def _banner(
     certs: DevCertificates,
     role_dir: Path,
     catalog_url: str,
+    database: DevDatabase | None = None,
 ) -> str:
     python = sys.executable
     endpoints = ",".join(broker.endpoint for broker in brokers.values())
@@ -332,8 +417,17 @@ As ops (rollback to env vars, rotate the JWT key; status and rollback reach ever
   {python} -m broker status
   {python} -m broker rotate media-catalog/api
   {python} -m broker rollback set '["database", "external"]'   # api from env vars
-  {python} -m broker rollback clear
+  {python} -m broker rollback clear{_database_lines(database, python)}
 Press Ctrl-C to stop everything."""
+
+
+def _database_lines(database: DevDatabase | None, python: str) -> str:
+    if database is None:
+        return ""
+    return f"""
+PostgreSQL on 127.0.0.1:{database.setup.port}, one user per broker from OpenBao's database engine
+(this terminal logs each new one; the old is revoked 10 s later). A new user now, as ops:
+  {python} -m broker rotate media-catalog/database"""
 
 
 def _show_catalog_config(listen: str, certs: DevCertificates) -> None:

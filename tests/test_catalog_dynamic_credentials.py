@@ -23,7 +23,12 @@ from broker.config_loader import parse_config
 from broker.tools.vault_policy import vault_policy
 from devstack.bootstrap import create_broker_approle, write_policy
 from devstack.broker_config import approle_auth
-from devstack.database_engine import DatabaseEngineSetup, configure_engine, prepare_postgres
+from devstack.database_engine import (
+    DatabaseEngineSetup,
+    configure_engine,
+    create_static_user,
+    prepare_postgres,
+)
 from devstack.harness import wait_until
 from devstack.postgres import PasswordedPostgres, running_passworded_postgres
 from secretbroker.v1 import broker_pb2
@@ -225,12 +230,7 @@ def test_a_rollback_moves_the_catalog_to_the_url_from_env_and_back_with_no_faile
     started = start_engine_broker(
         private_vault, postgres, pki, start_broker, tmp_path, "2s", environ
     )
-    with psycopg.connect(postgres.superuser_url, autocommit=True) as db:
-        db.execute(
-            psycopg.sql.SQL(
-                "CREATE ROLE catalog_static LOGIN PASSWORD {} IN ROLE catalog_app"
-            ).format(psycopg.sql.Literal(static_password))
-        )
+    create_static_user(postgres.superuser_url, "catalog_static", static_password)
     admin = started.broker.admin(pki.ops, pki.ca)
     engine_user = next(iter(issued_users(postgres)))
     with catalog_service(started.broker.port, pki, [*started.values, static_password]) as catalog:

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -223,6 +224,44 @@ def test_the_ha_dev_stack_keeps_serving_when_the_node_its_banner_names_is_killed
         rest = _stop(process)
     assert process.returncode == 0, output + rest
     assert not _processes_mentioning(str(state_dir)), "a node or a broker was left running"
+
+
+@pytest.mark.slow
+def test_the_postgres_dev_stack_gives_the_catalog_a_new_database_user_on_rotation(
+    tmp_path: Path,
+) -> None:
+    """``make dev-postgres``: the catalog on PostgreSQL with a user from OpenBao's database
+    engine; the banner's rotate command gives it a new one, which the stack logs, and the
+    catalog keeps answering on it."""
+    state_dir = tmp_path / "dev-stack-postgres"
+    process, output = _run_until_ready(state_dir, "--postgres")
+    try:
+        assert READY_LINE in output, output
+        assert "-m broker rotate media-catalog/database" in output
+        catalog_url = re.search(r"catalog service\s+(http://\S+)", output)
+        assert catalog_url is not None
+        assert httpx.get(f"{catalog_url.group(1)}/media", timeout=10).status_code == 200
+        _run_module(
+            ["broker", "rotate", "media-catalog/database"], _client_env(output, state_dir, "ops")
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            output += line
+            if "the catalog's database user is now" in line:
+                break
+        assert httpx.get(f"{catalog_url.group(1)}/media", timeout=10).status_code == 200
+    finally:
+        rest = _stop(process)
+    assert process.returncode == 0, output + rest
+    assert "the catalog's database user is now v-" in output
+    assert not _processes_mentioning(str(state_dir)), "a broker was left running"
+    port = re.search(r"PostgreSQL on 127\.0\.0\.1:(\d+)", output)
+    assert port is not None
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection(("127.0.0.1", int(port.group(1))), timeout=5),
+    ):
+        pass  # PostgreSQL stopped with the stack
 
 
 def test_an_openbao_dev_server_keeps_its_root_token_out_of_the_users_home(
