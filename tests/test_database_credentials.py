@@ -6,6 +6,7 @@ config (least privilege)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hvac
 import psycopg
 import pytest
 
@@ -31,6 +33,7 @@ from devstack.database_engine import (
     configure_engine,
     prepare_postgres,
 )
+from devstack.ha import ClusterVault
 from devstack.harness import BrokerProcess, client_config, wait_until
 from devstack.postgres import PasswordedPostgres, running_passworded_postgres
 from secretbroker.client import LiveSecrets, Secret, SecretsClient
@@ -41,6 +44,7 @@ from tests.support import (
     Pki,
     RunningBroker,
     Vault,
+    VaultServers,
     Watch,
     broker_settings,
     get,
@@ -59,7 +63,8 @@ def postgres() -> Iterator[PasswordedPostgres]:
 
 @dataclass
 class Engine:
-    vault: Vault
+    vault: VaultServers
+    admin: hvac.Client
     postgres: PasswordedPostgres
     setup: DatabaseEngineSetup
 
@@ -86,6 +91,14 @@ class Engine:
 @pytest.fixture
 def engine(private_vault: Vault, postgres: PasswordedPostgres) -> Iterator[Engine]:
     """One role per test (its own name), on a fresh OpenBao; no user left after the test."""
+    with engine_on(private_vault, private_vault.admin, postgres) as found:
+        yield found
+
+
+@contextlib.contextmanager
+def engine_on(
+    vault: VaultServers, admin: hvac.Client, postgres: PasswordedPostgres
+) -> Iterator[Engine]:
     role = f"catalog-{secrets.token_hex(3)}"
     admin_password = secrets.token_urlsafe(18)
     if not _prepared(postgres):
@@ -98,8 +111,8 @@ def engine(private_vault: Vault, postgres: PasswordedPostgres) -> Iterator[Engin
                 )
             )
     setup = DatabaseEngineSetup("database", role, "127.0.0.1", postgres.port, "postgres")
-    configure_engine(private_vault.admin, setup, admin_password, default_ttl="3s", max_ttl="8s")
-    found = Engine(private_vault, postgres, setup)
+    configure_engine(admin, setup, admin_password, default_ttl="3s", max_ttl="8s")
+    found = Engine(vault, admin, postgres, setup)
     assert found.users() == 0, "a test before this one left users"
     yield found
     _drop_issued_users(postgres)  # OpenBao stops with the test, before it could revoke them
@@ -135,8 +148,8 @@ def engine_settings(
     secrets_ = {DATABASE: {"keys": ["url", "username", "expires_at"], "database": database}}
     config = parse_config(broker_settings(engine.vault, pki, secrets_=secrets_), tmp_path, {})
     approle = create_broker_approle(
-        engine.vault.admin,
-        write_policy(engine.vault.admin, vault_policy(config), name="database-broker"),
+        engine.admin,
+        write_policy(engine.admin, vault_policy(config), name="database-broker"),
         tmp_path / "database-approle",
         ttls or RoleTTLs(),
     )
@@ -156,7 +169,7 @@ def start(
 
 
 def set_role_ttls(engine: Engine, default_ttl: str, max_ttl: str) -> None:
-    engine.vault.admin.secrets.database.create_role(
+    engine.admin.secrets.database.create_role(
         engine.setup.role,
         db_name="postgres-connection",
         creation_statements=CREATION_STATEMENTS,
@@ -343,3 +356,42 @@ def user_of(replica: BrokerProcess, pki: Pki) -> str:
 def newer_than(live: LiveSecrets, users: set[str]) -> Secret | None:
     held = live.get_secret(DATABASE)
     return held if held.data["username"] not in users else None
+
+
+@pytest.mark.ha
+def test_renewals_and_new_users_go_on_across_a_raft_leader_kill(
+    cluster_vault: ClusterVault,
+    postgres: PasswordedPostgres,
+    pki: Pki,
+    tmp_path: Path,
+    start_broker: BrokerFactory,
+) -> None:
+    """Renewals and issues are writes: they fail over to the new leader as the broker's other
+    writes do. The served user lives on (its session too), and a new one can be issued."""
+    with engine_on(cluster_vault, cluster_vault.admin(), postgres) as engine:
+        set_role_ttls(engine, "12s", "120s")  # renewed every 8 s: across the election
+        broker = start(engine, pki, tmp_path, start_broker, handover="1s")
+        stub = broker.stub(pki.catalog, pki.ca)
+        served = get(stub, DATABASE)
+        held = psycopg.connect(served.data["url"], autocommit=True)
+        try:
+            renewed = functools.partial(
+                metric,
+                broker,
+                "secretbroker_database_lease_operations_total",
+                secret=DATABASE,
+                operation="renew",
+                result="ok",
+            )
+            before = renewed()
+            cluster_vault.cluster.kill(cluster_vault.cluster.leader())
+            wait_until(lambda: renewed() > before, 30, "a renewal after the leader's death")
+            assert get(stub, DATABASE).data["username"] == served.data["username"]
+            assert held.execute("SELECT count(*) FROM media").fetchone() is not None
+            admin = broker.admin(pki.ops, pki.ca)
+            admin.RotateSecret(broker_pb2.RotateSecretRequest(name=DATABASE), timeout=30)
+            new = get(stub, DATABASE)
+            assert new.data["username"] != served.data["username"]
+            assert logged_in_user(new.data["url"]) == new.data["username"]
+        finally:
+            held.close()
