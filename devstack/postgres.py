@@ -32,7 +32,7 @@ def postgres_bindir() -> Path:
 @contextlib.contextmanager
 def running_postgres() -> Iterator[str]:
     """Yields a postgresql:// URL of a fresh server (trust auth: no password)."""
-    with _running("trust") as (_, port):
+    with _running("trust") as (_, port, _pid):
         yield f"postgresql://catalog@127.0.0.1:{port}/postgres"
 
 
@@ -44,18 +44,37 @@ class PasswordedPostgres:
     """The superuser, over the server's Unix socket (trusted): setup and counting only."""
     port: int
     """Its TCP port on 127.0.0.1."""
+    pid: int
+    """The postmaster's."""
+
+    def pause(self) -> None:
+        """Hang the whole server (SIGSTOP to the postmaster and every backend): connections
+        are accepted by the kernel, and nothing answers."""
+        for pid in [self.pid, *_children(self.pid)]:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in [self.pid, *_children(self.pid)]:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(child) for child in text.split()]
+    return []
 
 
 @contextlib.contextmanager
 def running_passworded_postgres() -> Iterator[PasswordedPostgres]:
-    with _running("scram-sha-256") as (socket_dir, port):
+    with _running("scram-sha-256") as (socket_dir, port, pid):
         yield PasswordedPostgres(
-            f"postgresql://catalog@/postgres?host={socket_dir}&port={port}", port
+            f"postgresql://catalog@/postgres?host={socket_dir}&port={port}", port, pid
         )
 
 
 @contextlib.contextmanager
-def _running(host_auth: str) -> Iterator[tuple[Path, int]]:
+def _running(host_auth: str) -> Iterator[tuple[Path, int, int]]:
     bindir = postgres_bindir()
     # setpriv, not runuser: a change of user clears the parent-death signal, so it is set after
     # (by die_with_parent, as the postgres user), and no wrapper process stays between.
@@ -108,7 +127,7 @@ def _running(host_auth: str) -> Iterator[tuple[Path, int]]:
             return True
 
         wait_until(accepts, 30, "PostgreSQL to accept", (psycopg.OperationalError,), 0.1)
-        yield data, port
+        yield data, port, server.pid
     finally:
         # SIGINT: PostgreSQL's fast shutdown, which ends the sessions still open (OpenBao's, a
         # pool's); SIGTERM's smart shutdown would wait for them.

@@ -395,3 +395,60 @@ def test_renewals_and_new_users_go_on_across_a_raft_leader_kill(
             assert logged_in_user(new.data["url"]) == new.data["username"]
         finally:
             held.close()
+
+
+@pytest.mark.parametrize("dependency", ["vault", "postgres"])
+def test_a_hung_dependency_delays_renewal_or_revocation_but_no_answer(
+    engine: Engine,
+    private_vault: Vault,
+    pki: Pki,
+    tmp_path: Path,
+    start_broker: BrokerFactory,
+    dependency: str,
+) -> None:
+    """OpenBao or PostgreSQL stopped (SIGSTOP) while a lease is due for renewal or revocation:
+    the calls to it time out off the event loop and are retried; the broker answers at once
+    all along, with the user it holds; once the dependency is back, the renewal lands, or the
+    old user is revoked."""
+    set_role_ttls(engine, "9s", "120s")  # renewed at 6 s
+    broker = start(engine, pki, tmp_path, start_broker, handover="1s")
+    stub = broker.stub(pki.catalog, pki.ca)
+    first = get(stub, DATABASE).data["username"]
+    renewed = functools.partial(
+        metric,
+        broker,
+        "secretbroker_database_lease_operations_total",
+        secret=DATABASE,
+        operation="renew" if dependency == "vault" else "revoke",
+        result="failed",
+    )
+    hung = private_vault.server if dependency == "vault" else engine.postgres
+    if dependency == "postgres":  # a new user now: the old one is revoked 1 s later
+        broker.admin(pki.ops, pki.ca).RotateSecret(
+            broker_pb2.RotateSecretRequest(name=DATABASE), timeout=30
+        )
+    hung.pause()
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            answer = get(stub, DATABASE, timeout=2)
+            assert time.monotonic() - started < 1.5, "an answer waited for the hung dependency"
+            assert answer.data["username"] != ""
+            time.sleep(0.1)
+        assert renewed() > 0, "the call to the hung dependency failed, and is retried"
+    finally:
+        hung.resume()
+    if dependency == "vault":
+        done = functools.partial(
+            metric,
+            broker,
+            "secretbroker_database_lease_operations_total",
+            secret=DATABASE,
+            operation="renew",
+            result="ok",
+        )
+        wait_until(lambda: done() > 0, 30, "the renewal once OpenBao is back")
+        assert get(stub, DATABASE).data["username"] == first
+    else:
+        wait_until(lambda: engine.valid_until(first) is None, 30, "the revocation once back")
