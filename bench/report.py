@@ -166,12 +166,7 @@ def render_database(d: dict[str, Any]) -> list[str]:
         _row(
             "issued users left after the handovers", str(d["users_left"]), "0", d["users_left"] == 0
         ),
-        _row(
-            "issue through the broker / hvac directly (p50)",
-            f"{d['issue_ratio']:.2f}",
-            "—",
-            True,
-        ),
+        _row("issue through the broker / hvac directly (p50)", f"{d['issue_ratio']:.2f}x", "", None),
     ]
 
 

@@ -166,6 +166,11 @@ class DatabaseCredentialsSpec:
 
     role: str = setting(dataclasses.MISSING, lambda table, name, _: table.string(name))
     """The engine's role (``database/creds/ROLE``)."""
+    static: bool = flag(False)
+    """``role`` is a static role (``database/static-creds/ROLE``): one existing user whose
+    password the engine rotates on its own period. Nothing to renew or revoke; the broker reads
+    it again when the engine's rotation is due, and pushes the new password. There is no
+    overlap: the old password stops at the rotation (prefer a dynamic role)."""
     mount: str = mount_point("database")
     """Mount point of the database secrets engine."""
     url: str | None = setting(None, _url_template)

@@ -39,6 +39,11 @@ class DatabaseEngineSetup:
     port: int
     database: str
 
+    @property
+    def static_role(self) -> str:
+        """The name of the static role create_static_role writes."""
+        return f"{self.role}-static"
+
     def url_template(self) -> str:
         """The broker's ``[secrets.NAME.database] url`` for this database."""
         return f"postgresql://{{username}}:{{password}}@{self.host}:{self.port}/{self.database}"
@@ -98,7 +103,7 @@ def configure_engine(
     admin.secrets.database.configure(
         name=connection,
         plugin_name="postgresql-database-plugin",
-        allowed_roles=[setup.role],
+        allowed_roles=[setup.role, setup.static_role],
         connection_url=(
             f"postgresql://{{{{username}}}}:{{{{password}}}}@{setup.host}:{setup.port}"
             f"/{setup.database}?sslmode=disable"
@@ -115,5 +120,20 @@ def configure_engine(
         revocation_statements=REVOCATION_STATEMENTS,
         default_ttl=default_ttl,
         max_ttl=max_ttl,
+        mount_point=setup.mount,
+    )
+
+
+def create_static_role(
+    admin: hvac.Client, setup: DatabaseEngineSetup, user: str, rotation_period: int
+) -> None:
+    """A static role for ``user`` (an existing user, e.g. from create_static_user): the engine
+    sets its password now, and again every ``rotation_period`` seconds (5 at least)."""
+    admin.secrets.database.create_static_role(
+        setup.static_role,
+        db_name=f"{setup.database}-connection",
+        username=user,
+        rotation_statements=[],
+        rotation_period=rotation_period,
         mount_point=setup.mount,
     )

@@ -7,6 +7,7 @@ config (least privilege)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -31,6 +32,8 @@ from devstack.database_engine import (
     REVOCATION_STATEMENTS,
     DatabaseEngineSetup,
     configure_engine,
+    create_static_role,
+    create_static_user,
     prepare_postgres,
 )
 from devstack.ha import ClusterVault
@@ -136,7 +139,13 @@ def _prepared(postgres: PasswordedPostgres) -> bool:
 
 
 def engine_settings(
-    engine: Engine, pki: Pki, tmp_path: Path, handover: str, ttls: RoleTTLs | None = None
+    engine: Engine,
+    pki: Pki,
+    tmp_path: Path,
+    handover: str,
+    ttls: RoleTTLs | None = None,
+    *,
+    static: bool = False,
 ) -> dict[str, Any]:
     """Settings of a broker serving DATABASE from the engine, logged in with the policy
     derived from them only."""
@@ -144,6 +153,7 @@ def engine_settings(
         "role": engine.setup.role,
         "url": engine.setup.url_template(),
         "handover": handover,
+        "static": static,
     }
     secrets_ = {DATABASE: {"keys": ["url", "username", "expires_at"], "database": database}}
     config = parse_config(broker_settings(engine.vault, pki, secrets_=secrets_), tmp_path, {})
@@ -452,3 +462,32 @@ def test_a_hung_dependency_delays_renewal_or_revocation_but_no_answer(
         assert get(stub, DATABASE).data["username"] == first
     else:
         wait_until(lambda: engine.valid_until(first) is None, 30, "the revocation once back")
+
+
+def test_a_static_role_is_served_and_its_rotated_password_pushed(
+    engine: Engine, pki: Pki, tmp_path: Path, start_broker: BrokerFactory
+) -> None:
+    """A static role: one existing user, whose password the engine rotates (every 5 s here).
+    The broker reads it again when the rotation is due and pushes the new password; its policy
+    reads the static role and nothing else of the engine."""
+    user = f"static_{secrets.token_hex(3)}"
+    create_static_user(engine.postgres.superuser_url, user, secrets.token_urlsafe(12))
+    create_static_role(engine.admin, engine.setup, user, rotation_period=5)
+    static = dataclasses.replace(
+        engine, setup=dataclasses.replace(engine.setup, role=engine.setup.static_role)
+    )
+    broker = start_broker(engine.vault, **engine_settings(static, pki, tmp_path, "1s", static=True))
+    watch = Watch(broker.stub(pki.catalog, pki.ca), [DATABASE])
+    try:
+        first = watch.next()
+        assert first.data["username"] == user
+        assert logged_in_user(first.data["url"]) == user
+        second = watch.next()  # the engine's next rotation, read and pushed by the broker
+        assert second.data["username"] == user
+        assert second.version > first.version
+        assert second.data["url"] != first.data["url"]
+        assert logged_in_user(second.data["url"]) == user
+        with pytest.raises(psycopg.OperationalError):
+            logged_in_user(first.data["url"])  # no overlap: the old password stopped
+    finally:
+        watch.cancel()

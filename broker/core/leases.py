@@ -34,10 +34,11 @@ from urllib.parse import quote
 
 from broker.audit.trail import AuditTrail
 from broker.config import DatabaseCredentialsSpec, SecretSpec
+from broker.config_reader import Sensitive
 from broker.errors import AuditUnavailable, BrokerError, NotApplicable, SourceDenied
 from broker.observe.metrics import BrokerMetrics, LeaseState
 from broker.sources.base import RunBlocking, SecretValue, SourceKind
-from broker.sources.database_engine import DatabaseEngine, Lease
+from broker.sources.database_engine import DatabaseEngine, Lease, StaticCredentials
 from secretbroker.client import Backoff
 
 log = logging.getLogger(__name__)
@@ -45,30 +46,32 @@ log = logging.getLogger(__name__)
 RENEW_AT = 2 / 3
 """Fraction of a granted duration after which the lease is renewed."""
 RETRY_BACKOFF = Backoff(initial=1.0, maximum=30.0)
+STATIC_RECHECK_MAX = 300.0
+"""Seconds between two reads of a static role at most (its rotation can also be forced)."""
+MOVE_INTERVAL = 5.0
+"""Seconds between two new users issued because callers hold a newer version."""
 """Waits after failed renewals, issues and revocations (full jitter)."""
 
 
-def credentials_value(spec: SecretSpec, lease: Lease, ends_at: float) -> SecretValue:
+def credentials_value(
+    spec: SecretSpec, username: str, password: Sensitive, issued_at: float, ends_at: float
+) -> SecretValue:
     """The secret as served: the declared keys of username, password, url, expires_at. The
-    version is the issue time in milliseconds, so a later user is a higher version on every
-    replica."""
+    version is the issue (or a static role's rotation) time in milliseconds, so a later user
+    or password is a higher version on every replica."""
     database = _database(spec)
-    password = lease.password.reveal()
-    data = {
-        "username": lease.username,
-        "password": password,
-        "expires_at": str(int(ends_at)),
-    }
+    revealed = password.reveal()
+    data = {"username": username, "password": revealed, "expires_at": str(int(ends_at))}
     if database.url is not None:
-        data["url"] = database.url.replace("{username}", quote(lease.username, safe="")).replace(
-            "{password}", quote(password, safe="")
+        data["url"] = database.url.replace("{username}", quote(username, safe="")).replace(
+            "{password}", quote(revealed, safe="")
         )
     return SecretValue(
         data={key: data[key] for key in spec.keys},
-        version=int(lease.issued_at * 1000),
+        version=int(issued_at * 1000),
         source=SourceKind.VAULT,
         fetched_at=time.time(),
-        created_at=lease.issued_at,
+        created_at=issued_at,
     )
 
 
@@ -84,6 +87,16 @@ class _Held:
     """The same, as Unix time (for the metrics)."""
     final: bool = False
     """Vault granted less than asked: the role's max TTL is near, a successor is due."""
+    failures: int = 0
+
+
+@dataclass
+class _Static:
+    """A static role's credentials as last read, and when to read them again."""
+
+    credentials: StaticCredentials
+    value: SecretValue
+    check_at: float
     failures: int = 0
 
 
@@ -122,9 +135,12 @@ class LeaseKeeper:
         """Concurrent first reads (Vault I/O threads) issue one lease. Nothing on the event loop
         takes it: the loop alone changes ``_held`` after that, and ``_retiring`` at all."""
         self._held: dict[str, _Held] = {}
+        self._static: dict[str, _Static] = {}
         self._retiring: list[_Retiring] = []
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._moved_at: dict[str, float] = {}
+        """When a caller's newer version last made this replica issue a new user."""
 
     def read(
         self, spec: SecretSpec, version: int | None = None, *, newest: bool = False
@@ -134,8 +150,10 @@ class LeaseKeeper:
         later): a successor is issued, so clients moving here never go back a version."""
         if version is not None:
             raise NotApplicable("database credentials keep no versions: read the current one")
+        if _database(spec).static:
+            return self._read_static(spec, again=newest)
         held = self._held.get(spec.name)
-        if held is not None and newest and self._loop is not None:
+        if held is not None and newest and self._loop is not None and self._may_move(spec):
             log.info("%s: a caller holds a newer user than %s", spec.name, held.lease.username)
             moved = asyncio.run_coroutine_threadsafe(self.rotate(spec), self._loop)
             return moved.result()
@@ -151,9 +169,57 @@ class LeaseKeeper:
                 self._wake_soon()
             return held.value
 
+    def _read_static(self, spec: SecretSpec, *, again: bool) -> SecretValue:
+        """A static role's credentials: held, or read now (first read, or ``again``)."""
+        kept = self._static.get(spec.name)
+        if kept is not None and not again:
+            return kept.value
+        with self._first_issue:
+            kept = self._static.get(spec.name)
+            if kept is None or again:
+                kept = self._hold_static(spec, kept)
+            return kept.value
+
+    def _hold_static(self, spec: SecretSpec, kept: _Static | None) -> _Static:
+        """Read the static role (blocking); keep what it holds now, and say whether it
+        changed."""
+        credentials = self._engine.static_credentials(_database(spec))
+        wait = credentials.next_rotation_in + 1.0 if credentials.next_rotation_in > 0 else 1.0
+        check_at = self._clock() + min(wait, STATIC_RECHECK_MAX)
+        if kept is not None and kept.credentials.rotated_at == credentials.rotated_at:
+            kept.check_at, kept.failures = check_at, 0
+            return kept
+        value = credentials_value(
+            spec,
+            credentials.username,
+            credentials.password,
+            credentials.rotated_at,
+            time.time() + credentials.next_rotation_in,
+        )
+        fresh = self._static[spec.name] = _Static(credentials, value, check_at)
+        log.info(
+            "%s: static role user %s, password of %s",
+            spec.name,
+            credentials.username,
+            time.strftime("%H:%M:%S", time.gmtime(credentials.rotated_at)),
+        )
+        self._wake_soon()
+        return fresh
+
+    def _may_move(self, spec: SecretSpec) -> bool:
+        """At most one new user per MOVE_INTERVAL for callers holding a newer one: with clocks
+        apart, the new user's version (this replica's clock) can still be below theirs."""
+        now = self._clock()
+        if now - self._moved_at.get(spec.name, -MOVE_INTERVAL) < MOVE_INTERVAL:
+            return False
+        self._moved_at[spec.name] = now
+        return True
+
     async def rotate(self, spec: SecretSpec) -> SecretValue:
         """A successor now (an operator's RotateSecret): served and pushed at once, the old
         user revoked after the handover. Raises when Vault cannot issue one."""
+        if _database(spec).static:
+            raise NotApplicable("the engine rotates a static role's password on its own period")
         held = self._held.get(spec.name)
         if held is None:
             return await self._run_blocking(functools.partial(self.read, spec))
@@ -170,6 +236,9 @@ class LeaseKeeper:
                 at_risk=held.final or (held.ends_at - now) < held.lease.duration / 4,
             )
             for name, held in list(self._held.items())
+        } | {
+            name: LeaseState(held=1, expires_at=kept.value.created_at or 0.0, at_risk=False)
+            for name, kept in list(self._static.items())
         }
 
     async def run(self) -> None:
@@ -180,6 +249,8 @@ class LeaseKeeper:
             self._wake.clear()
             for name in list(self._held):
                 await self._tend(self.specs[name])
+            for name in list(self._static):
+                await self._tend_static(self.specs[name])
             await self._revoke_due()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
@@ -214,6 +285,7 @@ class LeaseKeeper:
 
     def _next_due(self) -> float:
         moments = [held.renew_at for held in self._held.values()]
+        moments += [kept.check_at for kept in self._static.values()]
         moments += [retiring.revoke_at for retiring in self._retiring]
         return min(moments, default=self._clock() + 3600.0)
 
@@ -242,7 +314,7 @@ class LeaseKeeper:
         ends_wall = lease.issued_at + lease.duration
         return _Held(
             lease,
-            credentials_value(spec, lease, ends_wall),
+            credentials_value(spec, lease.username, lease.password, lease.issued_at, ends_wall),
             renew_at=now + lease.duration * RENEW_AT,
             ends_at=now + lease.duration,
             ends_wall=ends_wall,
@@ -288,6 +360,22 @@ class LeaseKeeper:
             return
         held.renew_at = self._clock() + granted * RENEW_AT
         log.debug("%s: renewed %r for %.0fs", spec.name, held.lease, granted)
+
+    async def _tend_static(self, spec: SecretSpec) -> None:
+        kept = self._static[spec.name]
+        if self._clock() < kept.check_at:
+            return
+        read = functools.partial(self._read_static, spec, again=True)
+        try:
+            value = await self._run_blocking(read)
+        except BrokerError as exc:
+            pause = RETRY_BACKOFF.delay(kept.failures)
+            kept.failures += 1
+            kept.check_at = self._clock() + pause
+            log.warning("%s: static role read failed, again in %.0fs: %s", spec.name, pause, exc)
+            return
+        if value is not kept.value:
+            self._on_new_value(spec, value)
 
     async def _try_succeed(self, spec: SecretSpec, old: _Held, why: str) -> None:
         """A successor, or a retry with backoff while the old lease lasts."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from broker.config import DatabaseCredentialsSpec, VaultConfig
 from broker.config_reader import Sensitive
+from broker.sources.vault import rfc3339_seconds
 from broker.sources.vault_errors import translate_vault_errors
 from broker.sources.vault_session import VaultSession
 
@@ -36,6 +37,21 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"Lease({self.lease_id!r}, user={self.username!r})"
+
+
+@dataclass(frozen=True)
+class StaticCredentials:
+    """A static role's user and its current password. Its repr names the user only."""
+
+    username: str
+    password: Sensitive
+    rotated_at: float
+    """When the engine last set the password (Unix time)."""
+    next_rotation_in: float
+    """Seconds until the engine's next rotation, as it said at the read."""
+
+    def __repr__(self) -> str:
+        return f"StaticCredentials(user={self.username!r})"
 
 
 class DatabaseEngine:
@@ -67,6 +83,26 @@ class DatabaseEngine:
                 duration=float(body["lease_duration"]),
                 issued_at=time.time(),
                 token_generation=generation,
+            )
+
+    def static_credentials(self, database: DatabaseCredentialsSpec) -> StaticCredentials:
+        operation = f"read of {database.mount}/static-creds/{database.role}"
+        body: Any = self.session.with_token(
+            lambda: self.session.nodes.call(
+                "static",
+                operation,
+                lambda client: client.secrets.database.get_static_credentials(
+                    database.role, mount_point=database.mount
+                ),
+            )
+        )
+        with translate_vault_errors(operation, self._config.timeout):
+            data = body["data"]
+            return StaticCredentials(
+                username=str(data["username"]),
+                password=Sensitive(str(data["password"])),
+                rotated_at=rfc3339_seconds(str(data["last_vault_rotation"])),
+                next_rotation_in=float(data["ttl"]),
             )
 
     def renew(self, lease: Lease, increment: float) -> float:

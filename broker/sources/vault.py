@@ -150,7 +150,7 @@ class VaultSource:
                 version=int(metadata["version"]),
                 source=SourceKind.VAULT,
                 fetched_at=time.time(),
-                created_at=_timestamp(metadata["created_time"]),
+                created_at=rfc3339_seconds(metadata["created_time"]),
             )
 
     def _current_version(self, spec: SecretSpec) -> VersionInfo:
@@ -165,7 +165,7 @@ class VaultSource:
         with translate_vault_errors(operation, self._config.timeout):
             current = int(metadata["current_version"])
             created = metadata["versions"][str(current)]["created_time"]
-            return VersionInfo(current, _timestamp(created))
+            return VersionInfo(current, rfc3339_seconds(created))
 
     def _write(
         self, spec: SecretSpec, data: Mapping[str, str], expected_version: int
@@ -188,14 +188,14 @@ class VaultSource:
                 version=int(metadata["version"]),
                 source=SourceKind.VAULT,
                 fetched_at=time.time(),
-                created_at=_timestamp(metadata["created_time"]),
+                created_at=rfc3339_seconds(metadata["created_time"]),
             )
 
     def _where(self, spec: SecretSpec) -> str:
         return f"{self._config.mount}/{spec.path}"
 
 
-def _timestamp(rfc3339: str) -> float:
+def rfc3339_seconds(rfc3339: str) -> float:
     """Vault's created_time, e.g. "2026-11-28T12:00:00.123456789Z", as epoch seconds."""
     text = rfc3339.rstrip("Z")
     whole, _, fraction = text.partition(".")

@@ -48,7 +48,13 @@ def vault_policy(config: BrokerConfig) -> str:
 
 def _database_paths(name: str, database: DatabaseCredentialsSpec) -> str:
     """Issue from the role; renew and revoke that role's leases only (the URL forms: the body
-    forms, ``sys/leases/renew``, would cover every lease in Vault)."""
+    forms, ``sys/leases/renew``, would cover every lease in Vault). A static role: read only."""
+    if database.static:
+        return (
+            f"\n# {name}: the static role {database.role!r} (the engine rotates its password)\n"
+            f'path "{database.mount}/static-creds/{database.role}" {{\n'
+            '  capabilities = ["read"]\n}'
+        )
     creds = f"{database.mount}/creds/{database.role}"
     return (
         f"\n# {name}: database credentials of role {database.role!r}, renewed and revoked\n"
