@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 from broker.config import AppRoleAuth, TokenAuth
 from broker.config_loader import load_config, parse_config
 from broker.errors import ConfigError
+from broker.tools.vault_policy import vault_policy
 from devstack.harness import broker_command
 from tests.support import DEPLOY, example_config
 
@@ -359,3 +361,32 @@ def test_a_database_secret_is_read_with_its_defaults(files: Path) -> None:
         template,
         60.0,
     )
+
+
+@pytest.mark.parametrize(
+    ("static", "paths"),
+    [
+        (
+            False,
+            {
+                'path "database/creds/catalog"': '["read"]',
+                'path "sys/leases/renew/database/creds/catalog/*"': '["update"]',
+                'path "sys/leases/revoke/database/creds/catalog/*"': '["update"]',
+            },
+        ),
+        (True, {'path "database/static-creds/catalog"': '["read"]'}),
+    ],
+)
+def test_the_derived_policy_grants_a_database_secret_its_role_and_its_own_leases_only(
+    files: Path, static: bool, paths: dict[str, str]
+) -> None:
+    data = settings()
+    data["secrets"]["media-catalog/database"] = {
+        "keys": ["username"],
+        "database": {"role": "catalog", "static": static},
+    }
+    policy = vault_policy(parse_config(data, files, environ={}))
+    blocks = dict(re.findall(r'(path "[^"]+") \{\s*capabilities = (\[[^\]]*\])', policy))
+    database_blocks = {p: c for p, c in blocks.items() if "database" in p or "leases" in p}
+    assert database_blocks == paths
+    assert "media-catalog/database" not in "".join(blocks), "no KV path for it"
