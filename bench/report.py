@@ -166,7 +166,9 @@ def render_database(d: dict[str, Any]) -> list[str]:
         _row(
             "issued users left after the handovers", str(d["users_left"]), "0", d["users_left"] == 0
         ),
-        _row("issue through the broker / hvac directly (p50)", f"{d['issue_ratio']:.2f}x", "", None),
+        _row(
+            "issue through the broker / hvac directly (p50)", f"{d['issue_ratio']:.2f}x", "", None
+        ),
     ]
 
 
