@@ -335,7 +335,7 @@ def test_a_replica_killed_after_issuing_a_user_loses_no_query_and_leaves_no_user
             admin.RotateSecret(broker_pb2.RotateSecretRequest(name=DATABASE), timeout=10)
             newest = wait_until(lambda: newer_than(live, set(users)), 10, "the new user")
             watched.kill()
-            deadline = time.monotonic() + 8
+            deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 held = live.get_secret(DATABASE)
                 assert held.version >= newest.version, "went back a version"
@@ -422,7 +422,7 @@ def test_a_hung_dependency_delays_renewal_or_revocation_but_no_answer(
     the calls to it time out off the event loop and are retried; the broker answers at once
     all along, with the user it holds; once the dependency is back, the renewal lands, or the
     old user is revoked."""
-    set_role_ttls(engine, "9s", "120s")  # renewed at 6 s
+    set_role_ttls(engine, "12s", "120s")  # renewed at 8 s, while hung; it ends at 12 s
     broker = start(engine, pki, tmp_path, start_broker, handover="1s")
     stub = broker.stub(pki.catalog, pki.ca)
     first = get(stub, DATABASE).data["username"]
@@ -441,14 +441,12 @@ def test_a_hung_dependency_delays_renewal_or_revocation_but_no_answer(
         )
     hung.pause()
     try:
-        deadline = time.monotonic() + 8
+        deadline = time.monotonic() + 6
         while time.monotonic() < deadline:
-            started = time.monotonic()
-            answer = get(stub, DATABASE, timeout=2)
-            assert time.monotonic() - started < 1.5, "an answer waited for the hung dependency"
-            assert answer.data["username"] != ""
+            # Within a deadline shorter than one Vault call may take (vault.call_budget, 3 s).
+            assert get(stub, DATABASE, timeout=2).data["username"] != ""
             time.sleep(0.1)
-        assert renewed() > 0, "the call to the hung dependency failed, and is retried"
+        wait_until(lambda: renewed() > 0, 10, "the call to the hung dependency to fail")
     finally:
         hung.resume()
     if dependency == "vault":
@@ -494,3 +492,18 @@ def test_a_static_role_is_served_and_its_rotated_password_pushed(
             logged_in_user(first.data["url"])  # no overlap: the old password stopped
     finally:
         watch.cancel()
+
+
+def test_point_reads_spread_over_two_replicas_issue_no_new_users(
+    engine: Engine, pki: Pki, tmp_path: Path, start_broker: BrokerFactory
+) -> None:
+    """Each replica serves its own user to point reads, and the SDK takes it: reads that
+    alternate between replicas (round robin) do not make them issue users back and forth."""
+    set_role_ttls(engine, "60s", "120s")
+    settings = engine_settings(engine, pki, tmp_path, "1s")
+    brokers = [start_broker(engine.vault, **settings) for _ in range(2)]
+    config = client_config([f"127.0.0.1:{b.port}" for b in brokers], pki.ca, pki.catalog)
+    with SecretsClient(config) as client:
+        users = {client.get_secret(DATABASE).data["username"] for _ in range(20)}
+    assert len(users) == 2, "both replicas answered, each with its own user"
+    assert engine.issued_users() == users, "no user was issued for the reads"

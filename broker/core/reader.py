@@ -57,8 +57,13 @@ class SecretReader:
     async def read(
         self, identity: str | None, name: str, version: int | None = None, min_version: int = 0
     ) -> CachedSecret:
-        """``min_version``: the newest version the caller has seen (GetSecretRequest)."""
+        """``min_version``: the newest version the caller has seen (GetSecretRequest). Not for a
+        database secret: each replica serves its own user, and a point read takes this one's
+        (the SDK follows a lower version it did not ask for); only a resumed watch, which keeps
+        to a version, makes a replica issue a newer user (core/watch.py)."""
         spec = self.authorize(identity, name)
+        if spec.database is not None:
+            min_version = 0
         hit = self._resolver.fresh(spec) if version is None else None
         if hit is not None and hit.value.version >= min_version:
             return hit
