@@ -20,7 +20,7 @@ from broker.config_reader import Sensitive
 from broker.core.leases import LeaseKeeper
 from broker.errors import BrokerError, SourceDenied, SourceUnavailable
 from broker.sources.base import SecretValue
-from broker.sources.database_engine import Lease
+from broker.sources.database_engine import Lease, StaticCredentials
 from devstack.harness import wait_until
 
 T = TypeVar("T")
@@ -204,3 +204,23 @@ def test_a_stopping_keeper_shortens_every_lease_it_holds_to_the_handover(kept: K
     kept.engine.calls.clear()
     kept.call(kept.keeper.release())
     assert set(kept.engine.done("renew")) == {"user0", "user1"}
+
+
+def test_a_static_role_reports_its_next_rotation_as_its_expiry() -> None:
+    """The expiry metric of a static role is when the engine rotates its password next."""
+    static = dataclasses.replace(
+        SPEC, database=DatabaseCredentialsSpec(role="catalog-static", static=True)
+    )
+
+    class StaticEngine(FakeEngine):
+        def static_credentials(self, database: DatabaseCredentialsSpec) -> StaticCredentials:
+            return StaticCredentials("catalog_static", Sensitive("pw"), time.time() - 5, 30.0)
+
+    keeper = LeaseKeeper(
+        {"db": static},
+        StaticEngine(),  # type: ignore[arg-type]  # the static read and the session
+        _blocking,
+        on_new_value=lambda _spec, _value: None,
+    )
+    assert keeper.read(static).data["username"] == "catalog_static"
+    assert keeper.states()["db"].expires_at == pytest.approx(time.time() + 30, abs=5)

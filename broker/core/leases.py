@@ -97,6 +97,8 @@ class _Static:
     credentials: StaticCredentials
     value: SecretValue
     check_at: float
+    rotates_at: float
+    """When the engine's next rotation is due, as it said at the read (Unix time)."""
     failures: int = 0
 
 
@@ -181,22 +183,19 @@ class LeaseKeeper:
             return kept.value
 
     def _hold_static(self, spec: SecretSpec, kept: _Static | None) -> _Static:
-        """Read the static role (blocking); keep what it holds now, and say whether it
-        changed."""
+        """Read the static role (blocking): ``kept`` again when its password is unchanged,
+        else a new entry with the new value."""
         credentials = self._engine.static_credentials(_database(spec))
         wait = credentials.next_rotation_in + 1.0 if credentials.next_rotation_in > 0 else 1.0
         check_at = self._clock() + min(wait, STATIC_RECHECK_MAX)
+        rotates_at = time.time() + credentials.next_rotation_in
         if kept is not None and kept.credentials.rotated_at == credentials.rotated_at:
-            kept.check_at, kept.failures = check_at, 0
+            kept.check_at, kept.rotates_at, kept.failures = check_at, rotates_at, 0
             return kept
         value = credentials_value(
-            spec,
-            credentials.username,
-            credentials.password,
-            credentials.rotated_at,
-            time.time() + credentials.next_rotation_in,
+            spec, credentials.username, credentials.password, credentials.rotated_at, rotates_at
         )
-        fresh = self._static[spec.name] = _Static(credentials, value, check_at)
+        fresh = self._static[spec.name] = _Static(credentials, value, check_at, rotates_at)
         log.info(
             "%s: static role user %s, password of %s",
             spec.name,
@@ -237,7 +236,7 @@ class LeaseKeeper:
             )
             for name, held in list(self._held.items())
         } | {
-            name: LeaseState(held=1, expires_at=kept.value.created_at or 0.0, at_risk=False)
+            name: LeaseState(held=1, expires_at=kept.rotates_at, at_risk=False)
             for name, kept in list(self._static.items())
         }
 
