@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -147,3 +147,23 @@ async def load(
     async with httpx.AsyncClient(base_url=catalog.url, timeout=10) as client:
         await asyncio.gather(*(worker(number, client) for number in range(WORKERS)))
     return outcomes
+
+
+def under_load(catalog: Catalog, tokens: list[str], steps: Callable[[], None]) -> None:
+    """Run ``steps`` (blocking, in a thread) while WORKERS clients load the catalog, from half a
+    second before until half a second after; every request of the load must succeed."""
+
+    async def scenario() -> collections.Counter[str]:
+        stop = asyncio.Event()
+        running = asyncio.ensure_future(load(catalog, tokens, stop))
+        try:
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(steps)
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+        return await running
+
+    outcomes = asyncio.run(scenario())
+    assert set(outcomes) == {"ok"}, f"failed requests: {outcomes}"
+    assert outcomes["ok"] > 100

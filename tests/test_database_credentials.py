@@ -191,6 +191,17 @@ def set_role_ttls(engine: Engine, default_ttl: str, max_ttl: str) -> None:
     )
 
 
+def lease_operations(broker: RunningBroker, operation: str, result: str) -> float:
+    """The broker's count of one kind of lease operation on DATABASE, from its scrape."""
+    return metric(
+        broker,
+        "secretbroker_database_lease_operations_total",
+        secret=DATABASE,
+        operation=operation,
+        result=result,
+    )
+
+
 def logged_in_user(url: str) -> str:
     with psycopg.connect(url, connect_timeout=5) as db:
         row = db.execute("SELECT current_user, count(*) FROM media").fetchone()
@@ -253,10 +264,8 @@ def test_a_lease_near_its_max_ttl_is_succeeded_and_the_old_user_revoked_after_th
     assert {("issue", old_user), ("renew", old_user), ("issue", new_user)} <= done
     assert ("revoke", old_user) in done
     assert all(r["lease_id"].startswith("database/creds/") for r in lease_records)
-    operations = "secretbroker_database_lease_operations_total"
     for operation, at_least in (("issue", 2), ("renew", 1), ("revoke", 1)):
-        counted = metric(broker, operations, secret=DATABASE, operation=operation, result="ok")
-        assert counted >= at_least, operation
+        assert lease_operations(broker, operation, "ok") >= at_least, operation
     assert metric(broker, "secretbroker_database_leases_held", secret=DATABASE) == 1
     assert metric(broker, "secretbroker_database_lease_at_risk", secret=DATABASE) == 0
     expiry = metric(broker, "secretbroker_database_lease_expiry_timestamp_seconds", secret=DATABASE)
@@ -387,14 +396,7 @@ def test_renewals_and_new_users_go_on_across_a_raft_leader_kill(
         served = get(stub, DATABASE)
         held = psycopg.connect(served.data["url"], autocommit=True)
         try:
-            renewed = functools.partial(
-                metric,
-                broker,
-                "secretbroker_database_lease_operations_total",
-                secret=DATABASE,
-                operation="renew",
-                result="ok",
-            )
+            renewed = functools.partial(lease_operations, broker, "renew", "ok")
             before = renewed()
             cluster_vault.cluster.kill(cluster_vault.cluster.leader())
             wait_until(lambda: renewed() > before, 30, "a renewal after the leader's death")
@@ -426,14 +428,8 @@ def test_a_hung_dependency_delays_renewal_or_revocation_but_no_answer(
     broker = start(engine, pki, tmp_path, start_broker, handover="1s")
     stub = broker.stub(pki.catalog, pki.ca)
     first = get(stub, DATABASE).data["username"]
-    renewed = functools.partial(
-        metric,
-        broker,
-        "secretbroker_database_lease_operations_total",
-        secret=DATABASE,
-        operation="renew" if dependency == "vault" else "revoke",
-        result="failed",
-    )
+    operation = "renew" if dependency == "vault" else "revoke"
+    renewed = functools.partial(lease_operations, broker, operation, "failed")
     hung = private_vault.server if dependency == "vault" else engine.postgres
     if dependency == "postgres":  # a new user now: the old one is revoked 1 s later
         broker.admin(pki.ops, pki.ca).RotateSecret(
@@ -450,15 +446,7 @@ def test_a_hung_dependency_delays_renewal_or_revocation_but_no_answer(
     finally:
         hung.resume()
     if dependency == "vault":
-        done = functools.partial(
-            metric,
-            broker,
-            "secretbroker_database_lease_operations_total",
-            secret=DATABASE,
-            operation="renew",
-            result="ok",
-        )
-        wait_until(lambda: done() > 0, 30, "the renewal once OpenBao is back")
+        wait_until(lambda: lease_operations(broker, "renew", "ok") > 0, 30, "the renewal once back")
         assert get(stub, DATABASE).data["username"] == first
     else:
         wait_until(lambda: engine.valid_until(first) is None, 30, "the revocation once back")
