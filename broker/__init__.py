@@ -3,6 +3,7 @@
 The folders are the layers; each imports only those below it (tests/test_architecture.py):
 
     cli.py, server.py     entry point; assembly of the parts and their lifecycle
+    heap.py               the garbage collector kept off open streams' objects
     api/                  the gRPC surface: handlers, the per-call plumbing, the status table
     core/                 the decisions: policy, resolution, cache, watches, rollback, rotation
     observe/              metrics, probes, readiness, logs (watching the broker, not serving it)

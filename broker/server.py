@@ -3,9 +3,10 @@
 One event loop serves every RPC and every watch stream; blocking Vault calls run
 in a small thread pool, so thousands of idle streams cost no threads. Background
 tasks keep the Vault token fresh (sources/token_keeper.py), rotate secrets when
-due (core/rotation.py), notice new versions of watched secrets (core/watch.py) and
-probe Vault's health for readiness and metrics (observe/health.py). Metrics and probes
-are served over HTTP on their own listener (observe/metrics_http.py).
+due (core/rotation.py), notice new versions of watched secrets (core/watch.py), probe
+Vault's health for readiness and metrics (observe/health.py), and freeze the long-lived
+objects of open streams out of the garbage collector's scans (heap.py). Metrics and
+probes are served over HTTP on their own listener (observe/metrics_http.py).
 
 Every background task is supervised: one that dies unexpectedly is logged CRITICAL with
 its traceback, turns the broker NOT_SERVING and ends ``wait()``, so the process exits
@@ -51,6 +52,7 @@ from broker.core.rollback import RollbackState
 from broker.core.rotation import Rotator
 from broker.core.watch import Watcher, poll_watched_versions
 from broker.errors import BrokerError, ConfigError, SourceUnavailable
+from broker.heap import freeze_survivors
 from broker.observe.health import Readiness, probe_vault
 from broker.observe.metrics import BrokerMetrics, ScrapedState
 from broker.observe.metrics_http import MetricsServer
@@ -312,6 +314,7 @@ class Broker:
             )
         rollout = self.config.rollout
         self._background("event-loop-heartbeat", self._beat())
+        self._background("gc-freeze", freeze_survivors())
         self._background(
             "vault-token-keeper", keep_token_fresh(self.vault.session, self.run_vault_io)
         )

@@ -36,7 +36,7 @@ from devstack.bootstrap import (
 )
 from devstack.broker_config import approle_auth, broker_document, write_broker_config
 from devstack.ha import CatalogLoad, ClusterVault, start_cluster_vault
-from devstack.harness import broker_command, client_config
+from devstack.harness import broker_command, client_config, wait_until
 from devstack.openbao import OpenBaoDevServer
 from devstack.pki import CertFiles, DevCA, write_private
 from devstack.stack import client_env
@@ -169,6 +169,11 @@ audit "file" "requests" {{
   }}
 }}
 """
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """The harness's wait_until, in a worker thread: the loop keeps running meanwhile."""
+    await asyncio.to_thread(wait_until, check, 20, what)
 
 
 def start_vault(workdir: Path, ttls: RoleTTLs | None = None) -> Vault:

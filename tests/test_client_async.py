@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.harness import client_config, free_port_pair, wait_until
+from devstack.harness import client_config, free_port_pair
 from secretbroker.client import (
     AsyncLiveSecrets,
     AsyncSecretsClient,
@@ -33,14 +33,10 @@ from tests.support import (
     Vault,
     get,
     metric,
+    until,
 )
 
 FAST_RESUME = Backoff(initial=0.05, maximum=0.5)
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    """The harness's wait_until, in a worker thread: the loop keeps running meanwhile."""
-    await asyncio.to_thread(wait_until, check, 20, what)
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -14,10 +15,21 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
+from broker.heap import FREEZE_INTERVAL
 from devstack.harness import client_config, wait_until
 from secretbroker.client import BrokerClientConfig, channel_credentials, secure_aio_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
-from tests.support import API, DATABASE, BrokerFactory, Measure, Pki, Vault, Watch, get
+from tests.support import (
+    API,
+    DATABASE,
+    BrokerFactory,
+    Measure,
+    Pki,
+    Vault,
+    Watch,
+    get,
+    until,
+)
 
 ROTATING = {DATABASE: {}, API: {"rotation": {"key": "value"}}}
 
@@ -164,6 +176,37 @@ def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_an
     assert len(new_versions) == 1, "all 1,000 streams got the same, new version"
     assert answered >= 1
     wait_until(lambda: len(broker.broker.feed) == 0, 30, "cancelled streams unsubscribed")
+
+
+def test_open_streams_are_frozen_out_of_full_collections_and_leave_no_frozen_garbage(
+    private_vault: Vault, pki: Pki, start_broker: BrokerFactory
+) -> None:
+    """A full collection scans every unfrozen tracked object (gc.get_objects()); with 10,000
+    streams open it stopped the event loop for half a second. The broker freezes what
+    survives a second (broker/heap.py): open streams add almost nothing to what a collection
+    scans, and closed streams leave no garbage among the frozen objects (a reference cycle
+    there would never be collected)."""
+    streams = 500
+    gc.collect()  # earlier tests' garbage, before this broker freezes it with the rest
+    broker = start_broker(private_vault, secrets_=ROTATING)
+    config = client_config(f"127.0.0.1:{broker.port}", pki.ca, pki.catalog)
+    wait_until(lambda: gc.get_freeze_count() > 0, 10, "the broker's first freeze")
+
+    async def scenario() -> tuple[int, int]:
+        await asyncio.sleep(2 * FREEZE_INTERVAL)  # this loop's own start-up objects frozen
+        scanned, frozen = len(gc.get_objects()), gc.get_freeze_count()
+        async with watches(config, streams) as (_, calls):
+            await asyncio.gather(*(call.read() for call in calls))
+            await until(lambda: gc.get_freeze_count() > frozen + streams * 20, "a freeze")
+            return scanned, len(gc.get_objects())
+
+    scanned_before, scanned_open = asyncio.run(scenario())
+    assert scanned_open - scanned_before < streams * 5, "open streams stay in what gc scans"
+    wait_until(lambda: len(broker.broker.feed) == 0, 30, "the closed streams unsubscribed")
+    frozen = gc.get_freeze_count()
+    wait_until(lambda: gc.get_freeze_count() != frozen, 10, "a freeze after they closed")
+    gc.unfreeze()  # what was frozen, back to the collector: any unreachable part is garbage
+    assert gc.collect() < streams, "the closed streams left reference cycles behind"
 
 
 def test_one_identity_is_capped_in_streams_and_names_per_watch(
