@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 
-from broker.heap import FREEZE_INTERVAL
 from devstack.harness import client_config, wait_until
 from secretbroker.client import BrokerClientConfig, channel_credentials, secure_aio_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
@@ -193,7 +192,8 @@ def test_open_streams_are_frozen_out_of_full_collections_and_leave_no_frozen_gar
     wait_until(lambda: gc.get_freeze_count() > 0, 10, "the broker's first freeze")
 
     async def scenario() -> tuple[int, int]:
-        await asyncio.sleep(2 * FREEZE_INTERVAL)  # this loop's own start-up objects frozen
+        started = gc.get_freeze_count()
+        await until(lambda: gc.get_freeze_count() > started, "this loop's start-up frozen")
         scanned, frozen = len(gc.get_objects()), gc.get_freeze_count()
         async with watches(config, streams) as (_, calls):
             await asyncio.gather(*(call.read() for call in calls))
