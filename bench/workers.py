@@ -5,13 +5,14 @@ argument and prints one JSON result line.
     python -m bench.workers throughput '{...,"seconds": 3}'
     python -m bench.workers vault '{"address": ..., "path": ..., "approle": [role_id_file, ...]}'
     python -m bench.workers config '{"target": ..., "calls": N}'
-    python -m bench.workers streams '{"target": ..., "streams": 1000, "channels": 4, "name": ...}'
+    python -m bench.workers streams '{"target": ..., "streams": 1000, "rotations": 3, ...}'
     python -m bench.workers http '{"url": ..., "method": "GET", "path": "/media", "count": N}'
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -179,8 +180,9 @@ def catalog_load(args: Args) -> Args:
 def streams(args: Args) -> Args:
     """Open ``streams`` WatchSecrets streams of one secret at once, spread over ``channels`` new
     connections. Print one JSON line once each stream has its first message or has failed
-    (opened, refused by status code, seconds), then report when each open stream received
-    its next message (CLOCK_MONOTONIC, shared by all processes)."""
+    (opened, refused by status code, seconds); then, for each of ``rotations`` messages, one
+    line once every open stream has received it (or ``timeout`` passed): when each did
+    (CLOCK_MONOTONIC, shared by all processes)."""
     from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
     async def run() -> Args:
@@ -200,25 +202,37 @@ def streams(args: Args) -> Args:
                 continue
             code = message.code().name if isinstance(message, grpc.aio.AioRpcError) else "EOF"
             refused[code] = refused.get(code, 0) + 1
-        received: list[float] = []
+        rotations = args.get("rotations", 1)
+        received: list[list[float]] = [[] for _ in range(rotations)]
+        everyone = [asyncio.Event() for _ in range(rotations)]
 
-        async def next_change(call: Any) -> None:
-            message = await call.read()
-            if isinstance(message, broker_pb2.WatchSecretsResponse):
-                received.append(time.monotonic())
+        async def follow(call: Any) -> None:
+            for moments, all_received in zip(received, everyone, strict=True):
+                message = await call.read()
+                if not isinstance(message, broker_pb2.WatchSecretsResponse):
+                    return
+                moments.append(time.monotonic())
+                if len(moments) == len(held):
+                    all_received.set()
 
         # Every stream is already waiting for its next message when the harness is told it
         # may rotate: the fan-out it measures is not this process starting 10,000 readers.
-        readers = [asyncio.ensure_future(next_change(c)) for c in held]
+        readers = [asyncio.ensure_future(follow(c)) for c in held]
         await asyncio.sleep(0)
         ready = {"opened": len(held), "refused": refused, "open_seconds": open_seconds}
         print(json.dumps(ready), flush=True)  # noqa: T201 - the harness waits for this line
-        await asyncio.wait(readers, timeout=args.get("timeout", 60))
+        for moments, all_received in zip(received, everyone, strict=True):
+            if held:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(all_received.wait(), args.get("timeout", 60))
+            print(json.dumps({"received": moments}), flush=True)  # noqa: T201 - one per rotation
+        for reader in readers:
+            reader.cancel()
         for call in calls:
             call.cancel()
         for channel in channels:
             await channel.close(None)
-        return {"received": received}
+        return {"rotations": rotations}
 
     return asyncio.run(run())
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.scale import SCALE_ROTATIONS
+
 pytestmark = pytest.mark.slow
 
 
@@ -45,6 +47,14 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
     for count, entry in results["scale"].items():  # streams opened in one burst
         assert (entry["refused"], entry["received"]) == (0, int(count)), entry
         assert entry["fanout_ms"] >= entry["fanout_p50_ms"]
+        # every rotation reached every stream, and the entry is the median one
+        fanouts = sorted(r["fanout_ms"] for r in entry["rotations"])
+        assert [r["received"] for r in entry["rotations"]] == [int(count)] * SCALE_ROTATIONS
+        assert (entry["fanout_ms"], entry["fanout_worst_ms"]) == (
+            fanouts[len(fanouts) // 2],
+            fanouts[-1],
+        )
+        assert len({r["rotated_version"] for r in entry["rotations"]}) == SCALE_ROTATIONS
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     assert "cached p50 / floor p50" in result.stdout
     rounds = results["rounds"]
