@@ -27,7 +27,14 @@ from bench.failover import FULL_FAILOVER, QUICK_FAILOVER, measure_failover
 from bench.floor import METHOD as FLOOR_METHOD
 from bench.report import draw_latency_chart, render_table
 from bench.rig import COLD, EXPIRING, FLIP, GET_SECRET, HOT, Rig, running_rig
-from bench.scale import FULL_SCALE, QUICK_SCALE, held_streams, measure_scale, rotate_and_follow
+from bench.scale import (
+    FULL_SCALE,
+    QUICK_SCALE,
+    broker_watched,
+    change_and_follow,
+    held_streams,
+    measure_scale,
+)
 from bench.stats import percentiles
 from secretbroker.v1 import broker_pb2
 
@@ -242,7 +249,7 @@ def watch_fan_out(rig: Rig, sizes: Sizes, samples: dict[str, list[float]]) -> di
         samples["broker cached, streams open"] = worker(
             "latency", grpc_args(rig, rig.broker_addr, GET_SECRET, HOT, sizes.calls)
         )["us"]
-        followed = rotate_and_follow(rig, held)
+        followed = change_and_follow(broker_watched(rig), held)
     return {
         "watch_streams": sizes.streams,
         "watch_received": followed["received"],

@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 import hvac
 
+from bench.floor import PUBLISH as FLOOR_PUBLISH
+from bench.floor import WATCHES as FLOOR_WATCHES
 from devstack.bootstrap import (
     BROKER_POLICY,
     AppRoleFiles,
@@ -44,6 +46,7 @@ from secretbroker.client import BrokerClientConfig, secure_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
 GET_SECRET = "/secretbroker.v1.SecretBroker/GetSecret"  # noqa: S105 - a method name
+WATCH_SECRETS = "/secretbroker.v1.SecretBroker/WatchSecrets"
 HOT = "bench/s0000"
 COLD = "bench/cold"
 ROTATING = "bench/api"
@@ -74,6 +77,7 @@ class Rig:
     broker: BrokerProcess
     broker_addr: str
     floor_addr: str
+    floor_pid: int
     proxy_addr: str
     payload_bytes: int
     bulk: list[str]
@@ -95,11 +99,32 @@ class Rig:
     def _channel(self, client: CertFiles) -> grpc.Channel:
         return secure_channel(client_config(self.broker_addr, self.certs.ca, client))
 
+    def publish_on_floor(self) -> None:
+        """Send the floor's watch streams their next message (bench/floor.py)."""
+        self._call_floor(FLOOR_PUBLISH)
+
+    def floor_watches(self) -> float:
+        """How many watch streams the floor holds open."""
+        return float(self._call_floor(FLOOR_WATCHES))
+
+    def _call_floor(self, method: str) -> bytes:
+        config = client_config(self.floor_addr, self.certs.ca, self.certs.catalog)
+        with secure_channel(config, routed=False) as channel:
+            answer: bytes = channel.unary_unary(method, None, None)(b"", timeout=30)
+        return answer
+
     def broker_rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.broker.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS for the broker process")
+        return _rss_bytes(self.broker.pid)
+
+    def floor_rss_bytes(self) -> int:
+        return _rss_bytes(self.floor_pid)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def _broker_document(
@@ -218,6 +243,7 @@ def running_rig(workdir: Path, bulk_secrets: int, expiring_ttl: float) -> Iterat
             broker=broker,
             broker_addr=broker_addr,
             floor_addr=floor_addr,
+            floor_pid=floor.pid,
             proxy_addr=proxy_addr,
             payload_bytes=len(payload),
             bulk=bulk,

@@ -178,26 +178,28 @@ def catalog_load(args: Args) -> Args:
 
 
 def streams(args: Args) -> Args:
-    """Open ``streams`` WatchSecrets streams of one secret at once, spread over ``channels`` new
-    connections. Print one JSON line once each stream has its first message or has failed
-    (opened, refused by status code, seconds); then, for each of ``rotations`` messages, one
-    line once every open stream has received it (or ``timeout`` passed): when each did
-    (CLOCK_MONOTONIC, shared by all processes)."""
-    from secretbroker.v1 import broker_pb2, broker_pb2_grpc
+    """Open ``streams`` server-streaming calls of ``method`` (``request``: its hex bytes) at
+    once, spread over ``channels`` new connections. Print one JSON line once each stream has
+    its first message or has failed (opened, refused by status code, seconds); then, for each
+    of ``rotations`` messages, one line once every open stream has received it (or ``timeout``
+    passed): when each did (CLOCK_MONOTONIC, shared by all processes). Messages are taken as
+    bytes, unparsed, from the broker and the floor alike; ``routed``: the SDK's channel to
+    brokers (health-checked), else a plain one (the floor has no health service)."""
 
     async def run() -> Args:
         config = _config(args)
-        channels = [secure_aio_channel(config) for _ in range(args.get("channels", 4))]
-        stubs = [broker_pb2_grpc.SecretBrokerStub(c) for c in channels]
-        request = broker_pb2.WatchSecretsRequest(names=[args["name"]])
+        routed = args.get("routed", True)
+        channels = [secure_aio_channel(config, routed=routed) for _ in range(args["channels"])]
+        watches = [c.unary_stream(args["method"], None, None) for c in channels]
+        request = bytes.fromhex(args["request"])
         started = time.monotonic()
-        calls = [stubs[i % len(stubs)].WatchSecrets(request) for i in range(args["streams"])]
+        calls = [watches[i % len(watches)](request) for i in range(args["streams"])]
         first = await asyncio.gather(*(c.read() for c in calls), return_exceptions=True)
         open_seconds = time.monotonic() - started
         refused: dict[str, int] = {}
         held = []
         for call, message in zip(calls, first, strict=True):
-            if isinstance(message, broker_pb2.WatchSecretsResponse):
+            if isinstance(message, bytes):
                 held.append(call)
                 continue
             code = message.code().name if isinstance(message, grpc.aio.AioRpcError) else "EOF"
@@ -208,8 +210,7 @@ def streams(args: Args) -> Args:
 
         async def follow(call: Any) -> None:
             for moments, all_received in zip(received, everyone, strict=True):
-                message = await call.read()
-                if not isinstance(message, broker_pb2.WatchSecretsResponse):
+                if not isinstance(await call.read(), bytes):
                     return
                 moments.append(time.monotonic())
                 if len(moments) == len(held):

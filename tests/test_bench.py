@@ -55,6 +55,9 @@ def test_quick_bench_run_measures_every_path(tmp_path: Path) -> None:
             fanouts[-1],
         )
         assert len({r["rotated_version"] for r in entry["rotations"]}) == SCALE_ROTATIONS
+        floor = entry["floor"]  # the same streams on a bare gRPC server, as the broker's floor
+        assert (floor["refused"], floor["received"]) == (0, int(count)), floor
+        assert entry["fanout_vs_floor"] == entry["fanout_ms"] / floor["fanout_ms"]
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     assert "cached p50 / floor p50" in result.stdout
     rounds = results["rounds"]
