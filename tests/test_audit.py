@@ -5,9 +5,11 @@ and a fail-closed mode."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,62 @@ def test_the_fast_allow_record_is_the_same_record_as_the_general_one(tmp_path: P
     assert verify(tmp_path / "audit.jsonl").returncode == 0
 
 
+def test_a_value_pushed_to_many_streams_in_one_loop_turn_is_one_record_naming_their_count(
+    tmp_path: Path,
+) -> None:
+    """A rotation's fan-out wakes every watch stream in one turn of the event loop: 10,000
+    streams of one workload would be 10,000 records that differ only in their time."""
+    trail = AuditTrail(tmp_path / "audit.jsonl")
+
+    def push(identity: str, version: int) -> object:
+        return trail.record_pushed("WatchSecrets", identity, "s/1", version, "cache", False)
+
+    async def two_turns() -> None:
+        confirmations = {push("spiffe://x/a", 2) for _ in range(500)}
+        push("spiffe://x/b", 2)  # another workload's streams
+        push("spiffe://x/a", 3)  # another value
+        assert confirmations == {None}, "fail-open: no stream waits for the record"
+        await asyncio.sleep(0)  # the next turn queues them
+        for _ in range(3):  # a later turn: a record of its own
+            push("spiffe://x/a", 3)
+        await asyncio.sleep(0)
+
+    asyncio.run(two_turns())
+    trail.record_allowed("WatchSecrets", "spiffe://x/a", "s/1", 3, "cache", False)
+    trail.close()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    *pushed, allowed = (json.loads(line) for line in lines)
+
+    assert [(r["identity"], r["version"], r["streams"]) for r in pushed] == [
+        ("spiffe://x/a", 2, 500),
+        ("spiffe://x/b", 2, 1),
+        ("spiffe://x/a", 3, 1),
+        ("spiffe://x/a", 3, 3),
+    ]
+    same = {"time", "seq", "prev", "streams"}  # otherwise record_allowed's record
+    assert {k: v for k, v in pushed[-1].items() if k not in same} == {
+        k: v for k, v in allowed.items() if k not in same
+    }
+    assert verify(tmp_path / "audit.jsonl").returncode == 0
+
+
+def test_fail_closed_pushes_wait_for_their_one_record_together(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit.jsonl", fail_closed=True)
+
+    async def fan_out() -> None:
+        pending = [
+            trail.record_pushed("WatchSecrets", "spiffe://x/a", "s/1", 2, "cache", False)
+            for _ in range(100)
+        ]
+        assert len({id(written) for written in pending}) == 1, "one record, one confirmation"
+        await asyncio.gather(*(trail.confirm(written) for written in pending))
+
+    asyncio.run(fan_out())
+    trail.close()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert [json.loads(line)["streams"] for line in lines] == [100], "written before answered"
+
+
 @pytest.fixture
 def stalled_sink(tmp_path: Path) -> Iterator[Path]:
     """A named pipe whose reader never reads: a log pipeline that stopped. Closing the reader at
@@ -255,6 +313,38 @@ def test_a_stalled_sink_refuses_fail_closed_requests_within_the_write_timeout_th
     assert refused == 10, "record before answer: none of them could be written"
     assert message.startswith("the audit trail is stalled: a write has taken"), "at once"
     assert (trail.problem() or "").startswith("the audit trail is stalled")
+    trail.close(within=0.2)
+
+
+def test_fail_closed_pushes_whose_record_finds_the_queue_full_are_all_refused(
+    stalled_sink: Path,
+) -> None:
+    trail = AuditTrail(stalled_sink, fail_closed=True, queue_size=10, write_timeout=60)
+
+    def stuck() -> bool:
+        """The pipe's 64 KiB filled up, then the queue, which stays full."""
+        for _ in range(200):
+            with contextlib.suppress(AuditUnavailable):
+                trail.record("access", rpc="GetSecret", identity="spiffe://x", secret="s/1")
+        time.sleep(0.05)
+        return trail.queued == 10
+
+    wait_until(stuck, what="the writer stuck and the queue full")
+
+    async def fan_out() -> list[BaseException | None]:
+        pending = [
+            trail.record_pushed("WatchSecrets", "spiffe://x/a", "s/1", 2, "cache", False)
+            for _ in range(20)
+        ]
+        return await asyncio.gather(
+            *(trail.confirm(written) for written in pending), return_exceptions=True
+        )
+
+    outcomes = asyncio.run(fan_out())
+
+    assert {str(outcome) for outcome in outcomes} == {
+        "the audit trail cannot be written (queue full)"
+    }, "record before answer: no stream is sent the value"
     trail.close(within=0.2)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -174,6 +175,17 @@ def test_one_broker_holds_1000_streams_all_get_a_rotation_and_getsecret_keeps_an
 
     assert len(new_versions) == 1, "all 1,000 streams got the same, new version"
     assert answered >= 1
+    watch_records = [
+        record
+        for record in map(json.loads, broker.audit_lines())
+        if record.get("rpc") == "WatchSecrets" and record["secret"] == API
+    ]
+    opened = [r for r in watch_records if "streams" not in r]
+    pushed = [r for r in watch_records if "streams" in r]
+    assert len(opened) == STREAMS, "each stream's first value is a record of its own"
+    assert [(r["version"], r["streams"]) for r in pushed] == [(*new_versions, STREAMS)], (
+        "the rotation's fan-out is one record naming the streams it reached"
+    )
     wait_until(lambda: len(broker.broker.feed) == 0, 30, "cancelled streams unsubscribed")
 
 

@@ -19,6 +19,8 @@ from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 log = logging.getLogger(__name__)
 
 Response = TypeVar("Response")
+RecordAllowed = Callable[[str, str, str, int, str, bool], PendingWrite | None]
+"""AuditTrail.record_allowed or record_pushed."""
 
 _SOURCE = {SourceKind.VAULT: broker_pb2.SOURCE_VAULT, SourceKind.ENV: broker_pb2.SOURCE_ENV}
 
@@ -43,7 +45,7 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         version = request.version if request.HasField("version") else None
         call.note(secret=name, version=version)
         cached = await self._reader.read(call.identity, name, version, request.min_version)
-        await self._audit.confirm(self._allowed(call, name, cached))
+        await self._audit.confirm(self._allowed(call, name, cached, self._audit.record_allowed))
         return self._responses.response(name, cached)
 
     async def WatchSecrets(  # type: ignore[override]
@@ -52,17 +54,23 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         names = list(request.names)
         call.note(secret=",".join(names))
         min_versions = dict(request.min_versions)
+        opened: set[str] = set()
         async for name, cached in self._watcher.watch(call.identity, names, min_versions):
-            await self._audit.confirm(self._allowed(call, name, cached))
+            # A stream's first value is its own record; a change pushed to many streams at once
+            # (a rotation's fan-out) is one record for all of them.
+            audit = self._audit
+            record = audit.record_pushed if name in opened else audit.record_allowed
+            opened.add(name)
+            await audit.confirm(self._allowed(call, name, cached, record))
             yield self._watch_responses.response(name, cached)
 
-    def _allowed(self, call: Call, name: str, cached: CachedSecret) -> PendingWrite | None:
+    def _allowed(
+        self, call: Call, name: str, cached: CachedSecret, record: RecordAllowed
+    ) -> PendingWrite | None:
         """Queues the record; what to confirm before answering when audit is fail-closed."""
         value = cached.value
         source = "cache" if cached.from_cache else value.source.value
-        return self._audit.record_allowed(
-            call.method, call.identity, name, value.version, source, cached.stale
-        )
+        return record(call.method, call.identity, name, value.version, source, cached.stale)
 
 
 class ResponseCache(Generic[Response]):

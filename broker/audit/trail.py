@@ -1,4 +1,6 @@
-"""The audit trail: one JSON Lines record per access decision and per admin action.
+"""The audit trail: one JSON Lines record per access decision and per admin action. A new value
+pushed to many watch streams of one identity in one event-loop turn (a rotation's fan-out) is
+one record naming how many (``record_pushed``).
 
 Never a value. Records are numbered (``seq``) and each carries ``prev``, the link to
 the previous record's line (broker/audit/chain.py): its HMAC under the audit key when
@@ -35,6 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -87,6 +90,8 @@ class AuditTrail:
         self._mode = mode
         self._write_timeout = write_timeout
         self._allowed_names: BoundedLru[tuple[str, str | None, str], str] = BoundedLru(10_000)
+        self._pushes: dict[tuple[str, str | None, str, int, str, bool], _Pushes] = {}
+        """The pushes of this event-loop turn, one record each (``record_pushed``)."""
         self._seq, self.head = _tail(path, key) if path is not None else (0, genesis(key))
         self._file: IO[bytes] = self._open(path) if path is not None else sys.stdout.buffer
         self._queue: queue.Queue[tuple[str | None, PendingWrite | None] | None] = queue.Queue(
@@ -131,6 +136,48 @@ class AuditTrail:
         """The record of an allowed read, the one written on every cached answer: the same
         JSON as ``record("access", ...)``, with its escaped names encoded once per
         (rpc, identity, secret), which only ever holds granted, declared pairs."""
+        return self._append(
+            self._allowed_body(rpc, identity, secret, version, source, stale, time.time())
+        )
+
+    def record_pushed(
+        self, rpc: str, identity: str | None, secret: str, version: int, source: str, stale: bool
+    ) -> PendingWrite | None:
+        """A new value sent on one of ``identity``'s open watch streams. The pushes of one value
+        to one identity in one turn of the event loop (a rotation's fan-out: every stream wakes
+        in the same turn) are one record: ``record_allowed``'s, with ``"streams": N``, timed at
+        the first push and queued at the next turn. Event loop only."""
+        key = (rpc, identity, secret, version, source, stale)
+        pushes = self._pushes.get(key)
+        if pushes is None:
+            if self.fail_closed:
+                self._refuse_if_unwritable()
+            if not self._pushes:
+                asyncio.get_running_loop().call_soon(self._queue_pushes)
+            pushes = self._pushes[key] = _Pushes(time.time(), self._confirmation())
+        pushes.streams += 1
+        return pushes.written
+
+    def _queue_pushes(self) -> None:
+        pending, self._pushes = self._pushes, {}
+        for (rpc, identity, secret, version, source, stale), pushes in pending.items():
+            body = self._allowed_body(rpc, identity, secret, version, source, stale, pushes.time)
+            try:
+                self._enqueue(f'{body},"streams":{pushes.streams}', pushes.written)
+            except AuditUnavailable as exc:  # fail-closed: every stream waiting on it is refused
+                if pushes.written is not None:
+                    pushes.written.set_exception(exc)
+
+    def _allowed_body(
+        self,
+        rpc: str,
+        identity: str | None,
+        secret: str,
+        version: int,
+        source: str,
+        stale: bool,
+        at: float,
+    ) -> str:
         key = (rpc, identity, secret)
         names = self._allowed_names.get(key)
         if names is None:
@@ -140,8 +187,8 @@ class AuditTrail:
                     1:-1
                 ],
             )
-        return self._append(
-            f'"time":{time.time()!r},"event":"access",{names},"version":{int(version)},'
+        return (
+            f'"time":{at!r},"event":"access",{names},"version":{int(version)},'
             f'"source":{_encode(source)},"stale":{"true" if stale else "false"}'
         )
 
@@ -184,18 +231,26 @@ class AuditTrail:
 
     def _append(self, body: str) -> PendingWrite | None:
         if self.fail_closed:
-            problem = self.problem()
-            if problem is not None:  # refused at once: the caller's retry goes elsewhere
-                raise self._refusal(problem)
-        written: PendingWrite | None = concurrent.futures.Future() if self.fail_closed else None
+            self._refuse_if_unwritable()  # refused at once: the caller's retry goes elsewhere
+        written = self._confirmation()
+        self._enqueue(body, written)
+        return written
+
+    def _confirmation(self) -> PendingWrite | None:
+        return concurrent.futures.Future() if self.fail_closed else None
+
+    def _refuse_if_unwritable(self) -> None:
+        problem = self.problem()
+        if problem is not None:
+            raise self._refusal(problem)
+
+    def _enqueue(self, body: str, written: PendingWrite | None) -> None:
         try:
             self._queue.put_nowait((body, written))
         except queue.Full:
             if self.fail_closed:  # refused, not lost: the request gets no answer
                 raise self._refusal("the audit trail cannot be written (queue full)") from None
             self._on_drop()
-            return None
-        return written
 
     def _refusal(self, problem: str) -> AuditUnavailable:
         self._on_refuse()
@@ -281,6 +336,13 @@ class AuditTrail:
             log.error("the audit trail is stalled: %d queued records were not written", self.queued)
             return
         log.info("audit trail head: record %d, sha256 %s", self._seq, self.head)
+
+
+@dataclass
+class _Pushes:
+    time: float
+    written: PendingWrite | None
+    streams: int = 0
 
 
 def _tail(path: Path, key: ChainKey | None) -> tuple[int, str]:
