@@ -54,13 +54,12 @@ class SecretBrokerService(broker_pb2_grpc.SecretBrokerServicer):
         names = list(request.names)
         call.note(secret=",".join(names))
         min_versions = dict(request.min_versions)
-        opened: set[str] = set()
-        async for name, cached in self._watcher.watch(call.identity, names, min_versions):
+        audit = self._audit
+        watch = self._watcher.watch(call.identity, names, min_versions)
+        async for name, cached, changed in watch:
             # A stream's first value is its own record; a change pushed to many streams at once
             # (a rotation's fan-out) is one record for all of them.
-            audit = self._audit
-            record = audit.record_pushed if name in opened else audit.record_allowed
-            opened.add(name)
+            record = audit.record_pushed if changed else audit.record_allowed
             await audit.confirm(self._allowed(call, name, cached, record))
             yield self._watch_responses.response(name, cached)
 

@@ -55,8 +55,9 @@ class Watcher:
 
     async def watch(
         self, identity: str, names: Sequence[str], min_versions: Mapping[str, int] | None = None
-    ) -> AsyncIterator[tuple[str, CachedSecret]]:
-        """Every name is authorized before anything is sent; errors then end the stream.
+    ) -> AsyncIterator[tuple[str, CachedSecret, bool]]:
+        """(name, value, whether it is a change): the current value of each name, then every
+        change. Every name is authorized before anything is sent; errors then end the stream.
         ``min_versions``: per name, the version the caller holds (a resumed watch); its first
         value is read as GetSecret's ``min_version`` reads."""
         if not names:
@@ -88,7 +89,7 @@ class Watcher:
             for name, spec in specs.items():
                 cached = await self._resolver.get(spec, min_version=max(0, held.get(name, 0)))
                 sent[name] = cached.value
-                yield name, cached
+                yield name, cached, False
             while True:
                 for name in sorted(await subscription.changed()):
                     try:
@@ -98,7 +99,7 @@ class Watcher:
                         continue
                     if not _same(cached.value, sent[name]):
                         sent[name] = cached.value
-                        yield name, cached
+                        yield name, cached, True
         finally:
             subscription.close()
             left = self._streams.pop(identity) - 1
