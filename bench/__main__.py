@@ -26,7 +26,7 @@ from bench.database import measure_database
 from bench.failover import FULL_FAILOVER, QUICK_FAILOVER, measure_failover
 from bench.floor import METHOD as FLOOR_METHOD
 from bench.report import draw_latency_chart, render_table
-from bench.rig import COLD, EXPIRING, FLIP, GET_SECRET, HOT, Rig, running_rig
+from bench.rig import COLD, EXPIRING, FLIP, HOT, Rig, running_rig
 from bench.scale import (
     FULL_SCALE,
     QUICK_SCALE,
@@ -36,6 +36,7 @@ from bench.scale import (
     measure_scale,
 )
 from bench.stats import percentiles
+from secretbroker.client import GET_SECRET
 from secretbroker.v1 import broker_pb2
 
 OUT = Path(__file__).parent / "out"

@@ -42,10 +42,9 @@ from devstack.stack import (
     DevCertificates,
     issue_dev_certificates,
 )
-from secretbroker.client import BrokerClientConfig, secure_channel
+from secretbroker.client import GET_SECRET, BrokerClientConfig, secure_channel
 from secretbroker.v1 import broker_pb2, broker_pb2_grpc
 
-GET_SECRET = "/secretbroker.v1.SecretBroker/GetSecret"  # noqa: S105 - a method name
 WATCH_SECRETS = "/secretbroker.v1.SecretBroker/WatchSecrets"
 HOT = "bench/s0000"
 COLD = "bench/cold"
